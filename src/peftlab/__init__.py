@@ -1,0 +1,37 @@
+"""peftlab: parameter-efficient fine-tuning on one reference architecture (PEFT-Ref).
+
+    import peftlab
+    am = peftlab.adapt(model)
+    am.add_adapter("a", peftlab.LoraConfig(r=8, alpha=16, targets=["attn.q", "attn.v"]))
+    am.set_active(["a"]); am.set_trainable("a")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (AdapterError, CapabilityError, CheckpointError, ConfigError, PeftlabError,
+                     TargetNotFoundError)
+from .layer import AdaptedLayer, Delta, ModuleCopies
+from .methods import METHODS, Method, MethodConfig, get_method
+from .methods.lora import LoraConfig, LowRankDelta
+from .model import Adapter, AdaptedModel, LayerStatus, adapt
+from .peft_format import export_peft, import_peft
+from .sites import ROLES, Site, describe_sites, resolve_sites
+from .typology import Typology
+
+
+def card(am: AdaptedModel, name: str) -> str:
+    """The PEFT-Ref typology card of adapter `name`, with its actual sites and parameter count."""
+    return am.card(name)
+
+
+__all__ = [
+    "__version__", "adapt", "AdaptedModel", "Adapter", "LayerStatus", "card",
+    "LoraConfig", "LowRankDelta", "MethodConfig", "Method", "METHODS", "get_method",
+    "AdaptedLayer", "ModuleCopies", "Delta", "Typology",
+    "Site", "ROLES", "resolve_sites", "describe_sites",
+    "export_peft", "import_peft",
+    "PeftlabError", "TargetNotFoundError", "AdapterError", "ConfigError", "CheckpointError",
+    "CapabilityError",
+]

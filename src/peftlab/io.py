@@ -1,0 +1,177 @@
+"""peftlab checkpoints: `adapter_config.json` + `adapter_model.safetensors`, written atomically.
+
+Tensor keys are "<module path>:<tensor name>" (module paths never hold ':'), built and parsed by
+the two functions below. Loading reads JSON and safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, PeftlabError
+from .methods import get_method
+from .sites import sites_at
+
+if TYPE_CHECKING:
+    from .model import Adapter, AdaptedModel
+
+FORMAT = "peftlab-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter_model.safetensors"
+
+
+def tensor_key(path: str, name: str) -> str:
+    return f"{path}:{name}"
+
+
+def parse_tensor_key(key: str, source: Path) -> tuple[str, str]:
+    path, sep, name = key.partition(":")
+    if not sep or not path or not name:
+        raise CheckpointError(f"{source}: tensor key {key!r} is not '<module path>:<tensor name>'")
+    return path, name
+
+
+# ---- files ------------------------------------------------------------------------------------
+def commit_files(directory: Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write every file to a temporary name beside its target, then rename them into place, so
+    an exception or crash while writing leaves the previous files untouched."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for filename, write in writers.items():
+            temps[filename] = tmp = directory / f".{filename}.{os.getpid()}.tmp"
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for filename, tmp in temps.items():
+            os.replace(tmp, directory / filename)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def write_json(data: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return write
+
+
+def write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+                  ) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        save_file({k: t.detach().contiguous() for k, t in tensors.items()}, str(path), metadata)
+    return write
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: is {path.parent} an adapter directory?") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); "
+                              "the file is damaged: save the adapter again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a clear CheckpointError when it is missing or damaged."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: the adapter directory is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path} is truncated or corrupted ({e}); save the adapter again "
+                              "or restore the file") from None
+
+
+# ---- identity of the base model ---------------------------------------------------------------
+def base_identity(am: AdaptedModel, adapter: Adapter) -> dict[str, Any]:
+    """What the adapter was made for: class, size, and a hash of the targeted weights' shapes."""
+    shapes = "\n".join(f"{s.path}={list(s.module.weight.shape)}" for s in adapter.sites
+                       if getattr(s.module, "weight", None) is not None)
+    return {
+        "class": type(am.model).__name__,
+        "name_or_path": getattr(getattr(am.model, "config", None), "_name_or_path", "") or "",
+        "num_parameters": am.base_parameters(),
+        "site_shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+    }
+
+
+# ---- save / load --------------------------------------------------------------------------------
+def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
+    """Save adapter `name` of `am` to `directory` (created if needed); returns the directory."""
+    from . import __version__
+    adapter = am._get(name)
+    directory = Path(directory)
+    tensors = {tensor_key(p, n): t for (p, n), t in am.adapter_tensors(name).items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftlab_version": __version__,
+        "method": adapter.method.name,
+        "name": name,
+        "config": adapter.config.to_dict(),
+        "sites": [s.path for s in adapter.sites],
+        "modules_to_save": adapter.copies,
+        "base_model": base_identity(am, adapter),
+    }
+    commit_files(directory, {TENSORS_FILE: write_tensors(tensors), CONFIG_FILE: write_json(meta)})
+    return directory
+
+
+def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
+                 trainable: bool = False) -> Adapter:
+    """Load a peftlab adapter directory into `am` as `name` (inactive). Every check runs before
+    the model changes, so a failed load leaves it as it was."""
+    directory = Path(directory)
+    am._check_usable()
+    am._check_new_name(name)
+    meta = read_json(directory / CONFIG_FILE)
+    if meta.get("format") != FORMAT:
+        if "peft_type" in meta:
+            raise CheckpointError(f"{directory} holds a Hugging Face peft adapter; load it with "
+                                  "peftlab.import_peft(am, directory, name)")
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a peftlab adapter config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} was written by a newer peftlab (format "
+                              f"{meta['format_version']}); upgrade peftlab to load it")
+    try:
+        method = get_method(meta["method"])
+        config = method.config_cls.from_dict(meta["config"])
+        config.validate()
+        sites = sites_at(am.model, meta["sites"])
+        copy_sites = sites_at(am.model, meta.get("modules_to_save", []))
+    except KeyError as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} lacks the field {e}") from None
+    except PeftlabError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    tensors = read_tensors(directory / TENSORS_FILE)
+    copy_paths = {s.path for s in copy_sites}
+    site_tensors, copy_tensors = {}, {}
+    for key, t in tensors.items():
+        path, tname = parse_tensor_key(key, directory / TENSORS_FILE)
+        (copy_tensors if path in copy_paths else site_tensors)[(path, tname)] = t
+    try:
+        return am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors, trainable)
+    except CheckpointError as e:
+        base = meta.get("base_model", {})
+        raise CheckpointError(
+            f"{directory}: {e}. Checkpoint base: {base.get('class')} with "
+            f"{base.get('num_parameters', 0):,} parameters; this model: {type(am.model).__name__} "
+            f"with {am.base_parameters():,}") from None

@@ -1,0 +1,27 @@
+"""The method registry: one file per technique, one line here."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError, close_matches
+from . import lora
+from .base import Method, MethodConfig
+
+METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD,)}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; ConfigError lists close names when there is none."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        hint = close_matches(name, METHODS)
+        raise ConfigError(f"no method {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                          + f" Registered: {', '.join(METHODS)}") from None
+
+
+def method_of(config: MethodConfig) -> Method:
+    """The method a config belongs to."""
+    return get_method(config.method)
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "method_of"]

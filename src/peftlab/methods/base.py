@@ -1,0 +1,74 @@
+"""What a method file declares: its config class, typology, capabilities and how it builds a delta."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..layer import AdaptedLayer, Delta
+from ..sites import Site
+from ..typology import Typology
+
+CAPABILITIES = ("merge", "mixed-batch", "train-in-mixed-batch", "quantised-base")
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares: where it attaches and which whole modules get trained copies."""
+
+    method: ClassVar[str] = ""
+    targets: str | list[str] = field(default_factory=list)
+    layers: int | list[int] | None = None
+    exclude: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field and what would be valid."""
+        if not self.targets:
+            raise ConfigError(f"{type(self).__name__}.targets is empty; name roles such as "
+                              "'attn.q', module names, globs, 're:...' or 'all-linear'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def pattern_value(patterns: Mapping[str, Any], site: Site) -> Any | None:
+    """The first pattern value whose key names this site: its role, or (as peft matches) a regex
+    matching the module path at a dotted boundary. None when no key matches."""
+    for key, value in patterns.items():
+        if key == site.role or re.match(rf"(.*\.)?({key})$", site.path):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered PEFT method: everything the shared machinery needs to know about it."""
+
+    name: str
+    title: str
+    config_cls: type[MethodConfig]
+    typology: Typology
+    layer_kinds: tuple[str, ...]            # base layer kinds it can attach to
+    capabilities: frozenset[str]
+    # Build the delta for one site; `layer` is the wrapper around the site's base layer.
+    build: Callable[[Site, AdaptedLayer, MethodConfig], Delta]
+    # Tensor names and shapes a delta at this site holds, for checking checkpoints before loading.
+    tensor_shapes: Callable[[AdaptedLayer, Site, MethodConfig], dict[str, tuple[int, ...]]]
+    describe: Callable[[MethodConfig], str] = lambda config: ""
+
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+

@@ -1,0 +1,266 @@
+"""LoRA (Hu et al., 2021) with rsLoRA scaling, DoRA and PiSSA initialisation.
+
+ΔW = s · B A with A ∈ R^{r×d_in}, B ∈ R^{d_out×r}; s = α/r (α/√r with rsLoRA).
+DoRA (Liu et al., 2024) rescales each output row of W + ΔW to a learned magnitude m.
+PiSSA (Meng et al., 2024) starts A, B at the top-r singular triplets of W. Instead of rewriting
+the base weight to its residual, the delta carries the frozen initial factors (A0, B0) and adds
+s · (B A − B0 A0): the base stays untouched, so disable, unmerge and peft export are exact, and
+training sees the same gradients as PiSSA's residual form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..layer import AdaptedLayer, Delta
+from ..sites import Site
+from ..typology import Typology
+from .base import Method, MethodConfig, pattern_value
+
+INITS = ("zero", "gaussian", "random", "pissa")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA, rsLoRA and DoRA on Linear, GPT-2 Conv1D and Embedding sites.
+
+    `init`: "zero" (B = 0, the default: a new adapter is a no-op), "gaussian" (A ~ N(0, 1/r),
+    B = 0), "random" (A and B both random: a non-zero delta, for tests and composition) or
+    "pissa" (principal singular vectors of W). `rank_pattern` / `alpha_pattern` map a role or a
+    module-path regex to a per-site rank / alpha. `dtype` defaults to the base weight's dtype.
+    """
+
+    method = "lora"
+    targets: str | list[str] = field(default_factory=lambda: ["attn.q", "attn.v"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: str = "zero"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    dtype: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r} (the usual choice is r or 2·r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoRA init {self.init!r} is unknown; choose one of {INITS}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not value > 0:
+                raise ConfigError(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ConfigError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
+
+    def rank_for(self, site: Site) -> int:
+        return pattern_value(self.rank_pattern, site) or self.r
+
+    def scaling_for(self, site: Site) -> float:
+        r = self.rank_for(site)
+        alpha = pattern_value(self.alpha_pattern, site) or self.alpha
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+class LowRankDelta(Delta):
+    """s · B A (minus the frozen PiSSA start s · B0 A0), optionally DoRA-normalised."""
+
+    mergeable = True
+
+    def __init__(self, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float = 0.0,
+                 embedding: bool = False, padding_idx: int | None = None, dora: bool = False,
+                 pissa: bool = False, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.r, self.scaling, self.embedding, self.padding_idx = r, scaling, embedding, padding_idx
+        make = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype, device=device),
+                                           requires_grad=False)
+        self.lora_A = make(r, d_in)      # (r, d_in)
+        self.lora_B = make(d_out, r)     # (d_out, r)
+        self.magnitude = make(d_out) if dora else None  # (d_out,) DoRA row norms
+        self.register_buffer("pissa_A0", torch.empty(r, d_in, dtype=dtype, device=device) if pissa else None)
+        self.register_buffer("pissa_B0", torch.empty(d_out, r, dtype=dtype, device=device) if pissa else None)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self._merge_scale: torch.Tensor | None = None  # DoRA row scale used at merge time
+
+    def initialise(self, layer: AdaptedLayer, init: str) -> None:
+        A, B = self.lora_A, self.lora_B
+        with torch.no_grad():
+            if init == "pissa":
+                self._init_pissa(layer.weight_out_in())
+            elif self.embedding and init != "random":
+                A.zero_()    # as peft: for embeddings A = 0 and B ~ N(0, 1)
+                B.normal_()
+            else:
+                if init == "gaussian":
+                    A.normal_(std=1.0 / self.r)
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                if init == "random":
+                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                else:
+                    B.zero_()
+            if self.magnitude is not None:
+                w = layer.weight_out_in().float() + self.delta_weight()
+                self.magnitude.copy_(torch.linalg.norm(w, dim=1))
+
+    def _init_pissa(self, weight: torch.Tensor) -> None:
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = (S[: self.r] / self.scaling).sqrt()       # s · B A = U_r S_r Vh_r
+        self.lora_A.copy_(root[:, None] * Vh[: self.r])
+        self.lora_B.copy_(U[:, : self.r] * root[None, :])
+        self.pissa_A0.copy_(self.lora_A)
+        self.pissa_B0.copy_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW as an fp32 (d_out, d_in) matrix."""
+        dw = self.lora_B.float() @ self.lora_A.float()
+        if self.pissa_A0 is not None:
+            dw -= self.pissa_B0.float() @ self.pissa_A0.float()
+        return dw * self.scaling
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_in) or token ids (...) -> (..., r)."""
+        if self.embedding:
+            return F.embedding(x, self.lora_A.t(), self.padding_idx)
+        return F.linear(x, self.lora_A)
+
+    def _pissa_down(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            return F.embedding(x, self.pissa_A0.t(), self.padding_idx)
+        return F.linear(x, self.pissa_A0)
+
+    def _add_up(self, out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, s: float) -> torch.Tensor:
+        """out + s · h upᵀ, fused into one addmm when dtypes agree (no temporary for s · B h)."""
+        if out.dtype != h.dtype:
+            return out + (F.linear(h, up) * s).to(out.dtype)
+        flat = out.reshape(-1, out.shape[-1])  # a view: base outputs are contiguous
+        return torch.addmm(flat, h.reshape(-1, h.shape[-1]), up.t(), alpha=s).view(out.shape)
+
+    def _lowrank(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+        """out + scale · (B A − B0 A0) x."""
+        out = self._add_up(out, self._down(x), self.lora_B, scale)
+        if self.pissa_A0 is not None:
+            out = self._add_up(out, self._pissa_down(x), self.pissa_B0, -scale)
+        return out
+
+    def contribute(self, layer, x, base_out, out):
+        if not self.embedding and x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        if self.magnitude is not None:
+            return self._contribute_dora(layer, x, base_out, out)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self._lowrank(x, out, self.scaling)
+
+    def _contribute_dora(self, layer, x, base_out, out):
+        # DoRA: y = m / ||W + ΔW||_row ⊙ (W + ΔW) x; the norm is a constant for the gradient
+        # (DoRA §4.3). Written as a correction on top of the base output, as peft does.
+        weight = layer.weight_out_in().to(x.dtype)
+        lora_w = (self.delta_weight() / self.scaling).to(x.dtype).detach()
+        norm = torch.linalg.norm(weight + self.scaling * lora_w, dim=1).detach()
+        mag_scale = self.magnitude / norm                         # (d_out,)
+        if self.dropout is not None and self.training:
+            x = self.dropout(x)
+            base_no_bias = F.linear(x, weight)
+        else:
+            bias = layer.base_layer.bias
+            base_no_bias = base_out - bias if bias is not None else base_out
+        lora_out = F.linear(self._down(x), self.lora_B)
+        if self.pissa_A0 is not None:
+            lora_out = lora_out - F.linear(self._pissa_down(x), self.pissa_B0)
+        return out + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
+
+    @torch.no_grad()
+    def merge_into(self, layer: AdaptedLayer) -> None:
+        w = layer.weight_out_in()
+        merged = w.float() + self.delta_weight()
+        if self.magnitude is not None:
+            self._merge_scale = self.magnitude.float() / torch.linalg.norm(merged, dim=1)
+            merged *= self._merge_scale[:, None]
+        w.copy_(merged.to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, layer: AdaptedLayer) -> None:
+        w = layer.weight_out_in()
+        base = w.float()
+        if self.magnitude is not None:
+            base = base / self._merge_scale[:, None]
+            self._merge_scale = None
+        w.copy_((base - self.delta_weight()).to(w.dtype))
+
+
+def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> LowRankDelta:
+    embedding = layer.kind == "embedding"
+    if config.dora and embedding:
+        raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
+                          "exclude it (exclude=[...]) or set dora=False")
+    weight = layer.base_layer.weight
+    dtype = getattr(torch, config.dtype) if config.dtype else weight.dtype
+    delta = LowRankDelta(
+        layer.in_features, layer.out_features, config.rank_for(site), config.scaling_for(site),
+        dropout=0.0 if embedding else config.dropout, embedding=embedding,
+        padding_idx=layer.base_layer.padding_idx if embedding else None,
+        dora=config.dora, pissa=config.init == "pissa", dtype=dtype, device=weight.device)
+    if initialise:
+        delta.initialise(layer, config.init)
+    return delta
+
+
+def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    r, d_in, d_out = config.rank_for(site), layer.in_features, layer.out_features
+    shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
+    if config.dora:
+        shapes["magnitude"] = (d_out,)
+    if config.init == "pissa":
+        shapes |= {"pissa_A0": (r, d_in), "pissa_B0": (d_out, r)}
+    return shapes
+
+
+def _describe(config: LoraConfig) -> str:
+    parts = [f"r={config.r}", f"alpha={config.alpha:g}"]
+    parts += [name for name, on in (("rsLoRA", config.rslora), ("DoRA", config.dora)) if on]
+    if config.init != "zero":
+        parts.append(f"init={config.init}")
+    if config.rank_pattern or config.alpha_pattern:
+        parts.append("per-site rank/alpha")
+    return ", ".join(parts)
+
+
+METHOD = Method(
+    name="lora",
+    title="LoRA",
+    config_cls=LoraConfig,
+    typology=Typology(
+        site_roles=("attn.q", "attn.v"),
+        form="lowrank",
+        integration="weight-delta",
+        intra_connectivity="dense (low-rank B·A)",
+        adaptation="reparameterisation",
+        parameter_sharing="none",
+        input_type="input of the adapted projection",
+        insertion="parallel",
+        insertions_per_layer="1 per targeted projection",
+        workspace="the targeted projections (attention Q, V by default)",
+        mergeable=True,
+        param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
+    ),
+    layer_kinds=("linear", "conv1d", "embedding"),
+    capabilities=frozenset({"merge"}),
+    build=_build,
+    tensor_shapes=_tensor_shapes,
+    describe=_describe,
+)

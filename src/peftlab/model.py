@@ -1,0 +1,464 @@
+"""AdaptedModel: named adapters on one base model, their activation, training marks and merging."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import AdapterError, CapabilityError, CheckpointError, ConfigError, close_matches
+from .layer import AdaptedLayer, Delta, ModuleCopies, RoutingState, layer_kind
+from .methods import Method, MethodConfig, method_of
+from .sites import Site, iter_modules, layer_index, resolve_sites, site_roles
+from .typology import render_card, summarise_sites
+
+_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding"}
+
+
+@dataclass
+class Adapter:
+    """One named instance of a method on the model: its config, sites and state."""
+
+    name: str
+    config: MethodConfig
+    method: Method
+    sites: list[Site]
+    copies: list[str] = field(default_factory=list)   # paths of modules_to_save copies
+    trainable: bool = False
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    path: str
+    role: str | None
+    kind: str
+    adapters: tuple[str, ...]
+    merged: tuple[str, ...]
+
+
+def _name_list(names: str | Sequence[str] | None) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+class AdaptedModel(nn.Module):
+    """A pretrained model with named PEFT adapters attached in place.
+
+    Forward and `generate` pass straight to the wrapped model. Adapters are added inactive and
+    frozen: `set_active` chooses which ones contribute (their outputs sum) and `set_trainable`
+    chooses which ones get gradients; neither call changes the other.
+    """
+
+    def __init__(self, model: nn.Module, *, freeze_base: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.state = RoutingState()
+        self.adapters: dict[str, Adapter] = {}
+        self._unloaded = False
+        if freeze_base:
+            for p in model.parameters():
+                p.requires_grad_(False)
+
+    # ---- pass-through -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate`, with the active adapters applied."""
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["model"], name)
+
+    # ---- adding and removing ------------------------------------------------------------------
+    def add_adapter(self, name: str, config: MethodConfig) -> Adapter:
+        """Attach a new adapter (inactive, frozen) at the sites `config.targets` name."""
+        self._check_usable()
+        self._check_new_name(name)
+        config.validate()
+        method = method_of(config)
+        sites = resolve_sites(self.model, config.targets, layers=config.layers, exclude=config.exclude)
+        copy_sites = (resolve_sites(self.model, config.modules_to_save)
+                      if config.modules_to_save else [])
+        return self._attach(name, config, method, sites, copy_sites, tensors=None,
+                            copy_tensors=None, trainable=False)
+
+    def _attach(self, name: str, config: MethodConfig, method: Method, sites: list[Site],
+                copy_sites: list[Site], tensors: Mapping[tuple[str, str], torch.Tensor] | None,
+                copy_tensors: Mapping[tuple[str, str], torch.Tensor] | None,
+                trainable: bool) -> Adapter:
+        """Build every delta (freshly initialised, or filled from `tensors` keyed by
+        (site path, tensor name)), then install them. Nothing changes until all are built."""
+        for site in sites:
+            kind = layer_kind(site.module)
+            if isinstance(self.model.get_submodule(site.path), ModuleCopies):
+                raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
+                                  f"adapter; {method.title} cannot also attach there")
+            if kind not in method.layer_kinds:
+                kinds = ", ".join(_KIND_NAMES[k] for k in method.layer_kinds)
+                raise ConfigError(
+                    f"{method.title} cannot attach to {site.type_name} at {site.path!r} "
+                    f"(role {site.role}); it attaches to {kinds}. Narrow the targets or exclude it")
+        layers = {s.path: self._layer_at(s.path) for s in sites}
+        if tensors is not None:
+            self._check_tensors(name, config, method, sites, layers, copy_sites, tensors,
+                                copy_tensors or {})
+        deltas: dict[str, Delta] = {}
+        for site in sites:
+            delta = method.build(site, layers[site.path], config, initialise=tensors is None)
+            if tensors is not None:
+                with torch.no_grad():
+                    for tname, t in delta.state_dict().items():
+                        t.copy_(tensors[(site.path, tname)])
+            deltas[site.path] = delta
+        copies: dict[str, nn.Module] = {}
+        for site in copy_sites:
+            clone = copy.deepcopy(site.module)
+            if copy_tensors is not None:
+                with torch.no_grad():
+                    for pname, t in clone.state_dict().items():
+                        t.copy_(copy_tensors[(site.path, pname)])
+            copies[site.path] = clone
+
+        # Install: from here on nothing can fail on bad input.
+        for path, delta in deltas.items():
+            self._install_layer(path, layers[path]).deltas[name] = delta
+        for path, clone in copies.items():
+            self._install_copies(path).copies[name] = clone
+        adapter = Adapter(name, config, method, sites, list(copies))
+        self.adapters[name] = adapter
+        self._set_requires_grad(adapter, trainable)
+        self.state.changed()
+        return adapter
+
+    def _check_tensors(self, name, config, method, sites, layers, copy_sites, tensors,
+                       copy_tensors) -> None:
+        """Every expected tensor present with the right shape, and nothing else."""
+        expected: set[tuple[str, str]] = set()
+        for site in sites:
+            for tname, shape in method.tensor_shapes(layers[site.path], site, config).items():
+                key = (site.path, tname)
+                expected.add(key)
+                self._check_shape(name, key, tensors, shape)
+        for site in copy_sites:
+            for pname, t in site.module.state_dict().items():
+                key = (site.path, pname)
+                expected.add(key)
+                self._check_shape(name, key, copy_tensors, tuple(t.shape))
+        extra = sorted(set(tensors) - expected) + sorted(set(copy_tensors) - expected)
+        if extra:
+            path, tname = extra[0]
+            raise CheckpointError(f"adapter {name!r} holds tensor {tname!r} for {path!r}, which this "
+                                  f"{method.title} config does not produce ({len(extra)} such tensors); "
+                                  "the checkpoint and its config disagree")
+
+    def _check_shape(self, name, key, tensors, shape) -> None:
+        path, tname = key
+        if key not in tensors:
+            raise CheckpointError(f"adapter {name!r} has no tensor {tname!r} for site {path!r}; "
+                                  "the checkpoint is incomplete or was made for other targets")
+        got = tuple(tensors[key].shape)
+        if got != tuple(shape):
+            raise CheckpointError(
+                f"tensor {tname!r} of site {path!r} is {list(got)} in the checkpoint but this model "
+                f"needs {list(shape)}: the adapter was made for a different base model "
+                f"(this one is {type(self.model).__name__})")
+
+    def _layer_at(self, path: str) -> AdaptedLayer:
+        """The wrapper at `path`, or a new one not yet installed in the model."""
+        module = self.model.get_submodule(path)
+        return module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, self.state)
+
+    def _install_layer(self, path: str, layer: AdaptedLayer) -> AdaptedLayer:
+        if self.model.get_submodule(path) is not layer:
+            self._replace(path, layer)
+        return layer
+
+    def _install_copies(self, path: str) -> ModuleCopies:
+        module = self.model.get_submodule(path)
+        if not isinstance(module, ModuleCopies):
+            module = ModuleCopies(module, self.state)
+            self._replace(path, module)
+        return module
+
+    def _replace(self, path: str, module: nn.Module) -> None:
+        parent, _, leaf = path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, leaf, module)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; layers left with no deltas become their plain base layer again."""
+        adapter = self._get(name)
+        if self._merged_sites(name):
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; "
+                               f"call unmerge({name!r}) before deleting it")
+        for site in adapter.sites:
+            layer = self.model.get_submodule(site.path)
+            del layer.deltas[name]
+            if not layer.deltas:
+                self._replace(site.path, layer.base_layer)
+        for path in adapter.copies:
+            wrapper = self.model.get_submodule(path)
+            del wrapper.copies[name]
+            if not wrapper.copies:
+                self._replace(path, wrapper.original_module)
+        del self.adapters[name]
+        self.state.active = tuple(n for n in self.state.active if n != name)
+        self.state.changed()
+
+    # ---- activation and training marks ----------------------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        """Names of the active adapters, in the order given to set_active."""
+        return list(self.state.active)
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make exactly these adapters contribute (their deltas sum). Does not touch requires_grad."""
+        names = _name_list(names)
+        for n in names:
+            self._get(n)
+        if len(set(names)) != len(names):
+            raise AdapterError(f"set_active got a name twice: {list(names)}")
+        for n in self.adapters:
+            if n not in names and self._merged_sites(n):
+                raise AdapterError(f"adapter {n!r} is merged into the base weights and cannot be "
+                                   f"deactivated; call unmerge({n!r}) first")
+        self.state.active = names
+        self.state.changed()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model's outputs."""
+        merged = [n for n in self.adapters if self._merged_sites(n)]
+        if merged:
+            raise AdapterError(f"adapters {merged} are merged into the base weights; unmerge them "
+                               "before disabling adapters")
+        before = self.state.enabled
+        self.state.enabled = False
+        self.state.changed()
+        try:
+            yield
+        finally:
+            self.state.enabled = before
+            self.state.changed()
+
+    def set_trainable(self, names: str | Sequence[str] | None) -> None:
+        """Give exactly these adapters' parameters gradients (None: freeze all adapters).
+        Does not change which adapters are active, nor the base model's parameters."""
+        names = _name_list(names)
+        for n in names:
+            self._get(n)
+        for adapter in self.adapters.values():
+            self._set_requires_grad(adapter, adapter.name in names)
+
+    def _set_requires_grad(self, adapter: Adapter, on: bool) -> None:
+        for p in self.adapter_parameters(adapter.name):
+            p.requires_grad_(on)
+        adapter.trainable = on
+
+    # ---- tensors and counts -------------------------------------------------------------------
+    def adapter_tensors(self, name: str) -> dict[tuple[str, str], torch.Tensor]:
+        """(site path, tensor name) -> tensor: every saved tensor of the adapter (deltas'
+        parameters and buffers, then the modules_to_save copies' state)."""
+        adapter = self._get(name)
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        for site in adapter.sites:
+            for tname, t in self.model.get_submodule(site.path).deltas[name].state_dict().items():
+                out[(site.path, tname)] = t
+        for path in adapter.copies:
+            for pname, t in self.model.get_submodule(path).copies[name].state_dict().items():
+                out[(path, pname)] = t
+        return out
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        adapter = self._get(name)
+        for site in adapter.sites:
+            yield from self.model.get_submodule(site.path).deltas[name].parameters()
+        for path in adapter.copies:
+            yield from self.model.get_submodule(path).copies[name].parameters()
+
+    def num_parameters(self, name: str) -> int:
+        """Parameters the adapter adds (its deltas and modules_to_save copies)."""
+        return sum(p.numel() for p in self.adapter_parameters(name))
+
+    def trainable_parameters(self) -> int:
+        """Parameters that currently receive gradients (adapters and any unfrozen base ones)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def base_parameters(self) -> int:
+        """Parameters of the base model alone."""
+        ids = {id(p) for n in self.adapters for p in self.adapter_parameters(n)}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in ids)
+
+    # ---- merging ------------------------------------------------------------------------------
+    def _merged_sites(self, name: str) -> list[str]:
+        adapter = self.adapters[name]
+        return [s.path for s in adapter.sites if name in self.model.get_submodule(s.path).merged]
+
+    def merge(self, names: str | Sequence[str] | None = None) -> None:
+        """Fold active mergeable adapters into the base weights (default: all active ones)."""
+        self._check_usable()
+        names = _name_list(names) if names is not None else self.state.active
+        for n in names:
+            adapter = self._get(n)
+            if not adapter.method.supports("merge"):
+                raise CapabilityError(f"{adapter.method.title} adapter {n!r} cannot be merged: "
+                                      "the method does not declare the 'merge' capability")
+            if self._merged_sites(n):
+                raise AdapterError(f"adapter {n!r} is already merged; unmerge({n!r}) first")
+            if n not in self.state.active:
+                raise AdapterError(f"adapter {n!r} is not active; only active adapters can be merged "
+                                   f"(set_active([..., {n!r}]) first)")
+        self._check_untied({s.path for n in names for s in self.adapters[n].sites})
+        for n in names:
+            for site in self.adapters[n].sites:
+                layer = self.model.get_submodule(site.path)
+                layer.deltas[n].merge_into(layer)
+                layer.merged.append(n)
+        self.state.changed()
+
+    def _check_untied(self, paths: set[str]) -> None:
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for path in sorted(paths):
+            weight = self.model.get_submodule(path).base_layer.weight
+            if len(owners.get(id(weight), [])) > 1:
+                raise CapabilityError(
+                    f"the weight of {path!r} is tied to {owners[id(weight)]}; merging would change "
+                    "every tied copy. Keep this adapter unmerged or untie the weights first")
+
+    def unmerge(self, names: str | Sequence[str] | None = None) -> None:
+        """Take merged adapters back out of the base weights (default: all merged ones)."""
+        self._check_usable()
+        wanted = _name_list(names) if names is not None else tuple(self.adapters)
+        for n in wanted:
+            self._get(n)
+            if names is not None and not self._merged_sites(n):
+                raise AdapterError(f"adapter {n!r} is not merged")
+        for layer in {id(m): m for m in self.model.modules() if isinstance(m, AdaptedLayer)}.values():
+            for n in reversed(list(layer.merged)):  # last merged first: DoRA merges do not commute
+                if n in wanted:
+                    layer.deltas[n].unmerge_from(layer)
+                    layer.merged.remove(n)
+        self.state.changed()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model with no peftlab modules;
+        modules_to_save copies of the first active adapter replace the originals."""
+        self._check_usable()
+        pending = [n for n in self.state.active if not self._merged_sites(n)]
+        self.merge(pending)
+        return self.unload(_merged_ok=True)
+
+    def unload(self, *, _merged_ok: bool = False) -> nn.Module:
+        """Remove every peftlab module and return the base model (merged weights stay merged)."""
+        self._check_usable()
+        if not _merged_ok and any(self._merged_sites(n) for n in self.adapters):
+            raise AdapterError("some adapters are merged; use merge_and_unload() or unmerge() first")
+        for path, module in list(iter_modules(self.model)):
+            if isinstance(module, AdaptedLayer):
+                self._replace(path, module.base_layer)
+            elif isinstance(module, ModuleCopies):
+                self._replace(path, module.chosen())
+        self.adapters.clear()
+        self._unloaded = True
+        return self.model
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_adapter(self, directory: str | Path, name: str) -> Path:
+        """Write `adapter_config.json` and `adapter_model.safetensors` atomically."""
+        from .io import save_adapter
+        return save_adapter(self, directory, name)
+
+    def load_adapter(self, directory: str | Path, name: str, *, trainable: bool = False) -> Adapter:
+        """Load a saved adapter under `name` (inactive). Checks the fit before changing anything."""
+        from .io import load_adapter
+        return load_adapter(self, directory, name, trainable=trainable)
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def status(self) -> list[LayerStatus]:
+        """One row per wrapped layer: which adapters it holds and which are merged."""
+        roles = site_roles(self.model)
+        rows = []
+        for path, module in iter_modules(self.model):
+            if isinstance(module, AdaptedLayer):
+                rows.append(LayerStatus(path, roles.get(path), module.kind,
+                                        tuple(module.deltas), tuple(module.merged)))
+            elif isinstance(module, ModuleCopies):
+                rows.append(LayerStatus(path, roles.get(path), "copy", tuple(module.copies), ()))
+        return rows
+
+    def status_table(self) -> str:
+        """`status()` as an aligned text table, headed by the adapters' summary."""
+        lines = [f"adapters enabled: {self.state.enabled}; active: {list(self.state.active) or 'none'}"]
+        for a in self.adapters.values():
+            lines.append(f"  {a.name}: {a.method.name} ({a.method.describe(a.config)}), "
+                         f"{len(a.sites)} sites, {self.num_parameters(a.name):,} params, "
+                         f"{'trainable' if a.trainable else 'frozen'}")
+        rows = [("path", "role", "kind", "adapters", "merged")]
+        rows += [(r.path, r.role or "-", r.kind, ",".join(r.adapters), ",".join(r.merged) or "-")
+                 for r in self.status()]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join(lines)
+
+    def card(self, name: str) -> str:
+        """The adapter's PEFT-Ref typology card with its actual sites and parameter count."""
+        a = self._get(name)
+        merged = len(self._merged_sites(name))
+        facts = [
+            ("adapter", name),
+            ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
+            ("sites", summarise_sites((s.role, s.layer) for s in a.sites)),
+            ("modules to save", ", ".join(a.copies) or "none"),
+            ("parameters", f"{self.num_parameters(name):,} "
+                           f"({100 * self.num_parameters(name) / max(self.base_parameters(), 1):.3f}% of base)"),
+            ("state", f"{'active' if name in self.state.active else 'inactive'}, "
+                      f"{'trainable' if a.trainable else 'frozen'}, "
+                      f"merged at {merged}/{len(a.sites)} sites"),
+        ]
+        return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
+
+    # ---- checks -------------------------------------------------------------------------------
+    def _get(self, name: str) -> Adapter:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            hint = close_matches(name, self.adapters)
+            raise AdapterError(f"no adapter {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                               + f" Adapters: {list(self.adapters) or 'none'}") from None
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or any(c in name for c in ".:/\\ "):
+            raise AdapterError(f"adapter name {name!r} must be a non-empty string without '.', ':', "
+                               "'/', '\\' or spaces")
+        if name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} already exists; pick another name or "
+                               f"delete_adapter({name!r}) first")
+
+    def _check_usable(self) -> None:
+        if self._unloaded:
+            raise AdapterError("this AdaptedModel was unloaded; wrap the returned model again with "
+                               "peftlab.adapt(model)")
+
+
+def adapt(model: nn.Module, *, freeze_base: bool = True) -> AdaptedModel:
+    """Make `model` adaptable, in place: its layers get wrapped as adapters are added.
+    `freeze_base` turns off gradients of every base parameter (the point of PEFT)."""
+    if isinstance(model, AdaptedModel):
+        raise AdapterError("this model is already an AdaptedModel")
+    if any(isinstance(m, (AdaptedLayer, ModuleCopies)) for m in model.modules()):
+        raise AdapterError("this model already holds peftlab layers: wrap it once and keep the "
+                           "AdaptedModel")
+    return AdaptedModel(model, freeze_base=freeze_base)

@@ -1,0 +1,181 @@
+"""Hugging Face `peft` adapter directories (shared/specs/peft-format.md), both directions.
+
+On disk peft names a tensor `base_model.model.<module path>.<peft tensor name>`. We build and parse
+those names from (path, tensor) pairs and a fixed table of peft's tensor names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import CapabilityError, CheckpointError, PeftlabError
+from .io import commit_files, read_json, read_tensors, write_json, write_tensors
+from .methods import get_method
+from .methods.lora import LoraConfig
+from .sites import match_targets, sites_at
+
+if TYPE_CHECKING:
+    from .model import Adapter, AdaptedModel
+
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"   # the peft release whose format this writes and is tested against
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter_model.safetensors"
+
+# peft tensor name per (our tensor name, site kind); embeddings keep bare parameters in peft.
+_LORA_NAMES = {
+    ("lora_A", "linear"): "lora_A.weight", ("lora_B", "linear"): "lora_B.weight",
+    ("lora_A", "embedding"): "lora_embedding_A", ("lora_B", "embedding"): "lora_embedding_B",
+    ("magnitude", "linear"): "lora_magnitude_vector",
+}
+_FROM_PEFT = {peft: ours for (ours, _), peft in _LORA_NAMES.items()}
+
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
+_INIT_TO_PEFT = {"zero": True, "gaussian": "gaussian", "random": False, "pissa": True}
+
+
+def _task_type(model: torch.nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+
+
+def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` as a peft directory that `peft.PeftModel.from_pretrained` loads.
+
+    A PiSSA adapter is written as the rank-2r LoRA s·[B, −B0]·[A; A0], which equals its delta on
+    the untouched base weight, so peft needs no residual model.
+    """
+    adapter = am._get(name)
+    if adapter.method.name != "lora":
+        raise CapabilityError(f"{adapter.method.title} has no peft equivalent that peftlab exports "
+                              "yet; peft export supports LoRA, rsLoRA and DoRA")
+    config: LoraConfig = adapter.config
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for site in adapter.sites:
+        layer = am.model.get_submodule(site.path)
+        delta = layer.deltas[name]
+        kind = "embedding" if layer.kind == "embedding" else "linear"
+        A, B = delta.lora_A.detach(), delta.lora_B.detach()
+        if delta.pissa_A0 is not None:
+            A, B = torch.cat([A, delta.pissa_A0]), torch.cat([B, -delta.pissa_B0], dim=1)
+        r = A.shape[0]
+        # Keep the site's scaling s at the exported rank: α' = s·r' (rsLoRA: s·√r').
+        alpha = delta.scaling * (math.sqrt(r) if config.rslora else r)
+        if r != config.r:
+            rank_pattern[re.escape(site.path)] = r
+        if not math.isclose(alpha, config.alpha, rel_tol=1e-12):
+            alpha_pattern[re.escape(site.path)] = alpha
+        ours = {"lora_A": A, "lora_B": B}
+        if delta.magnitude is not None:
+            ours["magnitude"] = delta.magnitude.detach()
+        for tname, t in ours.items():
+            tensors[f"{PREFIX}{site.path}.{_LORA_NAMES[(tname, kind)]}"] = t
+    for path in adapter.copies:
+        for pname, t in am.model.get_submodule(path).copies[name].state_dict().items():
+            tensors[f"{PREFIX}{path}.{pname}"] = t
+    kinds = {am.model.get_submodule(s.path).kind for s in adapter.sites}
+    peft_config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": _task_type(am.model),
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(am.model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "peft_version": PEFT_VERSION,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "target_modules": [s.path for s in adapter.sites],
+        "lora_dropout": config.dropout,
+        "fan_in_fan_out": "conv1d" in kinds,
+        "bias": "none",
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "modules_to_save": list(adapter.copies) or None,
+        "init_lora_weights": _INIT_TO_PEFT[config.init],
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+    directory = Path(directory)
+    commit_files(directory, {TENSORS_FILE: write_tensors(tensors, {"format": "pt"}),
+                             CONFIG_FILE: write_json(peft_config)})
+    return directory
+
+
+def _peft_pattern(patterns: dict[str, Any], path: str) -> Any | None:
+    """peft's rule: the first key k with re.match('(.*\\.)?(k)$', path)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
+                trainable: bool = False) -> Adapter:
+    """Load a peft LoRA / rsLoRA / DoRA directory into `am` as adapter `name` (inactive)."""
+    directory = Path(directory)
+    am._check_usable()
+    am._check_new_name(name)
+    cfg = read_json(directory / CONFIG_FILE)
+    if cfg.get("peft_type") != "LORA":
+        raise CapabilityError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not imported yet; "
+                              "peftlab imports LORA (with rsLoRA and DoRA)")
+    if cfg.get("bias", "none") != "none":
+        raise CapabilityError(f"{directory}: LoRA with bias={cfg['bias']!r} is not supported")
+    tensors = read_tensors(directory / TENSORS_FILE)
+
+    # peft adds 'classifier' and 'score' for SEQ_CLS whether or not they exist: skip misses.
+    found = match_targets(am.model, cfg.get("modules_to_save") or [])
+    copy_sites = sites_at(am.model, sorted(set().union(set(), *found.values())))
+    copy_paths = sorted({s.path for s in copy_sites}, key=len, reverse=True)
+    site_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    copy_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise CheckpointError(f"{directory / TENSORS_FILE}: tensor {key!r} lacks the "
+                                  f"{PREFIX!r} prefix of peft's format")
+        rest = key[len(PREFIX):]
+        owner = next((p for p in copy_paths if rest.startswith(p + ".")), None)
+        if owner is not None:
+            copy_tensors[(owner, rest[len(owner) + 1:])] = t
+            continue
+        for peft_name, ours in _FROM_PEFT.items():
+            if rest.endswith("." + peft_name):
+                site_tensors[(rest[: -len(peft_name) - 1], ours)] = t
+                break
+        else:
+            raise CheckpointError(f"{directory / TENSORS_FILE}: tensor {key!r} is neither a LoRA "
+                                  "tensor nor part of modules_to_save")
+    paths = list(dict.fromkeys(p for p, _ in site_tensors))
+    try:
+        sites = sites_at(am.model, paths)
+    except PeftlabError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    rank_pattern, alpha_pattern = {}, {}
+    for path in paths:
+        site_r = site_tensors[(path, "lora_A")].shape[0]
+        site_alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, path) or alpha
+        if site_r != r:
+            rank_pattern[re.escape(path)] = site_r
+        if site_alpha != alpha:
+            alpha_pattern[re.escape(path)] = float(site_alpha)
+    config = LoraConfig(targets=paths, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                        rslora=bool(cfg.get("use_rslora", False)), dora=bool(cfg.get("use_dora", False)),
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        modules_to_save=[s.path for s in copy_sites] or None)
+    config.validate()
+    return am._attach(name, config, get_method("lora"), sites, copy_sites, site_tensors,
+                      copy_tensors, trainable)
+

@@ -1,0 +1,296 @@
+"""Sites: the places of a model a PEFT module can attach to, found by PEFT-Ref role or by name.
+
+An architecture map turns roles (``attn.q``, ``ffn.down``, ...) into module paths for one model
+family; a generic map guesses from common leaf names for everything else. Users target sites by
+role, exact name or dotted suffix, glob (``*.q_proj``), regex (``re:...``) or ``"all-linear"``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .errors import TargetNotFoundError, close_matches
+
+# PEFT-Ref components (shared/DESIGN.md, "Vocabulary"). Module-backed roles name a layer whose
+# weight or output a method touches; position roles (attn.out, ffn.out, ffn.act, attn.kv) name the
+# module whose output is that position in the sublayer.
+ROLES: tuple[str, ...] = (
+    "embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
+    "ffn.up", "ffn.gate", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
+)
+# Role groups a user may name as one target.
+ROLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"),
+    "ffn": ("ffn.up", "ffn.gate", "ffn.down"),
+}
+# A model with fused q/k/v projections (GPT-2 c_attn) answers attn.q/k/v with the fused layer.
+_FUSED_FALLBACK = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv"}
+
+# Patterns: '.' is literal, {L} is the layer index, (a|b) alternates; anchored at a path boundary
+# and at the end, so the same map serves the bare model and its task heads (model., bert., ...).
+_LLAMA = {
+    "embed": ["embed_tokens"],
+    "attn.q": ["layers.{L}.self_attn.q_proj"],
+    "attn.k": ["layers.{L}.self_attn.k_proj"],
+    "attn.v": ["layers.{L}.self_attn.v_proj"],
+    "attn.o": ["layers.{L}.self_attn.o_proj"],
+    "attn.out": ["layers.{L}.self_attn"],
+    "attn.kv": ["layers.{L}.self_attn"],
+    "ffn.gate": ["layers.{L}.mlp.gate_proj"],
+    "ffn.up": ["layers.{L}.mlp.up_proj"],
+    "ffn.down": ["layers.{L}.mlp.down_proj"],
+    "ffn.act": ["layers.{L}.mlp.act_fn"],
+    "ffn.out": ["layers.{L}.mlp"],
+    "norm": ["layers.{L}.(input_layernorm|post_attention_layernorm)", "norm"],
+    "head": ["lm_head", "score"],
+}
+_GPT2 = {
+    "embed": ["wte"],
+    "attn.qkv": ["h.{L}.attn.c_attn"],
+    "attn.o": ["h.{L}.attn.c_proj"],
+    "attn.out": ["h.{L}.attn"],
+    "attn.kv": ["h.{L}.attn"],
+    "ffn.up": ["h.{L}.mlp.c_fc"],
+    "ffn.down": ["h.{L}.mlp.c_proj"],
+    "ffn.act": ["h.{L}.mlp.act"],
+    "ffn.out": ["h.{L}.mlp"],
+    "norm": ["h.{L}.(ln_1|ln_2)", "ln_f"],
+    "head": ["lm_head", "score"],
+}
+_BERT = {
+    "embed": ["embeddings.word_embeddings"],
+    "attn.q": ["layer.{L}.attention.self.query"],
+    "attn.k": ["layer.{L}.attention.self.key"],
+    "attn.v": ["layer.{L}.attention.self.value"],
+    "attn.o": ["layer.{L}.attention.output.dense"],
+    "attn.out": ["layer.{L}.attention.self"],
+    "attn.kv": ["layer.{L}.attention.self"],
+    "ffn.up": ["layer.{L}.intermediate.dense"],
+    "ffn.act": ["layer.{L}.intermediate.intermediate_act_fn"],
+    "ffn.down": ["layer.{L}.output.dense"],
+    "norm": ["layer.{L}.attention.output.LayerNorm", "layer.{L}.output.LayerNorm", "embeddings.LayerNorm"],
+    "head": ["classifier", "qa_outputs", "cls.predictions.decoder"],
+}
+_T5 = {
+    "embed": ["shared"],
+    "attn.q": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention).q"],
+    "attn.k": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention).k"],
+    "attn.v": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention).v"],
+    "attn.o": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention).o"],
+    "attn.out": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention)"],
+    "attn.kv": ["block.{L}.layer.(0|1).(SelfAttention|EncDecAttention)"],
+    "ffn.gate": ["block.{L}.layer.(1|2).DenseReluDense.wi_0"],
+    "ffn.up": ["block.{L}.layer.(1|2).DenseReluDense.(wi|wi_1)"],
+    "ffn.down": ["block.{L}.layer.(1|2).DenseReluDense.wo"],
+    "ffn.out": ["block.{L}.layer.(1|2).DenseReluDense"],
+    "norm": ["block.{L}.layer.(0|1|2).layer_norm", "final_layer_norm"],
+    "head": ["lm_head", "classification_head.out_proj"],
+}
+# Fallback for unknown families: common leaf names. Norms are also found by class name.
+_GENERIC = {
+    "embed": ["(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)"],
+    "attn.q": ["(q_proj|query|wq|q_lin)"],
+    "attn.k": ["(k_proj|key|wk|k_lin)"],
+    "attn.v": ["(v_proj|value|wv|v_lin)"],
+    "attn.qkv": ["(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"],
+    "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense)"],
+    "ffn.gate": ["(gate_proj|w3)"],
+    "ffn.up": ["(up_proj|fc1|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
+    "ffn.down": ["(down_proj|fc2|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
+    "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
+    "head": ["(lm_head|classifier|score|embed_out|qa_outputs)"],
+}
+_FAMILIES: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
+                     "granite", "phi3", "smollm3"], _LLAMA),
+    "gpt2": _GPT2,
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
+    **dict.fromkeys(["t5", "mt5"], _T5),
+}
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    body = pattern.replace(".", r"\.").replace("{L}", r"\d+")
+    return re.compile(r"(?:^|\.)(?:" + body + r")$")
+
+
+_COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items()}
+             for m in (_LLAMA, _GPT2, _BERT, _T5, _GENERIC)}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attachment place: the module at `path`, its PEFT-Ref `role` and transformer `layer`."""
+
+    path: str
+    role: str | None
+    layer: int | None
+    module: nn.Module
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+def model_family(model: nn.Module) -> str:
+    """The architecture map's name for `model` ("llama", "gpt2", ...) or "generic"."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type if model_type in _FAMILIES else "generic"
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield (path, module) like named_modules, but a peftlab wrapper stands for the layer it
+    wraps: its internals (base layer, deltas) are never sites themselves."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not getattr(child, "is_peftlab_wrapper", False):
+            yield from iter_modules(child, path)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original module behind a peftlab wrapper (or the module itself)."""
+    return module.original_module if getattr(module, "is_peftlab_wrapper", False) else module
+
+
+def layer_index(path: str) -> int | None:
+    """The transformer block index in a module path: its first all-digit component."""
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def site_roles(model: nn.Module) -> dict[str, str]:
+    """Map every module path that plays a PEFT-Ref role to that role."""
+    family = _FAMILIES.get(model_family(model), _GENERIC)
+    compiled = _COMPILED[id(family)]
+    roles: dict[str, str] = {}
+    for path, module in iter_modules(model):
+        for role, patterns in compiled.items():
+            if any(p.search(path) for p in patterns):
+                roles[path] = role
+                break
+        else:
+            if "Norm" in type(unwrap(module)).__name__:
+                roles[path] = "norm"
+    return roles
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or the transposed GPT-2 Conv1D."""
+    module = unwrap(module)
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _matches(target: str, path: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], path) is not None
+    if any(ch in target for ch in "*?["):
+        return fnmatch.fnmatchcase(path, target)
+    return path == target or path.endswith("." + target)
+
+
+def _expand_roles(target: str, by_role: dict[str, list[str]]) -> list[str] | None:
+    """Paths for a role or role-group target; None when `target` is not a role name."""
+    if target in ROLE_GROUPS:
+        return [p for role in ROLE_GROUPS[target] for p in by_role.get(role, [])]
+    if target not in ROLES:
+        return None
+    paths = by_role.get(target, [])
+    if not paths and target in _FUSED_FALLBACK:
+        paths = by_role.get(_FUSED_FALLBACK[target], [])
+    return paths
+
+
+def match_targets(model: nn.Module, targets: str | Sequence[str],
+                  modules: dict[str, nn.Module] | None = None,
+                  roles: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """For each target, the set of module paths it names (empty when it matches nothing)."""
+    modules = modules if modules is not None else dict(iter_modules(model))
+    roles = roles if roles is not None else site_roles(model)
+    by_role: dict[str, list[str]] = {}
+    for path, role in roles.items():
+        by_role.setdefault(role, []).append(path)
+    found: dict[str, set[str]] = {}
+    for target in [targets] if isinstance(targets, str) else targets:
+        if target == "all-linear":
+            paths = [p for p, m in modules.items() if is_linear_like(m) and roles.get(p) != "head"]
+        else:
+            paths = _expand_roles(target, by_role)
+            if paths is None:
+                paths = [p for p in modules if _matches(target, p)]
+        found[target] = set(paths)
+    return found
+
+
+def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
+                  layers: int | Sequence[int] | None = None,
+                  exclude: str | Sequence[str] | None = None) -> list[Site]:
+    """The sites `targets` name, in model order, restricted to `layers` and minus `exclude`.
+
+    Raises TargetNotFoundError naming close candidates when a target matches nothing, and when
+    `layers` or `exclude` leave nothing.
+    """
+    modules = dict(iter_modules(model))
+    roles = site_roles(model)
+    chosen: set[str] = set()
+    for target, paths in match_targets(model, targets, modules, roles).items():
+        if not paths:
+            raise TargetNotFoundError(_not_found_message(target, model, modules, roles))
+        chosen |= paths
+    if exclude:
+        for target, paths in match_targets(model, exclude, modules, roles).items():
+            if not paths:
+                raise TargetNotFoundError(_not_found_message(target, model, modules, roles, what="exclude"))
+            chosen -= paths
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        chosen = {p for p in chosen if layer_index(p) in wanted}
+    if not chosen:
+        raise TargetNotFoundError(
+            f"targets {list(targets) if not isinstance(targets, str) else targets!r} with "
+            f"layers={layers!r} exclude={exclude!r} leave no site; widen the targets or the layers")
+    return [Site(p, roles.get(p), layer_index(p), unwrap(m)) for p, m in modules.items() if p in chosen]
+
+
+def _not_found_message(target: str, model: nn.Module, modules: dict[str, nn.Module], roles: dict[str, str],
+                       what: str = "target") -> str:
+    leaves = {p.rsplit(".", 1)[-1] for p in modules}
+    present_roles = sorted(set(roles.values()))
+    pool = [*present_roles, *ROLE_GROUPS, *leaves, *modules]
+    hint = close_matches(target, pool)
+    msg = f"{what} {target!r} matches no module of this {type(model).__name__}"
+    if hint:
+        msg += f"; close candidates: {', '.join(hint)}"
+    msg += (f". Roles here: {', '.join(present_roles) or 'none'}; a target may also be an exact "
+            "name or dotted suffix, a glob ('*.q_proj'), a regex ('re:...') or 'all-linear' "
+            "(`peftlab inspect --model ...` lists them)")
+    return msg
+
+
+def describe_sites(model: nn.Module) -> dict[str, list[str]]:
+    """Role -> module paths, in ROLES order, for `peftlab inspect` and error messages."""
+    by_role: dict[str, list[str]] = {}
+    for path, role in site_roles(model).items():
+        by_role.setdefault(role, []).append(path)
+    return {role: by_role[role] for role in ROLES if role in by_role}
+
+
+def sites_at(model: nn.Module, paths: Sequence[str]) -> list[Site]:
+    """Sites at these exact module paths (as a checkpoint records them)."""
+    modules = dict(iter_modules(model))
+    roles = site_roles(model)
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        hint = close_matches(missing[0], modules)
+        raise TargetNotFoundError(
+            f"module {missing[0]!r} does not exist in this {type(model).__name__}"
+            + (f"; close candidates: {', '.join(hint)}" if hint else "")
+            + f" ({len(missing)} of {len(paths)} recorded sites are missing: a different base model?)")
+    return [Site(p, roles.get(p), layer_index(p), unwrap(modules[p])) for p in paths]

@@ -1,0 +1,73 @@
+"""PEFT-Ref typology records and the cards and tables generated from them.
+
+Every method declares one `Typology`; cards (`peftlab.card`) and capability tables are rendered
+from these records so they cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+FORMS = ("lowrank", "bottleneck", "vector", "singular", "sparse", "selection")
+INTEGRATIONS = ("weight-delta", "parallel", "serial", "scale", "input", "prefix", "prompt")
+
+
+@dataclass(frozen=True)
+class Typology:
+    """The PEFT-Ref description of a method (shared/specs/seed-methods.md §1.3)."""
+
+    site_roles: tuple[str, ...]     # roles it attaches to by default
+    form: str                       # what is trained: one of FORMS
+    integration: str                # how it feeds back: one of INTEGRATIONS
+    intra_connectivity: str         # none | dense | dynamic
+    adaptation: str                 # addition | reparameterisation | rescaling | selection
+    parameter_sharing: str          # none, or what is shared
+    input_type: str                 # what the module reads
+    insertion: str                  # parallel | sequential | in-sequence | in-place
+    insertions_per_layer: str       # e.g. "1 per targeted projection"
+    workspace: str                  # PLM sub-space read from and written to
+    mergeable: bool                 # can be folded into the base weights
+    param_formula: str              # trainable parameters per site
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"form {self.form!r} is not one of {FORMS}")
+        if self.integration not in INTEGRATIONS:
+            raise ValueError(f"integration {self.integration!r} is not one of {INTEGRATIONS}")
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(field, value) pairs in declaration order, values as text."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ", ".join(value)
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            out.append((f.name.replace("_", " "), str(value)))
+        return out
+
+
+def summarise_sites(sites: Iterable[tuple[str | None, int | None]]) -> str:
+    """'attn.q ×2 (layers 0-1), head ×1' from (role, layer) pairs."""
+    groups: dict[str, list[int | None]] = {}
+    for role, layer in sites:
+        groups.setdefault(role or "other", []).append(layer)
+    parts = []
+    for role, layers in groups.items():
+        idx = sorted(i for i in layers if i is not None)
+        where = ""
+        if idx:
+            where = f" (layer {idx[0]})" if idx[0] == idx[-1] else f" (layers {idx[0]}-{idx[-1]})"
+        parts.append(f"{role} ×{len(layers)}{where}")
+    return ", ".join(parts)
+
+
+def render_card(title: str, typology: Typology, facts: list[tuple[str, str]]) -> str:
+    """A plain-text card: the title, the adapter's own facts, then the method's typology."""
+    rows = facts + typology.rows()
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "=" * len(title)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
