@@ -14,7 +14,7 @@ import torch.nn as nn
 from .errors import AdapterError, CapabilityError, CheckpointError, ConfigError, close_matches
 from .layer import AdaptedLayer, Delta, ModuleCopies, RoutingState, layer_kind
 from .methods import Method, MethodConfig, method_of
-from .sites import Site, iter_modules, layer_index, resolve_sites, site_roles
+from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import render_card, summarise_sites
 
 _KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding"}
@@ -410,7 +410,7 @@ class AdaptedModel(nn.Module):
         rows += [(r.path, r.role or "-", r.kind, ",".join(r.adapters), ",".join(r.merged) or "-")
                  for r in self.status()]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         return "\n".join(lines)
 
     def card(self, name: str) -> str:

@@ -35,15 +35,25 @@ _LORA_NAMES = {
 }
 _FROM_PEFT = {peft: ours for (ours, _), peft in _LORA_NAMES.items()}
 
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
+# peft task type per transformers auto-class mapping (GPT2LMHeadModel is a causal LM too).
+_TASK_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                  ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                  ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                  ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+                  ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"))
 _INIT_TO_PEFT = {"zero": True, "gaussian": "gaussian", "random": False, "pissa": True}
 
 
-def _task_type(model: torch.nn.Module) -> str | None:
+def _task_type(model: torch.nn.Module, copies: list[str]) -> str | None:
+    """peft's task type for this model class. peft's SEQ_CLS/TOKEN_CLS/QA models expect the head
+    in the file, so without a trained head copy the adapter is written task-agnostic (null)."""
+    from transformers.models.auto import modeling_auto
     cls = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+    task = next((task for mapping, task in _TASK_MAPPINGS
+                 if cls in getattr(modeling_auto, mapping, {}).values()), None)
+    if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and not copies:
+        return None
+    return task
 
 
 def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
@@ -86,7 +96,7 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
     kinds = {am.model.get_submodule(s.path).kind for s in adapter.sites}
     peft_config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": _task_type(am.model),
+        "task_type": _task_type(am.model, adapter.copies),
         "base_model_name_or_path": base_model_name_or_path
         or getattr(getattr(am.model, "config", None), "_name_or_path", None) or None,
         "inference_mode": True,
@@ -145,6 +155,9 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
             raise CheckpointError(f"{directory / TENSORS_FILE}: tensor {key!r} lacks the "
                                   f"{PREFIX!r} prefix of peft's format")
         rest = key[len(PREFIX):]
+        if rest.endswith(".base_layer.weight"):
+            _check_unchanged_base(am, directory, rest[: -len(".base_layer.weight")], t)
+            continue
         owner = next((p for p in copy_paths if rest.startswith(p + ".")), None)
         if owner is not None:
             copy_tensors[(owner, rest[len(owner) + 1:])] = t
@@ -176,6 +189,25 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         modules_to_save=[s.path for s in copy_sites] or None)
     config.validate()
-    return am._attach(name, config, get_method("lora"), sites, copy_sites, site_tensors,
-                      copy_tensors, trainable)
+    try:
+        return am._attach(name, config, get_method("lora"), sites, copy_sites, site_tensors,
+                          copy_tensors, trainable)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+
+
+def _check_unchanged_base(am: AdaptedModel, directory: Path, path: str, weight: torch.Tensor) -> None:
+    """peft saves an adapted embedding's base weight too (in case the vocabulary was resized).
+    We import it only as a check: it must equal this model's weight."""
+    try:
+        base = am.model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(f"{directory}: the adapter carries a base weight for {path!r}, "
+                              "which this model does not have") from None
+    current = getattr(base, "weight", None)
+    if current is None or current.shape != weight.shape or not torch.equal(current, weight.to(current.dtype)):
+        raise CheckpointError(f"{directory}: the adapter carries a modified base weight for {path!r} "
+                              "(a resized or retrained embedding); peftlab imports only LoRA deltas. "
+                              "Load the matching base model, or save from peft with "
+                              "save_embedding_layers=False")
 

@@ -283,7 +283,7 @@ def describe_sites(model: nn.Module) -> dict[str, list[str]]:
 
 
 def sites_at(model: nn.Module, paths: Sequence[str]) -> list[Site]:
-    """Sites at these exact module paths (as a checkpoint records them)."""
+    """Sites at these exact module paths (as a checkpoint records them), in model order."""
     modules = dict(iter_modules(model))
     roles = site_roles(model)
     missing = [p for p in paths if p not in modules]
@@ -293,4 +293,5 @@ def sites_at(model: nn.Module, paths: Sequence[str]) -> list[Site]:
             f"module {missing[0]!r} does not exist in this {type(model).__name__}"
             + (f"; close candidates: {', '.join(hint)}" if hint else "")
             + f" ({len(missing)} of {len(paths)} recorded sites are missing: a different base model?)")
-    return [Site(p, roles.get(p), layer_index(p), unwrap(modules[p])) for p in paths]
+    wanted = set(paths)
+    return [Site(p, roles.get(p), layer_index(p), unwrap(m)) for p, m in modules.items() if p in wanted]
