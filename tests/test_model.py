@@ -160,5 +160,5 @@ def test_status_and_card():
     n = am.num_parameters("a")
     assert n == 2 * (4 * (32 + 32) + 4 * (32 + 16))   # 2 layers; q: 32→32, v: 32→16 (2 kv heads × 8)
     for needle in ("attn.q ×2", "attn.v ×2", "lowrank", "weight-delta", "mergeable             yes",
-                   f"{n:,}", "merged at 4/4 sites"):
+                   f"{n:,}", "active, frozen, merged"):
         assert needle in text, needle

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+import safetensors.torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, PeftlabError
@@ -92,9 +92,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a clear CheckpointError when it is missing or damaged."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the adapter directory is incomplete")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+    try:   # one read and one parse beat per-tensor reads through safe_open (~2.5× here)
+        return safetensors.torch.load(path.read_bytes())
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path} is truncated or corrupted ({e}); save the adapter again "
                               "or restore the file") from None
@@ -128,7 +127,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "name": name,
         "config": adapter.config.to_dict(),
         "sites": [s.path for s in adapter.sites],
-        "modules_to_save": adapter.copies,
+        "modules_to_save": list(adapter.copies),
         "base_model": base_identity(am, adapter),
     }
     commit_files(directory, {TENSORS_FILE: write_tensors(tensors), CONFIG_FILE: write_json(meta)})
@@ -155,8 +154,8 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
         method = get_method(meta["method"])
         config = method.config_cls.from_dict(meta["config"])
         config.validate()
-        sites = sites_at(am.model, meta["sites"])
-        copy_sites = sites_at(am.model, meta.get("modules_to_save", []))
+        sites = sites_at(am.model, meta["sites"], am.site_roles())
+        copy_sites = sites_at(am.model, meta.get("modules_to_save", []), am.site_roles())
     except KeyError as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} lacks the field {e}") from None
     except PeftlabError as e:

@@ -109,15 +109,15 @@ class AdaptedLayer(nn.Module):
 
     def _refresh(self) -> None:
         state = self.state
+        deltas = self._modules["deltas"]._modules     # plain dict: no nn.Module lookups
         names = state.active if state.enabled else ()
-        self._active = tuple(self.deltas[n] for n in names
-                             if n in self.deltas and n not in self.merged)
+        self._active = tuple(deltas[n] for n in names if n in deltas and n not in self.merged)
         self._seen_version = state.version
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._seen_version != self.state.version:
             self._refresh()
-        base_out = self.base_layer(x, *args, **kwargs)
+        base_out = self._modules["base_layer"](x, *args, **kwargs)
         out = base_out
         for delta in self._active:  # the active adapters here: one in the common case
             out = delta.contribute(self, x, base_out, out)

@@ -28,8 +28,10 @@ class Adapter:
     config: MethodConfig
     method: Method
     sites: list[Site]
-    copies: list[str] = field(default_factory=list)   # paths of modules_to_save copies
+    layers: dict[str, AdaptedLayer]                    # site path -> the wrapper holding a delta
+    copies: dict[str, ModuleCopies] = field(default_factory=dict)   # modules_to_save path -> wrapper
     trainable: bool = False
+    merged: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.state = RoutingState()
         self.adapters: dict[str, Adapter] = {}
+        self._roles: dict[str, str] | None = None
         self._unloaded = False
         if freeze_base:
             for p in model.parameters():
@@ -88,8 +91,10 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         config.validate()
         method = method_of(config)
-        sites = resolve_sites(self.model, config.targets, layers=config.layers, exclude=config.exclude)
-        copy_sites = (resolve_sites(self.model, config.modules_to_save)
+        roles = self.site_roles()
+        sites = resolve_sites(self.model, config.targets, layers=config.layers,
+                              exclude=config.exclude, roles=roles)
+        copy_sites = (resolve_sites(self.model, config.modules_to_save, roles=roles)
                       if config.modules_to_save else [])
         return self._attach(name, config, method, sites, copy_sites, tensors=None,
                             copy_tensors=None, trainable=False)
@@ -100,9 +105,10 @@ class AdaptedModel(nn.Module):
                 trainable: bool) -> Adapter:
         """Build every delta (freshly initialised, or filled from `tensors` keyed by
         (site path, tensor name)), then install them. Nothing changes until all are built."""
+        current = dict(iter_modules(self.model))
         for site in sites:
             kind = layer_kind(site.module)
-            if isinstance(self.model.get_submodule(site.path), ModuleCopies):
+            if isinstance(current[site.path], ModuleCopies):
                 raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
                                   f"adapter; {method.title} cannot also attach there")
             if kind not in method.layer_kinds:
@@ -110,7 +116,8 @@ class AdaptedModel(nn.Module):
                 raise ConfigError(
                     f"{method.title} cannot attach to {site.type_name} at {site.path!r} "
                     f"(role {site.role}); it attaches to {kinds}. Narrow the targets or exclude it")
-        layers = {s.path: self._layer_at(s.path) for s in sites}
+        layers = {s.path: current[s.path] if isinstance(current[s.path], AdaptedLayer)
+                  else AdaptedLayer(s.module, self.state) for s in sites}
         if tensors is not None:
             self._check_tensors(name, config, method, sites, layers, copy_sites, tensors,
                                 copy_tensors or {})
@@ -124,7 +131,7 @@ class AdaptedModel(nn.Module):
             deltas[site.path] = delta
         copies: dict[str, nn.Module] = {}
         for site in copy_sites:
-            clone = copy.deepcopy(site.module)
+            clone = copy.deepcopy(site.module).requires_grad_(False)
             if copy_tensors is not None:
                 with torch.no_grad():
                     for pname, t in clone.state_dict().items():
@@ -133,12 +140,21 @@ class AdaptedModel(nn.Module):
 
         # Install: from here on nothing can fail on bad input.
         for path, delta in deltas.items():
-            self._install_layer(path, layers[path]).deltas[name] = delta
+            if current[path] is not layers[path]:
+                self._replace(path, layers[path], current)
+            layers[path].deltas[name] = delta
+        wrappers: dict[str, ModuleCopies] = {}
         for path, clone in copies.items():
-            self._install_copies(path).copies[name] = clone
-        adapter = Adapter(name, config, method, sites, list(copies))
+            wrapper = current[path]
+            if not isinstance(wrapper, ModuleCopies):
+                wrapper = ModuleCopies(wrapper, self.state)
+                self._replace(path, wrapper, current)
+            wrapper.copies[name] = clone
+            wrappers[path] = wrapper
+        adapter = Adapter(name, config, method, sites, layers, wrappers)
         self.adapters[name] = adapter
-        self._set_requires_grad(adapter, trainable)
+        if trainable:   # deltas and copies are created frozen
+            self._set_requires_grad(adapter, True)
         self.state.changed()
         return adapter
 
@@ -175,40 +191,35 @@ class AdaptedModel(nn.Module):
                 f"needs {list(shape)}: the adapter was made for a different base model "
                 f"(this one is {type(self.model).__name__})")
 
-    def _layer_at(self, path: str) -> AdaptedLayer:
-        """The wrapper at `path`, or a new one not yet installed in the model."""
-        module = self.model.get_submodule(path)
-        return module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, self.state)
-
-    def _install_layer(self, path: str, layer: AdaptedLayer) -> AdaptedLayer:
-        if self.model.get_submodule(path) is not layer:
-            self._replace(path, layer)
-        return layer
-
-    def _install_copies(self, path: str) -> ModuleCopies:
-        module = self.model.get_submodule(path)
-        if not isinstance(module, ModuleCopies):
-            module = ModuleCopies(module, self.state)
-            self._replace(path, module)
-        return module
-
-    def _replace(self, path: str, module: nn.Module) -> None:
+    def _replace(self, path: str, module: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
+        """Put `module` at `path`; `modules` (path -> module) saves walking the tree."""
         parent, _, leaf = path.rpartition(".")
-        setattr(self.model.get_submodule(parent) if parent else self.model, leaf, module)
+        if not parent:
+            owner = self.model
+        elif modules is not None and parent in modules:
+            owner = modules[parent]
+        else:
+            owner = self.model.get_submodule(parent)
+        setattr(owner, leaf, module)
+
+    def site_roles(self) -> dict[str, str]:
+        """Module path -> PEFT-Ref role for the wrapped model (computed once: wrapping a layer
+        keeps its path)."""
+        if self._roles is None:
+            self._roles = site_roles(self.model)
+        return self._roles
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; layers left with no deltas become their plain base layer again."""
         adapter = self._get(name)
-        if self._merged_sites(name):
+        if adapter.merged:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; "
                                f"call unmerge({name!r}) before deleting it")
-        for site in adapter.sites:
-            layer = self.model.get_submodule(site.path)
+        for path, layer in adapter.layers.items():
             del layer.deltas[name]
             if not layer.deltas:
-                self._replace(site.path, layer.base_layer)
-        for path in adapter.copies:
-            wrapper = self.model.get_submodule(path)
+                self._replace(path, layer.base_layer)
+        for path, wrapper in adapter.copies.items():
             del wrapper.copies[name]
             if not wrapper.copies:
                 self._replace(path, wrapper.original_module)
@@ -229,8 +240,8 @@ class AdaptedModel(nn.Module):
             self._get(n)
         if len(set(names)) != len(names):
             raise AdapterError(f"set_active got a name twice: {list(names)}")
-        for n in self.adapters:
-            if n not in names and self._merged_sites(n):
+        for n, adapter in self.adapters.items():
+            if n not in names and adapter.merged:
                 raise AdapterError(f"adapter {n!r} is merged into the base weights and cannot be "
                                    f"deactivated; call unmerge({n!r}) first")
         self.state.active = names
@@ -239,7 +250,7 @@ class AdaptedModel(nn.Module):
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Within the block the model computes exactly the base model's outputs."""
-        merged = [n for n in self.adapters if self._merged_sites(n)]
+        merged = [n for n, a in self.adapters.items() if a.merged]
         if merged:
             raise AdapterError(f"adapters {merged} are merged into the base weights; unmerge them "
                                "before disabling adapters")
@@ -272,20 +283,20 @@ class AdaptedModel(nn.Module):
         parameters and buffers, then the modules_to_save copies' state)."""
         adapter = self._get(name)
         out: dict[tuple[str, str], torch.Tensor] = {}
-        for site in adapter.sites:
-            for tname, t in self.model.get_submodule(site.path).deltas[name].state_dict().items():
-                out[(site.path, tname)] = t
-        for path in adapter.copies:
-            for pname, t in self.model.get_submodule(path).copies[name].state_dict().items():
+        for path, layer in adapter.layers.items():
+            for tname, t in layer.deltas[name].state_dict().items():
+                out[(path, tname)] = t
+        for path, wrapper in adapter.copies.items():
+            for pname, t in wrapper.copies[name].state_dict().items():
                 out[(path, pname)] = t
         return out
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         adapter = self._get(name)
-        for site in adapter.sites:
-            yield from self.model.get_submodule(site.path).deltas[name].parameters()
-        for path in adapter.copies:
-            yield from self.model.get_submodule(path).copies[name].parameters()
+        for layer in adapter.layers.values():
+            yield from layer.deltas[name].parameters()
+        for wrapper in adapter.copies.values():
+            yield from wrapper.copies[name].parameters()
 
     def num_parameters(self, name: str) -> int:
         """Parameters the adapter adds (its deltas and modules_to_save copies)."""
@@ -301,70 +312,69 @@ class AdaptedModel(nn.Module):
         return sum(p.numel() for p in self.model.parameters() if id(p) not in ids)
 
     # ---- merging ------------------------------------------------------------------------------
-    def _merged_sites(self, name: str) -> list[str]:
-        adapter = self.adapters[name]
-        return [s.path for s in adapter.sites if name in self.model.get_submodule(s.path).merged]
-
     def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold active mergeable adapters into the base weights (default: all active ones)."""
+        """Fold active mergeable adapters into the base weights (default: the active unmerged ones)."""
         self._check_usable()
-        names = _name_list(names) if names is not None else self.state.active
+        if names is None:
+            names = tuple(n for n in self.state.active if not self.adapters[n].merged)
+        names = _name_list(names)
         for n in names:
             adapter = self._get(n)
             if not adapter.method.supports("merge"):
                 raise CapabilityError(f"{adapter.method.title} adapter {n!r} cannot be merged: "
                                       "the method does not declare the 'merge' capability")
-            if self._merged_sites(n):
+            if adapter.merged:
                 raise AdapterError(f"adapter {n!r} is already merged; unmerge({n!r}) first")
             if n not in self.state.active:
                 raise AdapterError(f"adapter {n!r} is not active; only active adapters can be merged "
                                    f"(set_active([..., {n!r}]) first)")
-        self._check_untied({s.path for n in names for s in self.adapters[n].sites})
+        self._check_untied([layer for n in names for layer in self.adapters[n].layers.values()])
         for n in names:
-            for site in self.adapters[n].sites:
-                layer = self.model.get_submodule(site.path)
+            for layer in self.adapters[n].layers.values():
                 layer.deltas[n].merge_into(layer)
                 layer.merged.append(n)
+            self.adapters[n].merged = True
         self.state.changed()
 
-    def _check_untied(self, paths: set[str]) -> None:
+    def _check_untied(self, layers: list[AdaptedLayer]) -> None:
         owners: dict[int, list[str]] = {}
         for pname, p in self.model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(p), []).append(pname)
-        for path in sorted(paths):
-            weight = self.model.get_submodule(path).base_layer.weight
-            if len(owners.get(id(weight), [])) > 1:
+        for layer in layers:
+            tied = owners.get(id(layer.base_layer.weight), [])
+            if len(tied) > 1:
                 raise CapabilityError(
-                    f"the weight of {path!r} is tied to {owners[id(weight)]}; merging would change "
-                    "every tied copy. Keep this adapter unmerged or untie the weights first")
+                    f"the weight {tied[0]!r} is tied to {tied[1:]}; merging would change every "
+                    "tied copy. Keep this adapter unmerged or untie the weights first")
 
     def unmerge(self, names: str | Sequence[str] | None = None) -> None:
         """Take merged adapters back out of the base weights (default: all merged ones)."""
         self._check_usable()
         wanted = _name_list(names) if names is not None else tuple(self.adapters)
         for n in wanted:
-            self._get(n)
-            if names is not None and not self._merged_sites(n):
+            if names is not None and not self._get(n).merged:
                 raise AdapterError(f"adapter {n!r} is not merged")
-        for layer in {id(m): m for m in self.model.modules() if isinstance(m, AdaptedLayer)}.values():
+        layers = {id(l): l for n in wanted for l in self.adapters[n].layers.values()}
+        for layer in layers.values():
             for n in reversed(list(layer.merged)):  # last merged first: DoRA merges do not commute
                 if n in wanted:
                     layer.deltas[n].unmerge_from(layer)
                     layer.merged.remove(n)
+        for n in wanted:
+            self.adapters[n].merged = False
         self.state.changed()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain base model with no peftlab modules;
         modules_to_save copies of the first active adapter replace the originals."""
         self._check_usable()
-        pending = [n for n in self.state.active if not self._merged_sites(n)]
-        self.merge(pending)
+        self.merge()
         return self.unload(_merged_ok=True)
 
     def unload(self, *, _merged_ok: bool = False) -> nn.Module:
         """Remove every peftlab module and return the base model (merged weights stay merged)."""
         self._check_usable()
-        if not _merged_ok and any(self._merged_sites(n) for n in self.adapters):
+        if not _merged_ok and any(a.merged for a in self.adapters.values()):
             raise AdapterError("some adapters are merged; use merge_and_unload() or unmerge() first")
         for path, module in list(iter_modules(self.model)):
             if isinstance(module, AdaptedLayer):
@@ -416,7 +426,6 @@ class AdaptedModel(nn.Module):
     def card(self, name: str) -> str:
         """The adapter's PEFT-Ref typology card with its actual sites and parameter count."""
         a = self._get(name)
-        merged = len(self._merged_sites(name))
         facts = [
             ("adapter", name),
             ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
@@ -426,7 +435,7 @@ class AdaptedModel(nn.Module):
                            f"({100 * self.num_parameters(name) / max(self.base_parameters(), 1):.3f}% of base)"),
             ("state", f"{'active' if name in self.state.active else 'inactive'}, "
                       f"{'trainable' if a.trainable else 'frozen'}, "
-                      f"merged at {merged}/{len(a.sites)} sites"),
+                      f"{'merged' if a.merged else 'unmerged'}"),
         ]
         return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
 

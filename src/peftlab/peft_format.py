@@ -72,11 +72,11 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     for site in adapter.sites:
-        layer = am.model.get_submodule(site.path)
+        layer = adapter.layers[site.path]
         delta = layer.deltas[name]
         kind = "embedding" if layer.kind == "embedding" else "linear"
         A, B = delta.lora_A.detach(), delta.lora_B.detach()
-        if delta.pissa_A0 is not None:
+        if delta.pissa:
             A, B = torch.cat([A, delta.pissa_A0]), torch.cat([B, -delta.pissa_B0], dim=1)
         r = A.shape[0]
         # Keep the site's scaling s at the exported rank: α' = s·r' (rsLoRA: s·√r').
@@ -90,10 +90,10 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
             ours["magnitude"] = delta.magnitude.detach()
         for tname, t in ours.items():
             tensors[f"{PREFIX}{site.path}.{_LORA_NAMES[(tname, kind)]}"] = t
-    for path in adapter.copies:
-        for pname, t in am.model.get_submodule(path).copies[name].state_dict().items():
+    for path, wrapper in adapter.copies.items():
+        for pname, t in wrapper.copies[name].state_dict().items():
             tensors[f"{PREFIX}{path}.{pname}"] = t
-    kinds = {am.model.get_submodule(s.path).kind for s in adapter.sites}
+    kinds = {layer.kind for layer in adapter.layers.values()}
     peft_config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": _task_type(am.model, adapter.copies),

@@ -231,14 +231,16 @@ def match_targets(model: nn.Module, targets: str | Sequence[str],
 
 def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
                   layers: int | Sequence[int] | None = None,
-                  exclude: str | Sequence[str] | None = None) -> list[Site]:
+                  exclude: str | Sequence[str] | None = None,
+                  roles: dict[str, str] | None = None) -> list[Site]:
     """The sites `targets` name, in model order, restricted to `layers` and minus `exclude`.
+    `roles` (path -> role) may be passed when already known.
 
     Raises TargetNotFoundError naming close candidates when a target matches nothing, and when
     `layers` or `exclude` leave nothing.
     """
     modules = dict(iter_modules(model))
-    roles = site_roles(model)
+    roles = roles if roles is not None else site_roles(model)
     chosen: set[str] = set()
     for target, paths in match_targets(model, targets, modules, roles).items():
         if not paths:
@@ -282,10 +284,12 @@ def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     return {role: by_role[role] for role in ROLES if role in by_role}
 
 
-def sites_at(model: nn.Module, paths: Sequence[str]) -> list[Site]:
+def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | None = None) -> list[Site]:
     """Sites at these exact module paths (as a checkpoint records them), in model order."""
+    if not paths:
+        return []
     modules = dict(iter_modules(model))
-    roles = site_roles(model)
+    roles = roles if roles is not None else site_roles(model)
     missing = [p for p in paths if p not in modules]
     if missing:
         hint = close_matches(missing[0], modules)

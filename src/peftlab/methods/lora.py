@@ -76,8 +76,28 @@ class LoraConfig(MethodConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
+def _cpu_half_matmul_is_slow() -> bool:
+    """True on x86 CPUs without AVX-512 BF16 / AMX: there torch runs bf16 and fp16 GEMMs through a
+    slow fallback (measured ~10× slower than fp32 for LoRA's rank-r products)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool(flags) and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+_UPCAST_ON_CPU = _cpu_half_matmul_is_slow()
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class LowRankDelta(Delta):
-    """s · B A (minus the frozen PiSSA start s · B0 A0), optionally DoRA-normalised."""
+    """s · B A (minus the frozen PiSSA start s · B0 A0), optionally DoRA-normalised.
+
+    The rank-r products run in the weights' dtype, except half-precision weights on a CPU
+    without native half GEMMs, where they run in fp32 (casts of A and B are cached between
+    weight updates, so inference pays them once).
+    """
 
     mergeable = True
 
@@ -86,6 +106,7 @@ class LowRankDelta(Delta):
                  pissa: bool = False, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.r, self.scaling, self.embedding, self.padding_idx = r, scaling, embedding, padding_idx
+        self.dora, self.pissa = dora, pissa
         make = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype, device=device),
                                            requires_grad=False)
         self.lora_A = make(r, d_in)      # (r, d_in)
@@ -95,6 +116,7 @@ class LowRankDelta(Delta):
         self.register_buffer("pissa_B0", torch.empty(d_out, r, dtype=dtype, device=device) if pissa else None)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._merge_scale: torch.Tensor | None = None  # DoRA row scale used at merge time
+        self._cast: tuple = ()                         # (key, factors in the compute dtype)
 
     def initialise(self, layer: AdaptedLayer, init: str) -> None:
         A, B = self.lora_A, self.lora_B
@@ -107,10 +129,10 @@ class LowRankDelta(Delta):
             else:
                 if init == "gaussian":
                     A.normal_(std=1.0 / self.r)
-                else:
-                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                else:   # nn.Linear's default (kaiming_uniform_ with a=√5): U(±1/√fan_in)
+                    A.uniform_(-1 / math.sqrt(A.shape[1]), 1 / math.sqrt(A.shape[1]))
                 if init == "random":
-                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                    B.uniform_(-1 / math.sqrt(self.r), 1 / math.sqrt(self.r))
                 else:
                     B.zero_()
             if self.magnitude is not None:
@@ -128,47 +150,52 @@ class LowRankDelta(Delta):
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""
         dw = self.lora_B.float() @ self.lora_A.float()
-        if self.pissa_A0 is not None:
+        if self.pissa:
             dw -= self.pissa_B0.float() @ self.pissa_A0.float()
         return dw * self.scaling
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    def _factors(self, device: torch.device) -> tuple[torch.dtype, list[torch.Tensor]]:
+        """The compute dtype and [A, B(, A0, B0)] in it. Casts are cached when no gradient
+        flows to the factors, keyed on their versions so an update invalidates them."""
+        p, b = self._parameters, self._buffers
+        raw = [p["lora_A"], p["lora_B"]] + ([b["pissa_A0"], b["pissa_B0"]] if self.pissa else [])
+        dtype = raw[0].dtype
+        if not (_UPCAST_ON_CPU and dtype in _HALF and device.type == "cpu"):
+            return dtype, raw
+        if torch.is_grad_enabled() and raw[0].requires_grad:
+            return torch.float32, [t.float() for t in raw]
+        key = tuple((t._version, t.data_ptr()) for t in raw)
+        if not self._cast or self._cast[0] != key:
+            self._cast = (key, [t.float() for t in raw])
+        return torch.float32, self._cast[1]
+
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """x (..., d_in) or token ids (...) -> (..., r)."""
         if self.embedding:
-            return F.embedding(x, self.lora_A.t(), self.padding_idx)
-        return F.linear(x, self.lora_A)
-
-    def _pissa_down(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embedding:
-            return F.embedding(x, self.pissa_A0.t(), self.padding_idx)
-        return F.linear(x, self.pissa_A0)
-
-    def _add_up(self, out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, s: float) -> torch.Tensor:
-        """out + s · h upᵀ, fused into one addmm when dtypes agree (no temporary for s · B h)."""
-        if out.dtype != h.dtype:
-            return out + (F.linear(h, up) * s).to(out.dtype)
-        flat = out.reshape(-1, out.shape[-1])  # a view: base outputs are contiguous
-        return torch.addmm(flat, h.reshape(-1, h.shape[-1]), up.t(), alpha=s).view(out.shape)
-
-    def _lowrank(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-        """out + scale · (B A − B0 A0) x."""
-        out = self._add_up(out, self._down(x), self.lora_B, scale)
-        if self.pissa_A0 is not None:
-            out = self._add_up(out, self._pissa_down(x), self.pissa_B0, -scale)
-        return out
+            return F.embedding(x, A.t(), self.padding_idx)
+        return F.linear(x, A)
 
     def contribute(self, layer, x, base_out, out):
-        if not self.embedding and x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        if self.magnitude is not None:
+        if self.dora:
             return self._contribute_dora(layer, x, base_out, out)
         if self.dropout is not None:
             x = self.dropout(x)
-        return self._lowrank(x, out, self.scaling)
+        dtype, f = self._factors(out.device)
+        if not self.embedding and x.dtype != dtype:
+            x = x.to(dtype)
+        # out + s·(B A x − B0 A0 x) as addmm on the flattened output: no temporary for s·B h.
+        flat = out.reshape(-1, out.shape[-1])            # a view: base outputs are contiguous
+        acc = flat if flat.dtype == dtype else flat.to(dtype)
+        acc = torch.addmm(acc, self._down(x, f[0]).reshape(-1, self.r), f[1].t(), alpha=self.scaling)
+        if self.pissa:
+            acc = torch.addmm(acc, self._down(x, f[2]).reshape(-1, self.r), f[3].t(), alpha=-self.scaling)
+        return acc.view(out.shape) if acc.dtype == out.dtype else acc.to(out.dtype).view(out.shape)
 
     def _contribute_dora(self, layer, x, base_out, out):
         # DoRA: y = m / ||W + ΔW||_row ⊙ (W + ΔW) x; the norm is a constant for the gradient
         # (DoRA §4.3). Written as a correction on top of the base output, as peft does.
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
         weight = layer.weight_out_in().to(x.dtype)
         lora_w = (self.delta_weight() / self.scaling).to(x.dtype).detach()
         norm = torch.linalg.norm(weight + self.scaling * lora_w, dim=1).detach()
@@ -179,9 +206,9 @@ class LowRankDelta(Delta):
         else:
             bias = layer.base_layer.bias
             base_no_bias = base_out - bias if bias is not None else base_out
-        lora_out = F.linear(self._down(x), self.lora_B)
-        if self.pissa_A0 is not None:
-            lora_out = lora_out - F.linear(self._pissa_down(x), self.pissa_B0)
+        lora_out = F.linear(self._down(x, self.lora_A), self.lora_B)
+        if self.pissa:
+            lora_out = lora_out - F.linear(self._down(x, self.pissa_A0), self.pissa_B0)
         return out + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
 
     @torch.no_grad()
