@@ -91,6 +91,9 @@ def test_modules_to_save_copies_follow_activation(ids):
     am.set_active("a"); am.set_trainable("a")
     assert am.model.classifier.copies["a"].weight.requires_grad
     assert not am.model.classifier.original_module.weight.requires_grad
+    heads = sorted(k for k in am.model.state_dict() if k.startswith("classifier."))
+    assert heads == ["classifier.copies.a.bias", "classifier.copies.a.weight",
+                     "classifier.original_module.bias", "classifier.original_module.weight"]
     with torch.no_grad():
         am.model.classifier.copies["a"].weight.add_(0.5)
     changed = logits(am, ids)

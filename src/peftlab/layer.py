@@ -70,13 +70,10 @@ class AdaptedLayer(nn.Module):
         kind = layer_kind(base_layer)
         if kind is None:
             raise TypeError(f"cannot wrap {type(base_layer).__name__}; supported: {LAYER_KINDS}")
-        self.base_layer = base_layer
-        self.kind = kind
-        self.deltas = nn.ModuleDict()
-        self.merged: list[str] = []
-        self.state = state
-        self._active: tuple[Delta, ...] = ()
-        self._seen_version = -1
+        self._modules["base_layer"] = base_layer
+        self._modules["deltas"] = nn.ModuleDict()
+        # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
+        self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _seen_version=-1)
 
     @property
     def original_module(self) -> nn.Module:
@@ -111,8 +108,9 @@ class AdaptedLayer(nn.Module):
         state = self.state
         deltas = self._modules["deltas"]._modules     # plain dict: no nn.Module lookups
         names = state.active if state.enabled else ()
-        self._active = tuple(deltas[n] for n in names if n in deltas and n not in self.merged)
-        self._seen_version = state.version
+        # plain __dict__ writes: nn.Module.__setattr__ costs microseconds per call
+        self.__dict__["_active"] = tuple(deltas[n] for n in names if n in deltas and n not in self.merged)
+        self.__dict__["_seen_version"] = state.version
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._seen_version != self.state.version:
@@ -140,7 +138,7 @@ class ModuleCopies(nn.Module):
         self.original_module = original
         self.copies = nn.ModuleDict()
         self.state = state
-        self._chosen: nn.Module = original
+        self.__dict__["_chosen"] = original   # a plain reference, not a registered submodule
         self._seen_version = -1
 
     def __getattr__(self, name: str):
@@ -156,9 +154,10 @@ class ModuleCopies(nn.Module):
         if self._seen_version != self.state.version:
             state = self.state
             names = state.active if state.enabled else ()
-            self._chosen = next((self.copies[n] for n in names if n in self.copies),
-                                self.original_module)
-            self._seen_version = state.version
+            copies = self._modules["copies"]._modules
+            chosen = next((copies[n] for n in names if n in copies), self._modules["original_module"])
+            self.__dict__["_chosen"] = chosen
+            self.__dict__["_seen_version"] = state.version
         return self._chosen
 
     def forward(self, *args, **kwargs):
