@@ -25,6 +25,18 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def forwarding_getattr(child: str):
+    """A `__getattr__` for wrappers: attributes the wrapper lacks are read from its `child`."""
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name in (child, "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules[child], name)
+    return __getattr__
+
+
 class RoutingState:
     """What every wrapped layer of one model reads: the active adapters and the on/off switch.
 
@@ -95,14 +107,8 @@ class AdaptedLayer(nn.Module):
         w = self.base_layer.weight
         return w if self.kind == "linear" else w.t()
 
-    def __getattr__(self, name: str):
-        # Model code reads attributes of the layer it built (weight, padding_idx, nf ...).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["base_layer"], name)
+    # Model code reads attributes of the layer it built (weight, padding_idx, nf ...).
+    __getattr__ = forwarding_getattr("base_layer")
 
     def _refresh(self) -> None:
         state = self.state
@@ -141,13 +147,7 @@ class ModuleCopies(nn.Module):
         self.__dict__["_chosen"] = original   # a plain reference, not a registered submodule
         self._seen_version = -1
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["original_module"], name)
+    __getattr__ = forwarding_getattr("original_module")
 
     def chosen(self) -> nn.Module:
         """The module that answers for the current routing state."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterError, CapabilityError, CheckpointError, ConfigError, close_matches
-from .layer import AdaptedLayer, Delta, ModuleCopies, RoutingState, layer_kind
+from .layer import AdaptedLayer, Delta, ModuleCopies, RoutingState, forwarding_getattr, layer_kind
 from .methods import Method, MethodConfig, method_of
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import render_card, summarise_sites
@@ -76,13 +76,7 @@ class AdaptedModel(nn.Module):
         """The wrapped model's `generate`, with the active adapters applied."""
         return self.model.generate(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["model"], name)
+    __getattr__ = forwarding_getattr("model")   # config, device, ... of the wrapped model
 
     # ---- adding and removing ------------------------------------------------------------------
     def add_adapter(self, name: str, config: MethodConfig) -> Adapter:

@@ -63,8 +63,9 @@ class Method:
     typology: Typology
     layer_kinds: tuple[str, ...]            # base layer kinds it can attach to
     capabilities: frozenset[str]
-    # Build the delta for one site; `layer` is the wrapper around the site's base layer.
-    build: Callable[[Site, AdaptedLayer, MethodConfig], Delta]
+    # build(site, layer, config, initialise=True): the delta for one site; `layer` wraps the
+    # site's base layer; initialise=False leaves tensors unset for a checkpoint to fill.
+    build: Callable[..., Delta]
     # Tensor names and shapes a delta at this site holds, for checking checkpoints before loading.
     tensor_shapes: Callable[[AdaptedLayer, Site, MethodConfig], dict[str, tuple[int, ...]]]
     describe: Callable[[MethodConfig], str] = lambda config: ""
