@@ -194,7 +194,8 @@ class AdaptedModel(nn.Module):
             owner = modules[parent]
         else:
             owner = self.model.get_submodule(parent)
-        setattr(owner, leaf, module)
+        # `leaf` is an existing child: replace it in place, skipping Module.__setattr__'s checks
+        owner._modules[leaf] = module
 
     def site_roles(self) -> dict[str, str]:
         """Module path -> PEFT-Ref role for the wrapped model (computed once: wrapping a layer
