@@ -1,0 +1,224 @@
+"""Tasks: how rows become batches, what the loss is, and how a model is scored.
+
+Each task implements the protocol the training loop reads (`collate`, `loss`, `evaluate`,
+`metric`, `higher_is_better`). Rows are the dicts `peftlab.assets.load_dataset` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+IGNORE = -100   # label value the loss skips (transformers' convention)
+
+
+def _batches(rows: list[dict], batch_size: int):
+    for i in range(0, len(rows), batch_size):
+        yield rows[i:i + batch_size]
+
+
+@dataclass
+class ClassificationTask:
+    """Sequence classification with an encoder and a classification head: accuracy."""
+
+    tokenizer: object
+    max_length: int = 128
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer([r["text"] for r in rows], padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        batch["labels"] = torch.tensor([int(r["label"]) for r in rows])
+        return dict(batch)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        correct = total = 0
+        for chunk in _batches(rows, batch_size):
+            batch = self.collate(chunk)
+            labels = batch.pop("labels")
+            pred = model(**batch).logits.argmax(-1)
+            correct += int((pred == labels).sum())
+            total += len(chunk)
+        return {"accuracy": correct / max(total, 1)}
+
+
+@dataclass
+class RegressionTask:
+    """Sentence-pair regression (STS-B) with a one-output head: Pearson and Spearman."""
+
+    tokenizer: object
+    max_length: int = 128
+    metric: str = "pearson"
+    higher_is_better: bool = True
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer([r["text"] for r in rows], [r["text_pair"] for r in rows],
+                               padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        batch["labels"] = torch.tensor([float(r["label"]) for r in rows])
+        return dict(batch)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        return F.mse_loss(out.logits.squeeze(-1).float(), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        preds, gold = [], []
+        for chunk in _batches(rows, batch_size):
+            batch = self.collate(chunk)
+            gold.append(batch.pop("labels"))
+            preds.append(model(**batch).logits.squeeze(-1).float())
+        p, g = torch.cat(preds), torch.cat(gold)
+        return {"pearson": _pearson(p, g), "spearman": _pearson(_ranks(p), _ranks(g)),
+                "mse": float(F.mse_loss(p, g))}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(len(x), dtype=x.dtype))
+
+
+@dataclass
+class InstructionClassificationTask:
+    """Classification as an instruction for a causal LM: the prompt asks for one of the label
+    words; training is the LM loss on the answer, scoring compares the label words' log-probs at
+    the answer position."""
+
+    tokenizer: object
+    labels: list[str]
+    instruction: str = "Is the sentiment of this movie review positive or negative? Answer with one word."
+    max_text_tokens: int = 96
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    _label_ids: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._label_ids = []
+        for word in self.labels:
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
+            if not ids:
+                raise ConfigError(f"label word {word!r} encodes to no token")
+            self._label_ids.append(ids[0])
+        if len(set(self._label_ids)) != len(self._label_ids):
+            raise ConfigError(f"label words {self.labels} share their first token; choose words "
+                              "that start differently")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of the prompt for one text, up to the answer position."""
+        tok = self.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)[: self.max_text_tokens]
+        message = f"{self.instruction}\n\nReview: {tok.decode(ids)}"
+        if getattr(tok, "chat_template", None):
+            return list(tok.apply_chat_template([{"role": "user", "content": message}],
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=False))
+        return tok.encode(f"{message}\nAnswer:", add_special_tokens=True)
+
+    def _pad(self, seqs: list[list[int]], labels: list[list[int]] | None = None):
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        for i, s in enumerate(seqs):   # right padding: positions stay 0..n-1 for every row
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            if labels is not None:
+                lab[i, : len(s)] = torch.tensor(labels[i])
+        return ids, mask, lab
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, labels = [], []
+        for r in rows:
+            prompt = self.prompt_ids(r["text"])
+            answer = self._label_ids[int(r["label"])]
+            seqs.append(prompt + [answer])
+            labels.append([IGNORE] * len(prompt) + [answer])
+        ids, mask, lab = self._pad(seqs, labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        correct = 0
+        choices = torch.tensor(self._label_ids)
+        for chunk in _batches(rows, batch_size):
+            ids, mask, _ = self._pad([self.prompt_ids(r["text"]) for r in chunk])
+            logits = model(input_ids=ids, attention_mask=mask).logits     # (B, T, V)
+            last = mask.sum(1) - 1                                          # answer position
+            scores = logits[torch.arange(len(chunk)), last][:, choices]    # (B, n_labels)
+            gold = torch.tensor([int(r["label"]) for r in chunk])
+            correct += int((scores.argmax(-1) == gold).sum())
+        return {"accuracy": correct / max(len(rows), 1)}
+
+
+@dataclass
+class CausalLMTask:
+    """Causal language modelling on `text` rows (or the `response` of chat rows, conditioned on
+    the `prompt`): token-level loss, scored by perplexity."""
+
+    tokenizer: object
+    max_length: int = 128
+    metric: str = "perplexity"
+    higher_is_better: bool = False
+
+    def _encode(self, row: dict) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if "prompt" in row:
+            prompt = tok.encode(row["prompt"] + "\n", add_special_tokens=False)
+            answer = tok.encode(row["response"], add_special_tokens=False)
+            if tok.eos_token_id is not None:
+                answer.append(tok.eos_token_id)
+            ids = (prompt + answer)[: self.max_length]
+            labels = ([IGNORE] * len(prompt) + answer)[: self.max_length]
+        else:
+            ids = tok.encode(row["text"], add_special_tokens=False)[: self.max_length]
+            labels = list(ids)
+        return ids, labels
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pairs = [self._encode(r) for r in rows]
+        width = max(len(ids) for ids, _ in pairs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (s, l) in enumerate(pairs):
+            ids[i, : len(s)], mask[i, : len(s)], lab[i, : len(l)] = torch.tensor(s), 1, torch.tensor(l)
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        nll, count = 0.0, 0
+        for chunk in _batches(rows, batch_size):
+            batch = self.collate(chunk)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                         ignore_index=IGNORE, reduction="sum"))
+            count += int((target != IGNORE).sum())
+        loss = nll / max(count, 1)
+        return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}

