@@ -58,22 +58,25 @@ def test_regression_scores(tok):
     assert task.collate(rows)["labels"].tolist() == [4.5, 0.0]
 
 
-def test_instruction_task_labels_only_the_answer_and_scores_label_words(tok):
+def test_instruction_task_scores_label_words_at_the_answer_position(tok):
     task = InstructionClassificationTask(tok, labels=["negative", "positive"])
     batch = task.collate(ROWS)
-    lab, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
-    for i, r in enumerate(ROWS):
-        n = int(mask[i].sum())
-        assert (lab[i] != IGNORE).sum() == 1 and lab[i, n - 1] == task._label_ids[r["label"]]
-        assert ids[i, n - 1] == task._label_ids[r["label"]]
+    assert batch["labels"].tolist() == [task._label_ids[r["label"]] for r in ROWS]
     model = tiny_lm(tok.vocab_size)
-    # The score is the argmax over label-word logits at the last prompt token.
-    correct = 0
+    # Reference: each prompt alone, unpadded; the left-padded batch must give the same logits.
+    correct, nll = 0, 0.0
     for r in ROWS:
         p = torch.tensor([task.prompt_ids(r["text"])])
         with torch.no_grad():
             last = model(input_ids=p).logits[0, -1]
         correct += int(last[task._label_ids].argmax() == r["label"])
+        nll += float(F.cross_entropy(last[None], torch.tensor([task._label_ids[r["label"]]])))
+    with torch.no_grad():
+        got = task.answer_logits(model, batch)
+        for i, r in enumerate(ROWS):
+            p = torch.tensor([task.prompt_ids(r["text"])])
+            torch.testing.assert_close(got[i], model(input_ids=p).logits[0, -1], atol=1e-4, rtol=1e-4)
+        assert task.loss(model, batch).item() == pytest.approx(nll / len(ROWS), rel=1e-4)
     assert task.evaluate(model, ROWS, batch_size=2)["accuracy"] == pytest.approx(correct / 3)
 
 

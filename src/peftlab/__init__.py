@@ -10,14 +10,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (AdapterError, CapabilityError, CheckpointError, ConfigError, PeftlabError,
-                     TargetNotFoundError)
+from .assets import Dataset, load_dataset, load_model
+from .errors import (AdapterError, CapabilityError, CheckpointError, ConfigError, DataError,
+                     MissingAssetError, PeftlabError, TargetNotFoundError)
 from .layer import AdaptedLayer, Delta, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.lora import LoraConfig, LowRankDelta
 from .model import Adapter, AdaptedModel, LayerStatus, adapt
 from .peft_format import export_peft, import_peft
 from .sites import ROLES, Site, describe_sites, resolve_sites
+from .tasks import CausalLMTask, ClassificationTask, InstructionClassificationTask, RegressionTask
+from .train import TrainConfig, TrainResult, train
 from .typology import Typology
 
 
@@ -32,6 +35,9 @@ __all__ = [
     "AdaptedLayer", "ModuleCopies", "Delta", "Typology",
     "Site", "ROLES", "resolve_sites", "describe_sites",
     "export_peft", "import_peft",
-    "PeftlabError", "TargetNotFoundError", "AdapterError", "ConfigError", "CheckpointError",
+    "load_model", "load_dataset", "Dataset",
+    "ClassificationTask", "RegressionTask", "InstructionClassificationTask", "CausalLMTask",
+    "train", "TrainConfig", "TrainResult",
+    "PeftlabError", "DataError", "MissingAssetError", "TargetNotFoundError", "AdapterError", "ConfigError", "CheckpointError",
     "CapabilityError",
 ]

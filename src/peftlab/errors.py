@@ -26,6 +26,14 @@ class CheckpointError(PeftlabError):
     """A checkpoint directory is missing, corrupted, or does not fit the model."""
 
 
+class MissingAssetError(PeftlabError):
+    """An asset package (or a file it should hold) is not installed; the message has the command."""
+
+
+class DataError(PeftlabError):
+    """A dataset file is unreadable or malformed, or a dataset name is unknown."""
+
+
 class CapabilityError(PeftlabError):
     """The method does not declare the capability an operation needs."""
 

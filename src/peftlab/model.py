@@ -349,7 +349,7 @@ class AdaptedModel(nn.Module):
         for n in wanted:
             if names is not None and not self._get(n).merged:
                 raise AdapterError(f"adapter {n!r} is not merged")
-        layers = {id(l): l for n in wanted for l in self.adapters[n].layers.values()}
+        layers = {id(layer): layer for n in wanted for layer in self.adapters[n].layers.values()}
         for layer in layers.values():
             for n in reversed(list(layer.merged)):  # last merged first: DoRA merges do not commute
                 if n in wanted:

@@ -98,8 +98,13 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class InstructionClassificationTask:
     """Classification as an instruction for a causal LM: the prompt asks for one of the label
-    words; training is the LM loss on the answer, scoring compares the label words' log-probs at
-    the answer position."""
+    words. Training is the LM loss of the answer token; scoring compares the label words'
+    logits at the answer position.
+
+    Prompts are left-padded with explicit position ids, so every row's answer position is the
+    last one and the LM head runs on that position only (`logits_to_keep=1`): the head is a
+    49k-way projection, as costly as the rest of a small model when applied to every token.
+    """
 
     tokenizer: object
     labels: list[str]
@@ -131,41 +136,37 @@ class InstructionClassificationTask:
                                                 return_dict=False))
         return tok.encode(f"{message}\nAnswer:", add_special_tokens=True)
 
-    def _pad(self, seqs: list[list[int]], labels: list[list[int]] | None = None):
+    def _prompts(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [self.prompt_ids(r["text"]) for r in rows]
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        for i, s in enumerate(seqs):   # right padding: positions stay 0..n-1 for every row
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            if labels is not None:
-                lab[i, : len(s)] = torch.tensor(labels[i])
-        return ids, mask, lab
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)   # 0..n-1 over each row's real tokens
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        seqs, labels = [], []
-        for r in rows:
-            prompt = self.prompt_ids(r["text"])
-            answer = self._label_ids[int(r["label"])]
-            seqs.append(prompt + [answer])
-            labels.append([IGNORE] * len(prompt) + [answer])
-        ids, mask, lab = self._pad(seqs, labels)
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+        batch = self._prompts(rows)
+        batch["labels"] = torch.tensor([self._label_ids[int(r["label"])] for r in rows])
+        return batch
+
+    def answer_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, vocab) logits at the answer position."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs, logits_to_keep=1).logits[:, -1]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        return F.cross_entropy(self.answer_logits(model, batch).float(), batch["labels"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
         correct = 0
         choices = torch.tensor(self._label_ids)
         for chunk in _batches(rows, batch_size):
-            ids, mask, _ = self._pad([self.prompt_ids(r["text"]) for r in chunk])
-            logits = model(input_ids=ids, attention_mask=mask).logits     # (B, T, V)
-            last = mask.sum(1) - 1                                          # answer position
-            scores = logits[torch.arange(len(chunk)), last][:, choices]    # (B, n_labels)
+            scores = self.answer_logits(model, self._prompts(chunk))[:, choices]   # (B, n_labels)
             gold = torch.tensor([int(r["label"]) for r in chunk])
             correct += int((scores.argmax(-1) == gold).sum())
         return {"accuracy": correct / max(len(rows), 1)}
@@ -202,8 +203,10 @@ class CausalLMTask:
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for i, (s, l) in enumerate(pairs):
-            ids[i, : len(s)], mask[i, : len(s)], lab[i, : len(l)] = torch.tensor(s), 1, torch.tensor(l)
+        for i, (seq, target) in enumerate(pairs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            lab[i, : len(target)] = torch.tensor(target)
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,382 @@
+"""A plain-PyTorch training loop for one adapter, on one process or many (torchrun + DDP).
+
+    from peftlab.train import TrainConfig, train
+    am.set_active(["a"]); am.set_trainable("a")
+    result = train(am, "a", task, train_rows, eval_rows, TrainConfig(steps=200, out="runs/a"))
+
+The loop knows nothing about the data: a *task* (any object with the `TaskLike` methods) turns
+rows into model inputs, computes the loss and evaluates. The rest is fixed:
+
+* **Optimiser**: AdamW over the parameters that require gradients (normally the trainable
+  adapter's), learning rate warmed up linearly then decayed by a cosine to 0 (`lr_factor`),
+  gradient accumulation and gradient-norm clipping.
+* **Data order**: one endless stream of row indices, a fresh `torch.randperm` per epoch drawn from
+  a `torch.Generator` seeded with `seed` (`index_stream`). Each optimisation step takes the next
+  `batch_size * grad_accum * world_size` indices of the stream (the *global batch*), so a batch
+  can straddle two epochs ("wrap around"): nothing is dropped, every row is seen equally often
+  (±1), and a data set smaller than one batch still trains. Rank r takes the r-th contiguous slice
+  of the global batch and splits it into `grad_accum` micro-batches of `batch_size`, so the union
+  over ranks and micro-batches is exactly the single-process batch.
+* **Reproducible**: same seed, rows and model → bit-identical adapter on CPU. Dropout draws from
+  torch's global generator, which is seeded with `seed + rank` inside `torch.random.fork_rng`, so
+  the caller's random state is left as it was.
+* **Distributed**: under `torchrun --nproc_per_node=N` (env WORLD_SIZE > 1) the process group is
+  created if needed (nccl with CUDA, else gloo), the model is wrapped in DistributedDataParallel
+  and the task's `loss` is called with the wrapped module so gradients are averaged across ranks.
+  Each rank's loss is the mean over its equal share of the global batch, so the averaged gradient
+  equals the single-process one. Rank 0 alone evaluates, saves, and prints; the group is destroyed
+  at the end only if `train` created it.
+* **Checkpoints** (rank 0, when `out` is set): `out/last` at every evaluation point and at the end,
+  `out/best` whenever the task's metric improves. Saves are atomic (peftlab.io.commit_files).
+* **Ctrl-C**: a KeyboardInterrupt stops training and `train` returns with `interrupted=True`.
+  Nothing is saved on interrupt: `out/last` keeps the adapter of the last evaluation point, a
+  known, consistent state, rather than one from the middle of a step or of an accumulation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from .errors import AdapterError, ConfigError, PeftlabError
+
+if TYPE_CHECKING:
+    from .model import AdaptedModel
+
+
+@runtime_checkable
+class TaskLike(Protocol):
+    """What `train` needs from a task (duck-typed; peftlab.tasks implements it)."""
+
+    metric: str               # key of evaluate()'s dict that decides "best"
+    higher_is_better: bool
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Model inputs for one batch."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar loss, the mean over the batch's examples."""
+        ...
+
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100                    # optimisation steps
+    batch_size: int = 8                 # rows per micro-batch, per process
+    grad_accum: int = 1                 # micro-batches per step
+    lr: float = 2e-4                    # peak learning rate
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1           # warm-up steps = ceil(warmup_ratio * steps)
+    max_grad_norm: float | None = 1.0   # None (or <= 0): no clipping
+    seed: int = 0
+    eval_every: int = 0                 # evaluate (and save out/last) every N steps; 0: only at the end
+    bf16: bool = False                  # torch.autocast to bfloat16 for forward passes (CPU or GPU)
+    out: str | Path | None = None       # save directory: out/last and out/best (rank 0 only)
+    log_every: int = 10                 # steps between progress-bar updates of loss / lr / throughput
+    progress: bool = True               # False: no progress bar and no printed lines
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"TrainConfig.eval_every must be an integer >= 0 (0: evaluate only at "
+                              f"the end), got {self.eval_every!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"TrainConfig.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]                      # training loss of every completed step (global mean)
+    evals: list[tuple[int, dict[str, float]]]  # (step, metrics); rank 0 only
+    best: dict | None                        # {"step", "metric", "value", "metrics"} of the best eval
+    steps_done: int                          # completed optimisation steps
+    seconds: float                           # wall time of the whole call
+    examples_per_second: float               # training rows per second, evaluation and saving excluded
+    interrupted: bool                        # stopped by KeyboardInterrupt
+    saved: dict[str, Path]                   # "last" / "best" -> directory written by this call (rank 0)
+    lrs: list[float] = field(default_factory=list)  # learning rate used at each completed step
+    world_size: int = 1
+    rank: int = 0
+
+
+# ---- schedule and data order ---------------------------------------------------------------------
+def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak lr for optimisation step `step` (0-based).
+
+    Warm-up: (step + 1) / warmup_steps, so the first step already moves and step warmup_steps-1
+    runs at the peak. Then a cosine from the peak at step warmup_steps to 0 at step `steps`
+    (the value after the last step).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup_steps))
+
+
+def index_stream(num_rows: int, seed: int) -> Iterator[int]:
+    """Row indices forever: a new permutation per epoch from a generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(num_rows, generator=g).tolist()
+
+
+# ---- distributed ---------------------------------------------------------------------------------
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without distributed training): the process that saves and prints."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
+
+
+def _setup_distributed() -> tuple[int, int, bool]:
+    """(rank, world_size, created): joins the group torchrun describes in the environment."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise PeftlabError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    # Rank 0 evaluates while the others wait in the next step's all-reduce: allow long evaluations.
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    import torch.distributed as dist
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / world_size
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def _check_trainable(am: AdaptedModel, adapter: str) -> list[nn.Parameter]:
+    ad = am._get(adapter)   # AdapterError with "did you mean" for a wrong name
+    params = [p for p in am.parameters() if p.requires_grad]
+    if not params:
+        raise PeftlabError(f"nothing to train: no parameter requires gradients. Call "
+                           f"am.set_trainable({adapter!r}) (and am.set_active([{adapter!r}])) first")
+    if not any(p.requires_grad for p in am.adapter_parameters(adapter)):
+        raise AdapterError(f"adapter {adapter!r} is frozen, so training would not change it; call "
+                           f"am.set_trainable({adapter!r}) first")
+    if ad.merged:
+        raise AdapterError(f"adapter {adapter!r} is merged into the base weights; unmerge({adapter!r}) "
+                           "before training it")
+    if adapter not in am.active:
+        raise AdapterError(f"adapter {adapter!r} is not active, so it takes no part in the forward "
+                           f"pass; call am.set_active([{adapter!r}]) first (active: {am.active})")
+    return params
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict],
+          eval_rows: list[dict] | None, config: TrainConfig) -> TrainResult:
+    """Train adapter `adapter` of `am` on `train_rows` with `task`; see the module docstring.
+
+    `am` must have `adapter` active and trainable. Single-process training runs on the device the
+    model is on; under DDP with CUDA each rank moves the model to cuda:LOCAL_RANK.
+    """
+    config.validate()
+    start = time.perf_counter()
+    if not train_rows:
+        raise PeftlabError("no training rows: the training set is empty")
+    params = _check_trainable(am, adapter)
+    for name in ("collate", "loss", "evaluate"):
+        if not callable(getattr(task, name, None)):
+            raise PeftlabError(f"task {type(task).__name__} has no {name}() method")
+    if eval_rows and not hasattr(task, "metric"):
+        raise PeftlabError(f"task {type(task).__name__} has no `metric` attribute")
+
+    rank, world_size, created_group = _setup_distributed()
+    main = rank == 0
+    try:
+        if world_size > 1 and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            am.to(device)
+        else:
+            device = params[0].device
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(config.seed + rank)
+            return _train(am, adapter, task, train_rows, eval_rows or None, config, params,
+                          rank, world_size, main, device, start)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params, rank: int,
+           world_size: int, main: bool, device: torch.device, start: float) -> TrainResult:
+    model: nn.Module = am
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers (rotary tables, position ids) are fixed: synced once at construction, not on
+        # every forward. torch 2.13 renamed the switch.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        model = DDP(am, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.steps, config.warmup_steps)
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) \
+        if config.bf16 else nullcontext
+    per_rank = config.batch_size * config.grad_accum
+    global_batch = per_rank * world_size
+    stream = index_stream(len(train_rows), config.seed)
+    out = Path(config.out) if config.out is not None else None
+    eval_every = config.eval_every or config.steps
+
+    result = TrainResult(losses=[], evals=[], best=None, steps_done=0, seconds=0.0,
+                         examples_per_second=0.0, interrupted=False, saved={},
+                         world_size=world_size, rank=rank)
+    bar = None
+    if main and config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, desc=f"train {adapter}", unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    say: Callable[[str], None] = (bar.write if bar is not None else print) if main and config.progress \
+        else (lambda _msg: None)
+
+    def checkpoint(step: int) -> None:
+        """Evaluate (rank 0, when there are eval rows) and save out/last and, if improved, out/best."""
+        if not main:
+            return
+        improved = False
+        if eval_rows:
+            am.eval()
+            try:
+                with torch.no_grad(), autocast():
+                    raw = task.evaluate(am, eval_rows, config.batch_size)
+            finally:
+                am.train()
+            metrics = {k: float(v) for k, v in raw.items()}
+            if task.metric not in metrics:
+                raise PeftlabError(f"{type(task).__name__}.evaluate returned {sorted(metrics)} but "
+                                   f"not its metric {task.metric!r}")
+            result.evals.append((step, metrics))
+            value = metrics[task.metric]
+            best = result.best
+            improved = not math.isnan(value) and (
+                best is None or (value > best["value"] if task.higher_is_better else value < best["value"]))
+            if improved:
+                result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
+            say(f"step {step}/{config.steps}  {_format_metrics(metrics)}" + ("  (best)" if improved else ""))
+        if out is not None:
+            result.saved["last"] = am.save_adapter(out / "last", adapter)
+            if improved:
+                result.saved["best"] = am.save_adapter(out / "best", adapter)
+
+    train_seconds = 0.0
+    recent: list[float] = []
+    modes = [(m, m.training) for m in am.modules()]   # restored exactly afterwards
+    am.train()
+    try:
+        for step in range(config.steps):
+            t0 = time.perf_counter()
+            ids = list(itertools.islice(stream, global_batch))[rank * per_rank:(rank + 1) * per_rank]
+            lr = optimizer.param_groups[0]["lr"]
+            total = torch.zeros((), device=device)
+            for micro in range(config.grad_accum):
+                rows = [train_rows[i] for i in ids[micro * config.batch_size:(micro + 1) * config.batch_size]]
+                batch = _to_device(task.collate(rows), device)
+                last_micro = micro == config.grad_accum - 1
+                sync = model.no_sync() if world_size > 1 and not last_micro else nullcontext()
+                with sync:
+                    with autocast():
+                        loss = task.loss(model, batch)
+                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                        raise PeftlabError(f"{type(task).__name__}.loss must return a scalar tensor "
+                                           f"(the batch mean), got {getattr(loss, 'shape', type(loss))}")
+                    (loss.float() / config.grad_accum).backward()
+                total += loss.detach().float()
+            if config.max_grad_norm is not None and config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss = total / config.grad_accum
+            if world_size > 1:
+                mean_loss = _all_reduce_mean(mean_loss, world_size)
+            loss_value = float(mean_loss)
+            train_seconds += time.perf_counter() - t0
+            result.losses.append(loss_value)
+            result.lrs.append(lr)
+            result.steps_done = step + 1
+            recent.append(loss_value)
+            if bar is not None:
+                bar.update(1)
+                if result.steps_done % config.log_every == 0 or result.steps_done == 1:
+                    bar.set_postfix({"loss": f"{sum(recent) / len(recent):.4f}", "lr": f"{lr:.2e}",
+                                     "ex/s": f"{result.steps_done * global_batch / train_seconds:.1f}"})
+                    recent.clear()
+            if result.steps_done % eval_every == 0 or result.steps_done == config.steps:
+                checkpoint(result.steps_done)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        say(f"interrupted after {result.steps_done} steps; nothing saved since the last checkpoint")
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - start
+    result.examples_per_second = result.steps_done * global_batch / train_seconds if train_seconds else 0.0
+    return result

@@ -1,0 +1,35 @@
+"""Run by tests/test_train.py under `torchrun --nproc_per_node=2`: trains the tiny Llama adapter
+with batch_size=4 per rank (global batch 8), evaluating on rank 0 every 2 steps, and reports
+what each rank saved.
+
+    python -m torch.distributed.run --nproc_per_node=2 --standalone tests/ddp_worker.py OUT STEPS SEED
+"""
+
+import os
+import sys
+
+import torch
+
+from peftlab.train import train
+
+from test_train import EVAL, TRAIN, LMTask, cfg, make_am   # this script's folder is on sys.path
+
+
+def main() -> None:
+    out, steps, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(1)
+    am = make_am()
+    rank = int(os.environ["RANK"])
+    # rank 0 evaluates every 2 steps while rank 1 goes on into the next step's all-reduce
+    result = train(am, "a", LMTask(), TRAIN, EVAL,
+                   cfg(steps=steps, seed=seed, batch_size=4, eval_every=2, out=out))
+    assert bool(result.evals) == (rank == 0)
+    assert result.rank == rank and result.world_size == 2
+    assert not torch.distributed.is_initialized()    # train() created the group, so it destroyed it
+    print(f"rank {rank} saved {sorted(result.saved)}", flush=True)
+    if rank == 0:
+        print("losses " + " ".join(repr(x) for x in result.losses), flush=True)
+
+
+if __name__ == "__main__":
+    main()
