@@ -215,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:
-        ids = tok(args.prompt, return_tensors="pt")
+        ids = tok(args.prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = am.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                           pad_token_id=tok.pad_token_id)

