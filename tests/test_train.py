@@ -256,7 +256,7 @@ def test_progress_bar_prints_on_rank_0(capsys):
     am = make_am()
     train(am, "a", LMTask(), TRAIN, EVAL, cfg(steps=4, eval_every=2, log_every=2, progress=True))
     captured = capsys.readouterr()
-    assert "step 2/4  loss=" in captured.out + captured.err
+    assert "step 2/4  loss " in captured.out + captured.err
     assert "ex/s=" in captured.err and "lr=" in captured.err
 
 

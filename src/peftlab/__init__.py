@@ -11,15 +11,28 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .assets import Dataset, load_dataset, load_model
-from .errors import (AdapterError, CapabilityError, CheckpointError, ConfigError, DataError,
-                     MissingAssetError, PeftlabError, TargetNotFoundError)
+from .errors import (
+    AdapterError,
+    CapabilityError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingAssetError,
+    PeftlabError,
+    TargetNotFoundError,
+)
 from .layer import AdaptedLayer, Delta, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.lora import LoraConfig, LowRankDelta
-from .model import Adapter, AdaptedModel, LayerStatus, adapt
+from .model import AdaptedModel, Adapter, LayerStatus, adapt
 from .peft_format import export_peft, import_peft
 from .sites import ROLES, Site, describe_sites, resolve_sites
-from .tasks import CausalLMTask, ClassificationTask, InstructionClassificationTask, RegressionTask
+from .tasks import (
+    CausalLMTask,
+    ClassificationTask,
+    InstructionClassificationTask,
+    RegressionTask,
+)
 from .train import TrainConfig, TrainResult, train
 from .typology import Typology
 

@@ -327,8 +327,11 @@ def _from_pretrained(directory: Path, kind: str, num_labels: int | None, dtype: 
                      complete: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Model and tokenizer of `directory`; with `complete`, a weight missing from the files
     (other than a new classification head) is an error, not a random initialisation."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     common: dict[str, Any] = {"local_files_only": True, "dtype": dtype, "output_loading_info": True}
     if kind == "causal-lm":

@@ -97,7 +97,12 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
     # Our own progress bar and messages say what happens; silence transformers' load reports.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from .tasks import CausalLMTask, ClassificationTask, InstructionClassificationTask, RegressionTask
+    from .tasks import (
+        CausalLMTask,
+        ClassificationTask,
+        InstructionClassificationTask,
+        RegressionTask,
+    )
 
     data = load_dataset(task_name, seed=seed)
     causal = _is_causal(model_name)
@@ -122,9 +127,6 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
     return model, tok, task, data
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     import json
@@ -134,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from . import adapt, card
     from .methods import get_method
+    from .tasks import format_metrics
     from .train import TrainConfig, train
 
     defaults = MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["path"])
@@ -153,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = method.config_cls(**{k: v for k, v in fields.items()
                                   if k in method.config_cls.__dataclass_fields__})
     before = task.evaluate(model.eval(), eval_rows, args.eval_batch_size)
-    print(f"before training: {_format_metrics(before)}")
+    print(f"before training: {format_metrics(before)}")
     torch.manual_seed(args.seed)
     am = adapt(model)
     am.add_adapter(args.method, config)
@@ -167,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{result.saved.get('last', 'none saved yet')}")
         return 130
     after = task.evaluate(am.eval(), eval_rows, args.eval_batch_size)
-    print(f"after {result.steps_done} steps: {_format_metrics(after)}")
+    print(f"after {result.steps_done} steps: {format_metrics(after)}")
     run = {"model": args.model, "task": args.task, "method": args.method, "seed": args.seed,
            "max_length": args.max_length, "eval_size": len(eval_rows), "steps": result.steps_done,
            "metric": task.metric, "before": before, "after": after,
@@ -201,10 +204,11 @@ def _load_for_adapter(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .tasks import format_metrics
     am, _, task, data, run = _load_for_adapter(args)
     rows = data.test[: args.eval_size or run.get("eval_size", 300)]
     metrics = task.evaluate(am, rows, args.eval_batch_size)
-    print(f"{args.adapter}: {_format_metrics(metrics)} on {len(rows):,} held-out test rows")
+    print(f"{args.adapter}: {format_metrics(metrics)} on {len(rows):,} held-out test rows")
     return 0
 
 

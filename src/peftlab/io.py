@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import safetensors.torch
+import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, PeftlabError
@@ -22,7 +22,7 @@ from .methods import get_method
 from .sites import sites_at
 
 if TYPE_CHECKING:
-    from .model import Adapter, AdaptedModel
+    from .model import AdaptedModel, Adapter
 
 FORMAT = "peftlab-adapter"
 FORMAT_VERSION = 1

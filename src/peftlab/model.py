@@ -11,8 +11,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError, CapabilityError, CheckpointError, ConfigError, close_matches
-from .layer import AdaptedLayer, Delta, ModuleCopies, RoutingState, forwarding_getattr, layer_kind
+from .errors import (
+    AdapterError,
+    CapabilityError,
+    CheckpointError,
+    ConfigError,
+    close_matches,
+)
+from .layer import (
+    AdaptedLayer,
+    Delta,
+    ModuleCopies,
+    RoutingState,
+    forwarding_getattr,
+    layer_kind,
+)
 from .methods import Method, MethodConfig, method_of
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import render_card, summarise_sites

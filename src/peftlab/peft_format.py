@@ -20,7 +20,7 @@ from .methods.lora import LoraConfig
 from .sites import match_targets, sites_at
 
 if TYPE_CHECKING:
-    from .model import Adapter, AdaptedModel
+    from .model import AdaptedModel, Adapter
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"   # the peft release whose format this writes and is tested against

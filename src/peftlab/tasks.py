@@ -18,6 +18,11 @@ from .errors import ConfigError
 IGNORE = -100   # label value the loss skips (transformers' convention)
 
 
+def format_metrics(metrics: dict[str, float]) -> str:
+    """'accuracy 0.8233, loss 0.4100' for progress lines and reports."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
 def _batches(rows: list[dict], batch_size: int):
     for i in range(0, len(rows), batch_size):
         yield rows[i:i + batch_size]

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterError, ConfigError, PeftlabError
+from .tasks import format_metrics
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -219,9 +220,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
             for k, v in batch.items()}
 
 
-def _format_metrics(metrics: Mapping[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
 
 def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict],
           eval_rows: list[dict] | None, config: TrainConfig) -> TrainResult:
@@ -317,7 +315,7 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                 best is None or (value > best["value"] if task.higher_is_better else value < best["value"]))
             if improved:
                 result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
-            say(f"step {step}/{config.steps}  {_format_metrics(metrics)}" + ("  (best)" if improved else ""))
+            say(f"step {step}/{config.steps}  {format_metrics(metrics)}" + ("  (best)" if improved else ""))
         if out is not None:
             result.saved["last"] = am.save_adapter(out / "last", adapter)
             if improved:
