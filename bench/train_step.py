@@ -43,7 +43,9 @@ torch.cuda.max_memory_allocated. The allocator switch would slow the timed steps
 per fresh buffer), which is why memory is measured after timing. Needs Linux + glibc; otherwise
 the memory rows show "-".
 
-A full run takes ~4-5 min on 2 cores in fp32 (one step ~3 s); --quick ~2 min.
+A full run (7 rounds) takes ~5-6 min on 2 cores in fp32 (one step 3-6 s, the memory pass ~6 s a
+step); --quick (2 rounds, 1 memory step per variant) ~2.5 min. A VM whose memory is still cold
+(first run after boot) can be several times slower until its pages have been touched once.
 
 Usage:  python bench/train_step.py [--quick] [--threads N] [--dtype {fp32,bf16}] [--rounds N]
                                    [--profile | --no-profile]
@@ -67,11 +69,11 @@ import torch
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import peft
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import peft  # noqa: E402
-import peftlab  # noqa: E402
-from peftlab.layer import AdaptedLayer  # noqa: E402
+import peftlab
+from peftlab.layer import AdaptedLayer
 
 now = time.perf_counter
 median = statistics.median
@@ -212,7 +214,7 @@ def timed_step(v, ids) -> tuple[float, float, float]:
 def _proc_status() -> dict[str, int]:
     with open("/proc/self/status") as f:
         s = f.read()
-    return {k: 1024 * int(re.search(rf"^{k}:\s+(\d+) kB", s, re.M).group(1)) for k in ("VmRSS", "VmHWM")}
+    return {k: 1024 * int(re.search(rf"^{k}:\s+(\d+) kB", s, re.MULTILINE).group(1)) for k in ("VmRSS", "VmHWM")}
 
 
 def memory_probe():
@@ -289,7 +291,7 @@ def profile_step(variants: dict, names: list[str], ids, top: int = 16) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     lines = []
-    print = lines.append  # noqa: A001
+    print = lines.append
     print(f"\n== profile: torch.profiler, one step each ({', '.join(names)}), self CPU ms ==")
     res = {}
     for n in names:
@@ -313,7 +315,7 @@ def profile_step(variants: dict, names: list[str], ids, top: int = 16) -> str:
 # ---- main ----------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 timing rounds instead of 10 (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="2 timing rounds instead of 7, 1 memory step instead of 2 (~2.5 min)")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (overrides --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
@@ -324,7 +326,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (3 if args.quick else 10)
+    rounds = args.rounds or (2 if args.quick else 7)
     dtype = DTYPES[args.dtype]
     t_start = now()
 
