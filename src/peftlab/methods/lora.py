@@ -166,7 +166,8 @@ class LowRankDelta(Delta):
         if _UPCAST_ON_CPU and dtype in _HALF and device.type == "cpu":
             dtype = torch.float32
         if torch.is_grad_enabled() and raw[0].requires_grad:
-            return dtype, self._prepare(raw, dtype)
+            # training: no contiguous copy of Bᵀ, which would cost a copy forward and backward
+            return dtype, [t.to(dtype) if i % 2 == 0 else t.to(dtype).t() for i, t in enumerate(raw)]
         key = tuple((t._version, t.data_ptr()) for t in raw)
         cast = self.__dict__["_cast"]
         if not cast or cast[0] != key or cast[1] != dtype:
