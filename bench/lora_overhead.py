@@ -63,10 +63,11 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import peft  # noqa: E402
 import peftlab  # noqa: E402
+from common import print_columns, smollm2_config  # noqa: E402  (bench/common.py)
 from peftlab.layer import AdaptedLayer  # noqa: E402
 
 now = time.perf_counter
@@ -83,11 +84,6 @@ GOALS = {  # peftlab goals
 }
 
 
-def smollm2_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000,
-                       tie_word_embeddings=True)
 
 
 def build_base() -> LlamaForCausalLM:
@@ -224,12 +220,7 @@ def print_table(rows: list[tuple]) -> None:
             if met == "NO" and pl_best is not None and pl_best <= goal:
                 met = "NO (noise?)"  # the median misses, but some round met the goal
         body.append((fig, fmt(base, unit), fmt(pf, unit), fmt(pl, unit), rel, goal_s, met))
-    w = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = "-+-".join("-" * x for x in w)
-    print(" | ".join(h.ljust(x) for h, x in zip(head, w, strict=True)))
-    print(line)
-    for r in body:
-        print(" | ".join(c.ljust(x) for c, x in zip(r, w, strict=True)))
+    print_columns(head, body)
 
 
 # ---- profile (where peftlab's forward overhead goes) ---------------------------------------------

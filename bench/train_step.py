@@ -70,9 +70,10 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import peft
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peftlab
+from common import print_columns, smollm2_config  # bench/common.py
 from peftlab.layer import AdaptedLayer
 
 now = time.perf_counter
@@ -96,11 +97,6 @@ def log(msg: str) -> None:
     print(f"[{now() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def smollm2_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000,
-                       tie_word_embeddings=True)
 
 
 def build_base(dtype: torch.dtype) -> LlamaForCausalLM:
@@ -278,11 +274,7 @@ def print_table(rows: list[tuple]) -> None:
             if met == "NO" and pl_best is not None and pl_best <= goal:
                 met = "NO (noise?)"
         body.append((fig, fmt(fl, unit), fmt(pf, unit), fmt(pl, unit), rel, goal_s, met))
-    w = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    print(" | ".join(h.ljust(x) for h, x in zip(head, w, strict=True)))
-    print("-+-".join("-" * x for x in w))
-    for r in body:
-        print(" | ".join(c.ljust(x) for c, x in zip(r, w, strict=True)))
+    print_columns(head, body)
 
 
 # ---- profile -------------------------------------------------------------------------------------------
