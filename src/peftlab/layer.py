@@ -1,27 +1,41 @@
 """The one wrapper class: `AdaptedLayer` holds a base layer and the deltas of every adapter on it.
 
-A delta is a small module that adds its contribution to the base layer's output
-(`contribute`) and, when mergeable, folds itself into the base weight (`merge_into`). Layers read
-the active adapters from a `RoutingState` shared by the whole model, so switching adapters touches
-one object, and each layer rebuilds its tuple of active deltas lazily on its next forward.
+A delta acts at one of three stages of the layer's forward (its `stage`):
+  "input"  — rewrites the input the base layer and later deltas see (IA3 on an FFN input);
+  "params" — adds to named base parameters for this call (LayerNorm tuning);
+  "output" — adds its contribution to the running output (LoRA, biases, adapters, scalings).
+When mergeable, a delta folds itself into the base weight (`merge_into`). Layers read the active
+adapters from a `RoutingState` shared by the whole model, so switching adapters touches one object,
+and each layer rebuilds its tuples of active deltas lazily on its next forward.
+
+Model-level methods (prompt and prefix tuning) do not live in a layer: their `InputHook` rewrites
+the model's forward arguments (`AdaptedModel.forward`).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+from typing import Any
 
-LAYER_KINDS = ("linear", "conv1d", "embedding")
+import torch
+from torch import nn
+from torch.func import functional_call
+
+LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' (GPT-2's transposed Linear), 'embedding', or None for other modules."""
+    """'linear', 'conv1d' (GPT-2's transposed Linear), 'embedding', 'norm' (LayerNorm, RMSNorm
+    and the like: an elementwise weight over the last dimension), or None for other modules."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if name == "Conv1D" and weight is not None:
         return "conv1d"
+    if "Norm" in name and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return "norm"
     return None
 
 
@@ -55,14 +69,33 @@ class RoutingState:
 
 
 class Delta(nn.Module):
-    """Base of all deltas. Subclasses set `mergeable` and implement the methods below."""
+    """Base of all deltas. Subclasses set `stage` (see the module docstring), `algebra`, and
+    implement the method of their stage plus, when mergeable, `merge_into` / `unmerge_from`.
 
-    mergeable = False
+    `algebra` says which deltas it commutes with when merged: "add" (additive deltas commute with
+    each other), "scale" (output rescalings), "input" (input rescalings: they commute with
+    rescalings but not with additive deltas, which read the rescaled input) and "none" (DoRA's
+    renormalisation commutes with nothing).
+    """
+
+    stage = "output"
+    algebra = "add"
 
     def contribute(self, layer: AdaptedLayer, x: torch.Tensor, base_out: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
         """`out` plus this delta's contribution (base_out is the base layer's own output)."""
         raise NotImplementedError
+
+    def transform_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        """stage "input": the input the base layer and the later deltas see."""
+        raise NotImplementedError
+
+    def param_deltas(self, layer: AdaptedLayer) -> dict[str, torch.Tensor]:
+        """stage "params": base parameter name -> tensor added to it for this forward."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Called when the delta leaves the model: drop hooks it registered elsewhere."""
 
     def merge_into(self, layer: AdaptedLayer) -> None:
         raise NotImplementedError
@@ -71,9 +104,16 @@ class Delta(nn.Module):
         raise NotImplementedError
 
 
+def commutes(a: Delta, b: Delta) -> bool:
+    """Whether merging `a` and `b` into one weight gives the same result in either order."""
+    if "none" in (a.algebra, b.algebra):
+        return False
+    return a.algebra == b.algebra or {a.algebra, b.algebra} == {"input", "scale"}
+
+
 class AdaptedLayer(nn.Module):
-    """A base Linear / GPT-2 Conv1D / Embedding plus named deltas; the output is the base output
-    plus the sum of the active, unmerged deltas' contributions."""
+    """A base Linear / GPT-2 Conv1D / Embedding / norm plus named deltas; the output is the base
+    output plus the active, unmerged deltas' contributions, applied in activation order."""
 
     is_peftlab_wrapper = True
 
@@ -85,7 +125,8 @@ class AdaptedLayer(nn.Module):
         self._modules["base_layer"] = base_layer
         self._modules["deltas"] = nn.ModuleDict()
         # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
-        self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _seen_version=-1)
+        self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _before=(), _params=(),
+                             _seen_version=-1)
 
     @property
     def original_module(self) -> nn.Module:
@@ -114,21 +155,62 @@ class AdaptedLayer(nn.Module):
         state = self.state
         deltas = self._modules["deltas"]._modules     # plain dict: no nn.Module lookups
         names = state.active if state.enabled else ()
+        live = [deltas[n] for n in names if n in deltas and n not in self.merged]
         # plain __dict__ writes: nn.Module.__setattr__ costs microseconds per call
-        self.__dict__["_active"] = tuple(deltas[n] for n in names if n in deltas and n not in self.merged)
-        self.__dict__["_seen_version"] = state.version
+        self.__dict__.update(
+            _before=tuple(d for d in live if d.stage == "input"),
+            _params=tuple(d for d in live if d.stage == "params"),
+            _active=tuple(d for d in live if d.stage == "output"),
+            _seen_version=state.version)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._seen_version != self.state.version:
             self._refresh()
-        base_out = self._modules["base_layer"](x, *args, **kwargs)
+        for delta in self._before:
+            x = delta.transform_input(self, x)
+        if self._params:
+            base_out = self._call_with_param_deltas(x, args, kwargs)
+        else:
+            base_out = self._modules["base_layer"](x, *args, **kwargs)
         out = base_out
         for delta in self._active:  # the active adapters here: one in the common case
             out = delta.contribute(self, x, base_out, out)
         return out
 
+    def _call_with_param_deltas(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        base = self._modules["base_layer"]
+        params: dict[str, torch.Tensor] = {}
+        for delta in self._params:
+            for name, d in delta.param_deltas(self).items():
+                params[name] = params.get(name, base.get_parameter(name)) + d
+        return functional_call(base, params, (x, *args), kwargs)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, merged={self.merged}"
+
+
+class InputHook(nn.Module):
+    """A model-level part of an adapter (prompt and prefix tuning): it rewrites the keyword
+    arguments of the model's forward and generate, and trims what it added from the outputs.
+    Its per-site tensors live in `parts` (site path -> module), which is what is saved."""
+
+    def __init__(self, parts: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({str(i): m for i, m in enumerate(parts.values())})
+        self.__dict__["part_paths"] = list(parts)
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward arguments with this adapter's inputs added."""
+        raise NotImplementedError
+
+    def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
+        """The model's output with the positions this hook added removed (default: unchanged)."""
+        return output
+
+    def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
+        """`model.generate(**kwargs)` with this adapter applied; returns what generate returns,
+        prompt ids included, as the plain model would."""
+        raise NotImplementedError
 
 
 class ModuleCopies(nn.Module):

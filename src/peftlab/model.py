@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .errors import (
     AdapterError,
@@ -21,8 +21,10 @@ from .errors import (
 from .layer import (
     AdaptedLayer,
     Delta,
+    InputHook,
     ModuleCopies,
     RoutingState,
+    commutes,
     forwarding_getattr,
     layer_kind,
 )
@@ -30,7 +32,7 @@ from .methods import Method, MethodConfig, method_of
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import render_card, summarise_sites
 
-_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding"}
+_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding", "norm": "a norm"}
 
 
 @dataclass
@@ -43,8 +45,15 @@ class Adapter:
     sites: list[Site]
     layers: dict[str, AdaptedLayer]                    # site path -> the wrapper holding a delta
     copies: dict[str, ModuleCopies] = field(default_factory=dict)   # modules_to_save path -> wrapper
+    hook: InputHook | None = None                      # model-level methods (prompt, prefix)
     trainable: bool = False
     merged: bool = False
+
+    def parts(self) -> dict[str, nn.Module]:
+        """Site path -> the module holding this adapter's tensors there."""
+        if self.hook is not None:
+            return dict(zip(self.hook.part_paths, self.hook.parts.values(), strict=True))
+        return {path: layer.deltas[self.name] for path, layer in self.layers.items()}
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.state = RoutingState()
         self.adapters: dict[str, Adapter] = {}
+        self.hooks = nn.ModuleDict()       # adapter name -> InputHook of model-level adapters
+        self._hooks_seen: tuple[int, tuple[InputHook, ...]] = (-1, ())
         self._roles: dict[str, str] | None = None
         self._unloaded = False
         if freeze_base:
@@ -83,11 +94,44 @@ class AdaptedModel(nn.Module):
 
     # ---- pass-through -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        hooks = self._active_hooks()
+        if not hooks:
+            return self.model(*args, **kwargs)
+        kwargs = self._as_kwargs(args, kwargs, "forward")
+        for hook in hooks:
+            kwargs = hook.prepare(self.model, kwargs)
+        out = self.model(**kwargs)
+        for hook in reversed(hooks):
+            out = hook.finish(out, kwargs)
+        return out
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate`, with the active adapters applied."""
-        return self.model.generate(*args, **kwargs)
+        hooks = self._active_hooks()
+        if not hooks:
+            return self.model.generate(*args, **kwargs)
+        if len(hooks) > 1:
+            raise CapabilityError("generate supports one active prompt/prefix adapter at a time")
+        return hooks[0].generate(self.model, self._as_kwargs(args, kwargs, "generate"))
+
+    def _active_hooks(self) -> tuple[InputHook, ...]:
+        version, hooks = self._hooks_seen
+        if version != self.state.version:
+            names = self.state.active if self.state.enabled else ()
+            hooks = tuple(self.hooks[n] for n in names if n in self.hooks)
+            self.__dict__["_hooks_seen"] = (self.state.version, hooks)
+        return hooks
+
+    @staticmethod
+    def _as_kwargs(args: tuple, kwargs: dict, what: str) -> dict:
+        if len(args) > 1:
+            raise TypeError(f"with a prompt/prefix adapter active, pass {what}'s arguments after the "
+                            "input ids by keyword (input_ids, attention_mask=..., labels=...)")
+        if args:
+            if "input_ids" in kwargs:
+                raise TypeError(f"{what} got input_ids twice")
+            kwargs = {"input_ids": args[0], **kwargs}
+        return dict(kwargs)
 
     __getattr__ = forwarding_getattr("model")   # config, device, ... of the wrapped model
 
@@ -113,6 +157,8 @@ class AdaptedModel(nn.Module):
         """Build every delta (freshly initialised, or filled from `tensors` keyed by
         (site path, tensor name)), then install them. Nothing changes until all are built."""
         current = dict(iter_modules(self.model))
+        if method.build_hook is not None:
+            return self._attach_hook(name, config, method, sites, tensors, trainable)
         for site in sites:
             kind = layer_kind(site.module)
             if isinstance(current[site.path], ModuleCopies):
@@ -165,12 +211,36 @@ class AdaptedModel(nn.Module):
         self.state.changed()
         return adapter
 
+    def _attach_hook(self, name: str, config: MethodConfig, method: Method, sites: list[Site],
+                     tensors: Mapping[tuple[str, str], torch.Tensor] | None, trainable: bool) -> Adapter:
+        """A model-level adapter: per-site parts gathered by one InputHook; no layer is wrapped."""
+        if config.modules_to_save:
+            raise ConfigError(f"{method.title} does not support modules_to_save")
+        if tensors is not None:
+            self._check_tensors(name, config, method, sites, {}, [], tensors, {})
+        parts = {}
+        for site in sites:
+            part = method.build(site, None, config, initialise=tensors is None)
+            if tensors is not None:
+                with torch.no_grad():
+                    for tname, t in part.state_dict().items():
+                        t.copy_(tensors[(site.path, tname)])
+            parts[site.path] = part
+        hook = method.build_hook(self.model, config, parts)
+        adapter = Adapter(name, config, method, sites, {}, hook=hook)
+        self.hooks[name] = hook
+        self.adapters[name] = adapter
+        if trainable:
+            self._set_requires_grad(adapter, True)
+        self.state.changed()
+        return adapter
+
     def _check_tensors(self, name, config, method, sites, layers, copy_sites, tensors,
                        copy_tensors) -> None:
         """Every expected tensor present with the right shape, and nothing else."""
         expected: set[tuple[str, str]] = set()
         for site in sites:
-            for tname, shape in method.tensor_shapes(layers[site.path], site, config).items():
+            for tname, shape in method.tensor_shapes(layers.get(site.path), site, config).items():
                 key = (site.path, tname)
                 expected.add(key)
                 self._check_shape(name, key, tensors, shape)
@@ -224,9 +294,12 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"adapter {name!r} is merged into the base weights; "
                                f"call unmerge({name!r}) before deleting it")
         for path, layer in adapter.layers.items():
+            layer.deltas[name].release()
             del layer.deltas[name]
             if not layer.deltas:
                 self._replace(path, layer.base_layer)
+        if adapter.hook is not None:
+            del self.hooks[name]
         for path, wrapper in adapter.copies.items():
             del wrapper.copies[name]
             if not wrapper.copies:
@@ -291,8 +364,8 @@ class AdaptedModel(nn.Module):
         parameters and buffers, then the modules_to_save copies' state)."""
         adapter = self._get(name)
         out: dict[tuple[str, str], torch.Tensor] = {}
-        for path, layer in adapter.layers.items():
-            for tname, t in layer.deltas[name].state_dict().items():
+        for path, part in adapter.parts().items():
+            for tname, t in part.state_dict().items():
                 out[(path, tname)] = t
         for path, wrapper in adapter.copies.items():
             for pname, t in wrapper.copies[name].state_dict().items():
@@ -301,8 +374,8 @@ class AdaptedModel(nn.Module):
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         adapter = self._get(name)
-        for layer in adapter.layers.values():
-            yield from layer.deltas[name].parameters()
+        for part in adapter.parts().values():
+            yield from part.parameters()
         for wrapper in adapter.copies.values():
             yield from wrapper.copies[name].parameters()
 
@@ -336,13 +409,37 @@ class AdaptedModel(nn.Module):
             if n not in self.state.active:
                 raise AdapterError(f"adapter {n!r} is not active; only active adapters can be merged "
                                    f"(set_active([..., {n!r}]) first)")
-        self._check_untied([layer for n in names for layer in self.adapters[n].layers.values()])
-        for n in names:
-            for layer in self.adapters[n].layers.values():
+        layers = {id(layer): layer for n in names for layer in self.adapters[n].layers.values()}
+        self._check_untied(list(layers.values()))
+        plans = [(layer, self._merge_order(layer, names)) for layer in layers.values()]
+        for layer, order in plans:
+            for n in order:
                 layer.deltas[n].merge_into(layer)
                 layer.merged.append(n)
+        for n in names:
             self.adapters[n].merged = True
         self.state.changed()
+
+    def _merge_order(self, layer: AdaptedLayer, names: Sequence[str]) -> list[str]:
+        """The order that folds `names` into this layer's weight exactly: output-side deltas in
+        activation order, then input-side ones (the output-side ones read the rescaled input).
+        Refuses when an active delta left unmerged here does not commute with one merged."""
+        here = [n for n in self.state.active if n in names and n in layer.deltas]
+        order = [n for n in here if layer.deltas[n].stage != "input"]
+        order += [n for n in here if layer.deltas[n].stage == "input"]
+        others = [n for n in self.state.active
+                  if n in layer.deltas and n not in names and n not in layer.merged]
+        for n in order:
+            for m in others:
+                if not commutes(layer.deltas[n], layer.deltas[m]):
+                    raise AdapterError(
+                        f"merging {n!r} alone would change the output at {self._path_of(layer)}: "
+                        f"the active adapter {m!r} there does not commute with it; merge both "
+                        f"together (merge([{n!r}, {m!r}])) or deactivate {m!r} first")
+        return order
+
+    def _path_of(self, layer: nn.Module) -> str:
+        return next((p for p, m in iter_modules(self.model) if m is layer), "?")
 
     def _check_untied(self, layers: list[AdaptedLayer]) -> None:
         owners: dict[int, list[str]] = {}
@@ -363,8 +460,15 @@ class AdaptedModel(nn.Module):
             if names is not None and not self._get(n).merged:
                 raise AdapterError(f"adapter {n!r} is not merged")
         layers = {id(layer): layer for n in wanted for layer in self.adapters[n].layers.values()}
+        for layer in layers.values():   # a delta merged after one unmerged must commute with it
+            for i, n in enumerate(layer.merged):
+                later = [m for m in layer.merged[i + 1:] if m not in wanted]
+                bad = [m for m in later if n in wanted and not commutes(layer.deltas[n], layer.deltas[m])]
+                if bad:
+                    raise AdapterError(f"{bad[0]!r} was merged after {n!r} at {self._path_of(layer)} "
+                                       f"and does not commute with it; unmerge both together")
         for layer in layers.values():
-            for n in reversed(list(layer.merged)):  # last merged first: DoRA merges do not commute
+            for n in reversed(list(layer.merged)):  # last merged first
                 if n in wanted:
                     layer.deltas[n].unmerge_from(layer)
                     layer.merged.remove(n)
@@ -386,10 +490,13 @@ class AdaptedModel(nn.Module):
             raise AdapterError("some adapters are merged; use merge_and_unload() or unmerge() first")
         for path, module in list(iter_modules(self.model)):
             if isinstance(module, AdaptedLayer):
+                for delta in module.deltas.values():
+                    delta.release()
                 self._replace(path, module.base_layer)
             elif isinstance(module, ModuleCopies):
                 self._replace(path, module.chosen())
         self.adapters.clear()
+        self.hooks.clear()
         self._unloaded = True
         return self.model
 

@@ -8,8 +8,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from torch import nn
+
 from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta
+from ..layer import AdaptedLayer, Delta, InputHook
 from ..sites import Site
 from ..typology import Typology
 
@@ -65,10 +67,15 @@ class Method:
     capabilities: frozenset[str]
     # build(site, layer, config, initialise=True): the delta for one site; `layer` wraps the
     # site's base layer; initialise=False leaves tensors unset for a checkpoint to fill.
-    build: Callable[..., Delta]
-    # Tensor names and shapes a delta at this site holds, for checking checkpoints before loading.
-    tensor_shapes: Callable[[AdaptedLayer, Site, MethodConfig], dict[str, tuple[int, ...]]]
+    # Model-level methods (build_hook set) get layer=None and return a plain module of tensors.
+    build: Callable[..., Delta | nn.Module]
+    # Tensor names and shapes a delta at this site holds, for checking checkpoints before loading
+    # (layer is None for model-level methods).
+    tensor_shapes: Callable[[AdaptedLayer | None, Site, MethodConfig], dict[str, tuple[int, ...]]]
     describe: Callable[[MethodConfig], str] = lambda config: ""
+    # build_hook(model, config, parts): the InputHook of a model-level method, from its per-site
+    # parts (site path -> module). None for methods that live in layers.
+    build_hook: Callable[[nn.Module, MethodConfig, dict[str, nn.Module]], InputHook] | None = None
 
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities

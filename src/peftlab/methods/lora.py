@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdaptedLayer, Delta
@@ -108,7 +108,7 @@ class LowRankDelta(Delta):
         # Plain attributes and registrations go straight into the module's dicts: adding an
         # adapter builds hundreds of deltas, and nn.Module.__setattr__ costs microseconds each.
         self.__dict__.update(r=r, scaling=scaling, embedding=embedding, padding_idx=padding_idx,
-                             dora=dora, pissa=pissa, _cast=(),
+                             dora=dora, pissa=pissa, _cast=(), algebra="none" if dora else "add",
                              _merge_scale=None)  # DoRA row scale used at merge time
         empty = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)
         params = self._parameters
