@@ -15,7 +15,7 @@ import torch
 
 from .errors import CapabilityError, CheckpointError, PeftlabError
 from .io import commit_files, read_json, read_tensors, write_json, write_tensors
-from .methods import get_method
+from .methods import METHODS, get_method
 from .methods.lora import LoraConfig
 from .sites import match_targets, sites_at
 
@@ -64,10 +64,35 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
     the untouched base weight, so peft needs no residual model.
     """
     adapter = am._get(name)
-    if adapter.method.name != "lora":
-        raise CapabilityError(f"{adapter.method.title} has no peft equivalent that peftlab exports "
-                              "yet; peft export supports LoRA, rsLoRA and DoRA")
-    config: LoraConfig = adapter.config
+    method = adapter.method
+    if method.name == "lora":
+        peft_type, (fields, tensors) = "LORA", _lora_to_peft(am, adapter)
+    elif method.to_peft is not None:
+        peft_type, (fields, tensors) = method.peft_type, method.to_peft(am, adapter)
+    else:
+        exportable = ", ".join(["LoRA"] + [m.title for m in METHODS.values() if m.to_peft])
+        raise CapabilityError(f"{method.title} has no peft equivalent; peft export supports {exportable}")
+    peft_config: dict[str, Any] = {
+        "peft_type": peft_type,
+        "task_type": _task_type(am.model, adapter.copies),
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(am.model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "peft_version": PEFT_VERSION,
+        **fields,
+    }
+    for path, wrapper in adapter.copies.items():
+        for pname, t in wrapper.copies[name].state_dict().items():
+            tensors[f"{PREFIX}{path}.{pname}"] = t
+    directory = Path(directory)
+    commit_files(directory, {TENSORS_FILE: write_tensors(tensors, {"format": "pt"}),
+                             CONFIG_FILE: write_json(peft_config)})
+    return directory
+
+
+def _lora_to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """LoRA's peft config fields and tensors (full peft keys)."""
+    name, config = adapter.name, adapter.config
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -90,17 +115,8 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
             ours["magnitude"] = delta.magnitude.detach()
         for tname, t in ours.items():
             tensors[f"{PREFIX}{site.path}.{_LORA_NAMES[(tname, kind)]}"] = t
-    for path, wrapper in adapter.copies.items():
-        for pname, t in wrapper.copies[name].state_dict().items():
-            tensors[f"{PREFIX}{path}.{pname}"] = t
     kinds = {layer.kind for layer in adapter.layers.values()}
-    peft_config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": _task_type(am.model, adapter.copies),
-        "base_model_name_or_path": base_model_name_or_path
-        or getattr(getattr(am.model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
-        "peft_version": PEFT_VERSION,
+    fields = {
         "r": config.r,
         "lora_alpha": config.alpha,
         "target_modules": [s.path for s in adapter.sites],
@@ -116,10 +132,7 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
-    directory = Path(directory)
-    commit_files(directory, {TENSORS_FILE: write_tensors(tensors, {"format": "pt"}),
-                             CONFIG_FILE: write_json(peft_config)})
-    return directory
+    return fields, tensors
 
 
 def _peft_pattern(patterns: dict[str, Any], path: str) -> Any | None:
@@ -132,14 +145,25 @@ def _peft_pattern(patterns: dict[str, Any], path: str) -> Any | None:
 
 def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
                 trainable: bool = False) -> Adapter:
-    """Load a peft LoRA / rsLoRA / DoRA directory into `am` as adapter `name` (inactive)."""
+    """Load a peft adapter directory into `am` as adapter `name` (inactive)."""
     directory = Path(directory)
     am._check_usable()
     am._check_new_name(name)
     cfg = read_json(directory / CONFIG_FILE)
-    if cfg.get("peft_type") != "LORA":
-        raise CapabilityError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not imported yet; "
-                              "peftlab imports LORA (with rsLoRA and DoRA)")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        method = next((m for m in METHODS.values() if m.peft_type == peft_type and m.from_peft), None)
+        if method is None:
+            known = ["LORA"] + [m.peft_type for m in METHODS.values() if m.from_peft]
+            raise CapabilityError(f"{directory}: peft_type {peft_type!r} is not imported; peftlab "
+                                  f"imports {', '.join(known)}")
+        tensors = read_tensors(directory / TENSORS_FILE)
+        try:
+            config, sites, site_tensors = method.from_peft(am, cfg, tensors, directory)
+            config.validate()
+            return am._attach(name, config, method, sites, [], site_tensors, {}, trainable)
+        except PeftlabError as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     if cfg.get("bias", "none") != "none":
         raise CapabilityError(f"{directory}: LoRA with bias={cfg['bias']!r} is not supported")
     tensors = read_tensors(directory / TENSORS_FILE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
-FORMS = ("lowrank", "bottleneck", "vector", "singular", "sparse", "selection")
+FORMS = ("lowrank", "bottleneck", "vector", "bias", "prompt", "singular", "sparse", "selection")
 INTEGRATIONS = ("weight-delta", "parallel", "serial", "scale", "input", "prefix", "prompt")
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 from ..errors import ConfigError, close_matches
-from . import lora
 from .base import Method, MethodConfig
 
-METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD,)}
+_MODULES = ("lora", "ia3", "bitfit", "ln_tuning", "bottleneck", "prompt_tuning", "prefix_tuning", "adalink")
+METHODS: dict[str, Method] = {}
+for _name in _MODULES:
+    _method = importlib.import_module(f"{__name__}.{_name}").METHOD
+    if _method is not None:
+        METHODS[_method.name] = _method
 
 
 def get_method(name: str) -> Method:

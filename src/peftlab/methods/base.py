@@ -76,6 +76,13 @@ class Method:
     # build_hook(model, config, parts): the InputHook of a model-level method, from its per-site
     # parts (site path -> module). None for methods that live in layers.
     build_hook: Callable[[nn.Module, MethodConfig, dict[str, nn.Module]], InputHook] | None = None
+    # The peft format (shared/specs/peft-format.md), for methods peft also has:
+    # to_peft(am, adapter) -> (peft config fields beyond the common header, {full peft key: tensor});
+    # from_peft(am, peft config, {peft key: tensor}, directory) -> (config, sites,
+    # {(site path, tensor name): tensor}). Raise CheckpointError/ConfigError on a mismatch.
+    peft_type: str | None = None
+    to_peft: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    from_peft: Callable[..., tuple[MethodConfig, list[Site], dict[tuple[str, str], Any]]] | None = None
 
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities

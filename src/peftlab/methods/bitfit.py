@@ -1,0 +1,2 @@
+"""Placeholder while this method is written (issue 4)."""
+METHOD = None
