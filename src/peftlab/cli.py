@@ -62,12 +62,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+    from .typology import render_table
+    print(render_table(((name, m.typology) for name, m in METHODS.items()), args.format))
+    return 0
+
+
 # ---- train / eval / generate ----------------------------------------------------------------------
 # Per-model defaults for the main job: small, fast, and known to learn within the step budget.
+# Targets default to the method's own (LoRA: attn.q, attn.v).
 MODEL_DEFAULTS = {
-    "smollm2": {"steps": 40, "batch_size": 8, "lr": 2e-3, "rank": 8, "targets": "attn.q,attn.v"},
-    "minilm": {"steps": 200, "batch_size": 16, "lr": 2e-3, "rank": 8, "targets": "attn.q,attn.v"},
-    "path": {"steps": 100, "batch_size": 8, "lr": 1e-3, "rank": 8, "targets": "attn.q,attn.v"},
+    "smollm2": {"steps": 40, "batch_size": 8, "lr": 2e-3, "rank": 8},
+    "minilm": {"steps": 200, "batch_size": 16, "lr": 2e-3, "rank": 8},
+    "path": {"steps": 100, "batch_size": 8, "lr": 1e-3, "rank": 8},
 }
 
 
@@ -128,6 +136,21 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
 
 
 
+def method_config(method, targets: str | None, rank: int, *, train_head: bool):
+    """The method's config for `peftlab train`: its own default targets unless --targets is
+    given, --rank where the method has a rank (LoRA's alpha = 2·rank), and the classification
+    head trained with the adapter when the model gets a new one."""
+    fields = {"r": rank, "alpha": 2.0 * rank}
+    if targets:
+        fields["targets"] = targets.split(",")
+    if train_head:
+        fields["modules_to_save"] = ["head"]
+    known = method.config_cls.__dataclass_fields__
+    config = method.config_cls(**{k: v for k, v in fields.items() if k in known})
+    config.validate()
+    return config
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
     import time
@@ -139,7 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tasks import format_metrics
     from .train import TrainConfig, train
 
-    defaults = MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["path"])
+    method = get_method(args.method)
+    defaults = dict(MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["path"]))
+    if method.train_lr is not None:
+        defaults["lr"] = method.train_lr
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -149,12 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     eval_rows = data.test[: args.eval_size]
     print(f"model {args.model} ({type(model).__name__}), task {args.task} ({data.kind}): "
           f"{len(data.train):,} train rows, scoring on {len(eval_rows):,} held-out test rows")
-    method = get_method(args.method)
-    fields = {"targets": args.targets.split(","), "r": args.rank, "alpha": 2.0 * args.rank}
-    if not _is_causal(args.model) and data.kind != "lm":
-        fields["modules_to_save"] = ["head"]   # a new classification head must train too
-    config = method.config_cls(**{k: v for k, v in fields.items()
-                                  if k in method.config_cls.__dataclass_fields__})
+    config = method_config(method, args.targets, args.rank,
+                           train_head=not _is_causal(args.model) and data.kind != "lm")
     before = task.evaluate(model.eval(), eval_rows, args.eval_batch_size)
     print(f"before training: {format_metrics(before)}")
     torch.manual_seed(args.seed)
@@ -244,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local transformers model directory")
     p.add_argument("--full", action="store_true", help="one line per module instead of per layer range")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("methods", help="the PEFT-Ref typology table of every registered method")
+    p.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    p.set_defaults(run=cmd_methods)
 
     p = sub.add_parser("train", help="fine-tune a model with a PEFT method and save the adapter")
     _add_job_options(p)

@@ -155,33 +155,36 @@ class AdaptedModel(nn.Module):
                 copy_tensors: Mapping[tuple[str, str], torch.Tensor] | None,
                 trainable: bool) -> Adapter:
         """Build every delta (freshly initialised, or filled from `tensors` keyed by
-        (site path, tensor name)), then install them. Nothing changes until all are built."""
+        (site path, tensor name)), then install them. Nothing changes until all are built.
+        Model-level methods (prompt, prefix) get per-site parts gathered by one InputHook and
+        wrap no layer."""
         current = dict(iter_modules(self.model))
-        if method.build_hook is not None:
-            return self._attach_hook(name, config, method, sites, tensors, trainable)
+        model_level = method.build_hook is not None
         for site in sites:
-            kind = layer_kind(site.module)
             if isinstance(current[site.path], ModuleCopies):
                 raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
                                   f"adapter; {method.title} cannot also attach there")
-            if kind not in method.layer_kinds:
+            kind = layer_kind(site.module)
+            if not model_level and kind not in method.layer_kinds:
                 kinds = ", ".join(_KIND_NAMES[k] for k in method.layer_kinds)
                 raise ConfigError(
                     f"{method.title} cannot attach to {site.type_name} at {site.path!r} "
                     f"(role {site.role}); it attaches to {kinds}. Narrow the targets or exclude it")
-        layers = {s.path: current[s.path] if isinstance(current[s.path], AdaptedLayer)
-                  else AdaptedLayer(s.module, self.state) for s in sites}
+        layers = {} if model_level else {
+            s.path: current[s.path] if isinstance(current[s.path], AdaptedLayer)
+            else AdaptedLayer(s.module, self.state) for s in sites}
         if tensors is not None:
             self._check_tensors(name, config, method, sites, layers, copy_sites, tensors,
                                 copy_tensors or {})
-        deltas: dict[str, Delta] = {}
+        parts: dict[str, nn.Module] = {}
         for site in sites:
-            delta = method.build(site, layers[site.path], config, initialise=tensors is None)
+            part = method.build(site, layers.get(site.path), config, initialise=tensors is None)
             if tensors is not None:
                 with torch.no_grad():
-                    for tname, t in delta.state_dict().items():
+                    for tname, t in part.state_dict().items():
                         t.copy_(tensors[(site.path, tname)])
-            deltas[site.path] = delta
+            parts[site.path] = part
+        hook = method.build_hook(self.model, config, parts) if model_level else None
         copies: dict[str, nn.Module] = {}
         for site in copy_sites:
             clone = copy.deepcopy(site.module).requires_grad_(False)
@@ -192,10 +195,13 @@ class AdaptedModel(nn.Module):
             copies[site.path] = clone
 
         # Install: from here on nothing can fail on bad input.
-        for path, delta in deltas.items():
-            if current[path] is not layers[path]:
-                self._replace(path, layers[path], current)
-            layers[path].deltas[name] = delta
+        if hook is not None:
+            self.hooks[name] = hook
+        else:
+            for path, delta in parts.items():
+                if current[path] is not layers[path]:
+                    self._replace(path, layers[path], current)
+                layers[path].deltas[name] = delta
         wrappers: dict[str, ModuleCopies] = {}
         for path, clone in copies.items():
             wrapper = current[path]
@@ -204,33 +210,9 @@ class AdaptedModel(nn.Module):
                 self._replace(path, wrapper, current)
             wrapper.copies[name] = clone
             wrappers[path] = wrapper
-        adapter = Adapter(name, config, method, sites, layers, wrappers)
+        adapter = Adapter(name, config, method, sites, layers, wrappers, hook=hook)
         self.adapters[name] = adapter
         if trainable:   # deltas and copies are created frozen
-            self._set_requires_grad(adapter, True)
-        self.state.changed()
-        return adapter
-
-    def _attach_hook(self, name: str, config: MethodConfig, method: Method, sites: list[Site],
-                     tensors: Mapping[tuple[str, str], torch.Tensor] | None, trainable: bool) -> Adapter:
-        """A model-level adapter: per-site parts gathered by one InputHook; no layer is wrapped."""
-        if config.modules_to_save:
-            raise ConfigError(f"{method.title} does not support modules_to_save")
-        if tensors is not None:
-            self._check_tensors(name, config, method, sites, {}, [], tensors, {})
-        parts = {}
-        for site in sites:
-            part = method.build(site, None, config, initialise=tensors is None)
-            if tensors is not None:
-                with torch.no_grad():
-                    for tname, t in part.state_dict().items():
-                        t.copy_(tensors[(site.path, tname)])
-            parts[site.path] = part
-        hook = method.build_hook(self.model, config, parts)
-        adapter = Adapter(name, config, method, sites, {}, hook=hook)
-        self.hooks[name] = hook
-        self.adapters[name] = adapter
-        if trainable:
             self._set_requires_grad(adapter, True)
         self.state.changed()
         return adapter

@@ -71,3 +71,52 @@ def render_card(title: str, typology: Typology, facts: list[tuple[str, str]]) ->
     lines = [title, "=" * len(title)]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+# Columns of `peftlab methods`: (heading, Typology field).
+TABLE_COLUMNS = (
+    ("site roles", "site_roles"), ("form", "form"), ("integration", "integration"),
+    ("intra-connectivity", "intra_connectivity"), ("adaptation", "adaptation"),
+    ("sharing", "parameter_sharing"), ("insertion", "insertion"),
+    ("insertions per layer", "insertions_per_layer"), ("workspace", "workspace"),
+    ("mergeable", "mergeable"), ("trainable parameters", "param_formula"),
+)
+
+
+def typology_rows(records: Iterable[tuple[str, Typology]]) -> list[dict[str, str | bool | list[str]]]:
+    """One dict per method: {"method": name, <heading>: value, ...} in TABLE_COLUMNS order."""
+    rows = []
+    for name, t in records:
+        row: dict[str, str | bool | list[str]] = {"method": name}
+        for heading, attr in TABLE_COLUMNS:
+            value = getattr(t, attr)
+            row[heading] = list(value) if isinstance(value, tuple) else value
+        rows.append(row)
+    return rows
+
+
+def render_table(records: Iterable[tuple[str, Typology]], fmt: str = "text") -> str:
+    """The PEFT-Ref typology table of (method name, record) pairs as "text", "markdown" or "json"."""
+    rows = typology_rows(records)
+    if fmt == "json":
+        import json
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+
+    def cell(v: str | bool | list[str]) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return ", ".join(v) if isinstance(v, list) else str(v)
+
+    head = ["method", *(h for h, _ in TABLE_COLUMNS)]
+    body = [[cell(r[h]) for h in head] for r in rows]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    if fmt != "text":
+        raise ValueError(f"format {fmt!r} is not one of text, markdown, json")
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
+    return "\n".join(lines)

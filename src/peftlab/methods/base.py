@@ -80,6 +80,9 @@ class Method:
     # to_peft(am, adapter) -> (peft config fields beyond the common header, {full peft key: tensor});
     # from_peft(am, peft config, {peft key: tensor}, directory) -> (config, sites,
     # {(site path, tensor name): tensor}). Raise CheckpointError/ConfigError on a mismatch.
+    # A learning rate known to work for this method in `peftlab train` when none is given
+    # (None: the model's default, tuned for LoRA). Prompt-like methods need far larger ones.
+    train_lr: float | None = None
     peft_type: str | None = None
     to_peft: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     from_peft: Callable[..., tuple[MethodConfig, list[Site], dict[tuple[str, str], Any]]] | None = None
