@@ -26,6 +26,7 @@ import torch
 
 import peftlab
 from peftlab.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.errors import PeftlabError
 from peftlab.methods import METHODS, get_method
 from peftlab.train import TrainConfig, train
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--methods", default=",".join(["probe", *METHODS]))
-    ap.add_argument("--probe-lr", type=float, default=2e-3)
+    ap.add_argument("--probe-lr", type=float, default=1e-2, help="best of 2e-3/1e-2/3e-2 in a sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/methods_minilm")
     ap.add_argument("--quiet", action="store_true")
@@ -75,13 +76,19 @@ def main() -> None:
     for name in args.methods.split(","):
         t = time.perf_counter()
         print(f"== {name} ==", flush=True)
-        results.append(run_one(name, args))
+        try:
+            results.append(run_one(name, args))
+        except PeftlabError as e:    # a method that cannot run on this model says why
+            print(f"   not run: {e}", flush=True)
+            results.append({"method": name, "error": str(e)})
+            continue
         print(f"   accuracy {results[-1]['accuracy']:.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
-    probe = next((r["accuracy"] for r in results if r["method"] == "probe"), None)
+    probe = next((r["accuracy"] for r in results if r["method"] == "probe" and "error" not in r), None)
     head = ("method", "accuracy", "vs probe", "trainable params", "of which adapter", "step (ms)", "lr")
     body = [(r["method"], f"{r['accuracy']:.4f}",
              "-" if probe is None or r["method"] == "probe" else f"{100 * (r['accuracy'] - probe):+.1f} pt",
              f"{r['trainable']:,}", f"{r['adapter_params']:,}", f"{r['step_ms']:.0f}", f"{r['lr']:g}")
+            if "error" not in r else (r["method"], "not run", r["error"].split(";")[0][:90], "", "", "", "")
             for r in results]
     print()
     print_columns(head, body)

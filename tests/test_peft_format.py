@@ -346,15 +346,14 @@ def test_round_trip_pissa_becomes_rank_2r_lora(case, tmp_path, ids):
 # ---- 4. errors ------------------------------------------------------------------------------------
 def _save_non_lora(kind: str, directory) -> None:
     base = tiny_llama(0)
-    if kind == "IA3":
-        config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
-                                feedforward_modules=["down_proj"])
+    if kind == "LOHA":
+        config = peft.LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
     else:
-        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        config = peft.BOFTConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], boft_block_size=4)
     peft.get_peft_model(base, config).save_pretrained(str(directory))
 
 
-@pytest.mark.parametrize("peft_type", ["IA3", "PROMPT_TUNING"])
+@pytest.mark.parametrize("peft_type", ["LOHA", "BOFT"])
 def test_import_of_non_lora_is_a_capability_error(peft_type, tmp_path, ids):
     _save_non_lora(peft_type, tmp_path / "d")
     assert json.loads((tmp_path / "d" / "adapter_config.json").read_text())["peft_type"] == peft_type

@@ -21,9 +21,16 @@ from .errors import (
     PeftlabError,
     TargetNotFoundError,
 )
-from .layer import AdaptedLayer, Delta, ModuleCopies
+from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
+from .methods.adalink import AdaLinkConfig
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import AdapterConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
 from .methods.lora import LoraConfig, LowRankDelta
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .model import AdaptedModel, Adapter, LayerStatus, adapt
 from .peft_format import export_peft, import_peft
 from .sites import ROLES, Site, describe_sites, resolve_sites
@@ -44,8 +51,10 @@ def card(am: AdaptedModel, name: str) -> str:
 
 __all__ = [
     "__version__", "adapt", "AdaptedModel", "Adapter", "LayerStatus", "card",
-    "LoraConfig", "LowRankDelta", "MethodConfig", "Method", "METHODS", "get_method",
-    "AdaptedLayer", "ModuleCopies", "Delta", "Typology",
+    "LoraConfig", "LowRankDelta", "IA3Config", "BitFitConfig", "LNTuningConfig", "AdapterConfig",
+    "PromptTuningConfig", "PrefixTuningConfig", "AdaLinkConfig",
+    "MethodConfig", "Method", "METHODS", "get_method",
+    "AdaptedLayer", "ModuleCopies", "Delta", "InputHook", "Typology",
     "Site", "ROLES", "resolve_sites", "describe_sites",
     "export_peft", "import_peft",
     "load_model", "load_dataset", "Dataset",

@@ -97,6 +97,10 @@ class Delta(nn.Module):
     def release(self) -> None:
         """Called when the delta leaves the model: drop hooks it registered elsewhere."""
 
+    def check_merge(self, layer: AdaptedLayer) -> None:
+        """Raise when this delta cannot be merged into `layer`; called for every layer before
+        any weight changes, so a refused merge leaves the model as it was."""
+
     def merge_into(self, layer: AdaptedLayer) -> None:
         raise NotImplementedError
 
@@ -136,12 +140,12 @@ class AdaptedLayer(nn.Module):
     @property
     def in_features(self) -> int:
         w = self.base_layer.weight
-        return w.shape[0] if self.kind != "linear" else w.shape[1]
+        return w.shape[0] if self.kind != "linear" else w.shape[-1]
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[1] if self.kind != "linear" else w.shape[0]
+        w = self.base_layer.weight   # a norm's weight is 1-D: in = out = its size
+        return w.shape[-1] if self.kind != "linear" else w.shape[0]
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as an (out, in) view: Conv1D and Embedding store it transposed."""

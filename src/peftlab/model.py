@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,22 +178,32 @@ class AdaptedModel(nn.Module):
             self._check_tensors(name, config, method, sites, layers, copy_sites, tensors,
                                 copy_tensors or {})
         parts: dict[str, nn.Module] = {}
-        for site in sites:
-            part = method.build(site, layers.get(site.path), config, initialise=tensors is None)
-            if tensors is not None:
-                with torch.no_grad():
-                    for tname, t in part.state_dict().items():
-                        t.copy_(tensors[(site.path, tname)])
-            parts[site.path] = part
-        hook = method.build_hook(self.model, config, parts) if model_level else None
-        copies: dict[str, nn.Module] = {}
-        for site in copy_sites:
-            clone = copy.deepcopy(site.module).requires_grad_(False)
-            if copy_tensors is not None:
-                with torch.no_grad():
-                    for pname, t in clone.state_dict().items():
-                        t.copy_(copy_tensors[(site.path, pname)])
-            copies[site.path] = clone
+        try:
+            # A build that declares a `model` keyword (e.g. the parallel adapter, which hooks a sibling
+            # module) gets this AdaptedModel.
+            build_kwargs = {"model": self} if "model" in inspect.signature(method.build).parameters else {}
+            for site in sites:
+                part = method.build(site, layers.get(site.path), config, initialise=tensors is None,
+                                    **build_kwargs)
+                if tensors is not None:
+                    with torch.no_grad():
+                        for tname, t in part.state_dict().items():
+                            t.copy_(tensors[(site.path, tname)])
+                parts[site.path] = part
+            hook = method.build_hook(self.model, config, parts) if model_level else None
+            copies: dict[str, nn.Module] = {}
+            for site in copy_sites:
+                clone = copy.deepcopy(site.module).requires_grad_(False)
+                if copy_tensors is not None:
+                    with torch.no_grad():
+                        for pname, t in clone.state_dict().items():
+                            t.copy_(copy_tensors[(site.path, pname)])
+                copies[site.path] = clone
+        except BaseException:
+            for part in parts.values():   # e.g. hooks a parallel adapter registered on siblings
+                if isinstance(part, Delta):
+                    part.release()
+            raise
 
         # Install: from here on nothing can fail on bad input.
         if hook is not None:
@@ -394,6 +405,9 @@ class AdaptedModel(nn.Module):
         layers = {id(layer): layer for n in names for layer in self.adapters[n].layers.values()}
         self._check_untied(list(layers.values()))
         plans = [(layer, self._merge_order(layer, names)) for layer in layers.values()]
+        for layer, order in plans:
+            for n in order:
+                layer.deltas[n].check_merge(layer)
         for layer, order in plans:
             for n in order:
                 layer.deltas[n].merge_into(layer)

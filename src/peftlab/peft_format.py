@@ -81,9 +81,11 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
         "peft_version": PEFT_VERSION,
         **fields,
     }
+    # peft's prompt-learning models wrap the model itself, so their copies sit under 'base_model.'
+    copy_prefix = "base_model." if method.build_hook is not None else PREFIX
     for path, wrapper in adapter.copies.items():
         for pname, t in wrapper.copies[name].state_dict().items():
-            tensors[f"{PREFIX}{path}.{pname}"] = t
+            tensors[f"{copy_prefix}{path}.{pname}"] = t
     directory = Path(directory)
     commit_files(directory, {TENSORS_FILE: write_tensors(tensors, {"format": "pt"}),
                              CONFIG_FILE: write_json(peft_config)})
@@ -161,7 +163,14 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
         try:
             config, sites, site_tensors = method.from_peft(am, cfg, tensors, directory)
             config.validate()
-            return am._attach(name, config, method, sites, [], site_tensors, {}, trainable)
+            # from_peft may return modules_to_save tensors too, keyed by the copied module's path
+            held = {path for path, _ in site_tensors}
+            copy_sites = sites_at(am.model, [p for p in config.modules_to_save or [] if p in held])
+            copy_paths = {s.path for s in copy_sites}
+            copy_tensors = {k: t for k, t in site_tensors.items() if k[0] in copy_paths}
+            site_tensors = {k: t for k, t in site_tensors.items() if k[0] not in copy_paths}
+            return am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors,
+                              trainable)
         except PeftlabError as e:
             raise CheckpointError(f"{directory}: {e}") from None
     if cfg.get("bias", "none") != "none":

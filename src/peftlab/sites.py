@@ -29,7 +29,9 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "ffn": ("ffn.up", "ffn.gate", "ffn.down"),
 }
 # A model with fused q/k/v projections (GPT-2 c_attn) answers attn.q/k/v with the fused layer.
-_FUSED_FALLBACK = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv"}
+_FUSED_FALLBACK = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv",
+                   # attn.kv names the same attention modules as attn.out, which claims them first
+                   "attn.kv": "attn.out"}
 
 # Patterns: '.' is literal, {L} is the layer index, (a|b) alternates; anchored at a path boundary
 # and at the end, so the same map serves the bare model and its task heads (model., bert., ...).

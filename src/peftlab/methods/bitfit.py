@@ -1,2 +1,148 @@
-"""Placeholder while this method is written (issue 4)."""
-METHOD = None
+"""BitFit (Ben Zaken et al., 2022): train only the bias terms.
+
+Each targeted layer gets a bias delta b ∈ R^{d_out} (zeros at start) added to its output:
+y = f(x) + b. For a layer with a bias this is training that bias; a layer without one (Llama's
+bias-free projections and RMSNorms) gains one. Merging adds b into the base bias, creating a
+frozen zero bias first where the layer has none (and removing it again on unmerge, so the base is
+restored exactly). A norm whose forward has no bias term at all (RMSNorm) cannot hold a merged
+bias: merging there raises CapabilityError, and the delta stays an output addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import CapabilityError, ConfigError
+from ..layer import AdaptedLayer, Delta
+from ..sites import Site
+from ..typology import Typology
+from .base import Method, MethodConfig
+
+
+def _check_targets(owner: str, targets) -> None:
+    items = [targets] if isinstance(targets, str) else targets
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
+        raise ConfigError(f"{owner}.targets must be a role, module name, glob, 're:...' regex or "
+                          f"'all-linear', or a list of them (non-empty strings); got {targets!r}")
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    """BitFit on Linear, GPT-2 Conv1D and norm sites (default: every linear layer but the head,
+    and every norm)."""
+
+    method = "bitfit"
+    targets: str | list[str] = field(default_factory=lambda: ["all-linear", "norm"])
+
+    def validate(self) -> None:
+        super().validate()
+        _check_targets("BitFitConfig", self.targets)
+
+
+def out_size(layer: AdaptedLayer) -> int:
+    """Output width of a Linear / Conv1D / norm (a norm's weight is one value per feature)."""
+    return layer.base_layer.weight.shape[0] if layer.kind == "norm" else layer.out_features
+
+
+def bias_slot(layer: AdaptedLayer) -> bool:
+    """Whether the base layer's forward reads a `bias` parameter (possibly None): Linear,
+    Conv1D and LayerNorm do; RMSNorm implementations have no bias at all."""
+    return "bias" in layer.base_layer._parameters
+
+
+class BiasDelta(Delta):
+    """A bias `bias` (d_out,) added to the wrapped layer's output."""
+
+    stage = "output"
+    algebra = "add"
+    mergeable = True
+
+    def __init__(self, size: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.__dict__["created_bias"] = False   # merge made the base bias (the layer had none)
+        self._parameters["bias"] = nn.Parameter(torch.zeros(size, dtype=dtype, device=device),
+                                                requires_grad=False)
+
+    def contribute(self, layer, x, base_out, out):
+        return out + self.bias
+
+    def check_merge(self, layer: AdaptedLayer) -> None:
+        if not bias_slot(layer):
+            name = next((n for n, d in layer.deltas.items() if d is self), "?")
+            raise CapabilityError(
+                f"BitFit adapter {name!r} cannot be merged into {type(layer.base_layer).__name__}: "
+                "that norm has no bias term in its forward, so a merged bias would be ignored. "
+                "Keep the adapter unmerged, or exclude the norms (exclude='norm') to merge")
+
+    @torch.no_grad()
+    def merge_into(self, layer: AdaptedLayer) -> None:
+        base = layer.base_layer
+        if base._parameters["bias"] is None:
+            weight = base.weight
+            base._parameters["bias"] = nn.Parameter(
+                torch.zeros(self.bias.shape, dtype=weight.dtype, device=weight.device),
+                requires_grad=False)
+            self.__dict__["created_bias"] = True
+        base.bias.add_(self.bias.to(base.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, layer: AdaptedLayer) -> None:
+        base = layer.base_layer
+        base.bias.sub_(self.bias.to(base.bias.dtype))
+        if self.created_bias:
+            self.__dict__["created_bias"] = False
+            # Another BitFit delta still merged here keeps the bias it also wrote to; else the
+            # layer gets back its original "no bias" exactly.
+            heir = next((layer.deltas[n] for n in layer.merged
+                         if layer.deltas[n] is not self and isinstance(layer.deltas[n], BiasDelta)), None)
+            if heir is not None:
+                heir.__dict__["created_bias"] = True
+            else:
+                base._parameters["bias"] = None
+
+
+def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bool = True) -> BiasDelta:
+    weight = layer.base_layer.weight
+    bias = getattr(layer.base_layer, "bias", None)
+    dtype = bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
+    return BiasDelta(out_size(layer), dtype=dtype, device=weight.device)
+
+
+def _tensor_shapes(layer: AdaptedLayer, site: Site, config: BitFitConfig) -> dict[str, tuple[int, ...]]:
+    return {"bias": (out_size(layer),)}
+
+
+def _describe(config: BitFitConfig) -> str:
+    targets = [config.targets] if isinstance(config.targets, str) else config.targets
+    return "biases of " + ", ".join(targets)
+
+
+METHOD = Method(
+    name="bitfit",
+    title="BitFit",
+    config_cls=BitFitConfig,
+    typology=Typology(
+        site_roles=("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+                    "ffn.up", "ffn.gate", "ffn.down", "norm"),
+        form="bias",
+        integration="weight-delta",
+        intra_connectivity="none (bias vectors)",
+        adaptation="selection",
+        parameter_sharing="none",
+        input_type="none (a constant added to the layer output)",
+        insertion="in-place",
+        insertions_per_layer="1 per linear layer and norm (every bias vector)",
+        workspace="every sublayer: attention and FFN projections and the norms",
+        mergeable=True,
+        param_formula="d_out per site",
+    ),
+    layer_kinds=("linear", "conv1d", "norm"),
+    capabilities=frozenset({"merge"}),
+    build=_build,
+    tensor_shapes=_tensor_shapes,
+    describe=_describe,
+    train_lr=5e-3,
+)

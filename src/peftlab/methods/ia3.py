@@ -1,2 +1,260 @@
-"""Placeholder while this method is written (issue 4)."""
-METHOD = None
+"""(IA)³ (Liu et al., 2022): learned vectors that rescale activations elementwise.
+
+An output-scaled site computes y = l ⊙ (W x + b) with l ∈ R^{d_out}; a feed-forward
+(input-scaled) site computes y = W (l ⊙ x) + b with l ∈ R^{d_in}, which scales the FFN's
+intermediate activation when placed on the down projection. l starts at ones, so a new adapter
+is a no-op. Both forms fold into the base weight: W ← diag(l) W, b ← l ⊙ b (output) or
+W ← W diag(l) (input); unmerging divides back, so a zero entry of l cannot be merged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, CheckpointError, ConfigError
+from ..layer import AdaptedLayer, Delta
+from ..sites import Site, match_targets, sites_at
+from ..typology import Typology
+from .base import Method, MethodConfig, pattern_value
+
+if TYPE_CHECKING:
+    from ..model import AdaptedModel, Adapter
+
+PREFIX = "base_model.model."
+TENSOR = "ia3_l"
+
+
+def _check_names(owner: str, field_name: str, value: Any, *, allow_empty: bool) -> list[str]:
+    """`value` as a list of non-empty strings, or ConfigError naming the field."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f"{owner}.{field_name} must be a list of roles or module-name patterns "
+                          f"(non-empty strings such as 'ffn.down' or 'mlp.c_proj'), got {value!r}")
+    if not items and not allow_empty:
+        raise ConfigError(f"{owner}.{field_name} is empty")
+    return list(items)
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    """(IA)³ on Linear and GPT-2 Conv1D sites.
+
+    `feedforward`: roles or module-path regexes (matched at a dotted boundary, as peft does)
+    whose vector scales the layer's input instead of its output; by default the FFN down
+    projection, whose input is the FFN activation the paper rescales.
+    """
+
+    method = "ia3"
+    targets: str | list[str] = field(default_factory=lambda: ["attn.k", "attn.v", "ffn.down"])
+    feedforward: list[str] = field(default_factory=lambda: ["ffn.down"])
+
+    def validate(self) -> None:
+        super().validate()
+        _check_names("IA3Config", "targets", self.targets, allow_empty=False)
+        for key in _check_names("IA3Config", "feedforward", self.feedforward, allow_empty=True):
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise ConfigError(f"IA3Config.feedforward entry {key!r} is neither a role nor a valid "
+                                  f"regex ({e}); roles: ffn.down, ffn.up, ...; or a module name such "
+                                  "as 'mlp.down_proj'") from None
+
+    def scales_input(self, site: Site) -> bool:
+        """Whether the site's vector scales the layer input (a feed-forward site)."""
+        patterns = [self.feedforward] if isinstance(self.feedforward, str) else self.feedforward
+        return bool(pattern_value(dict.fromkeys(patterns, True), site))
+
+
+class IA3Delta(Delta):
+    """One learned vector `ia3_l`: it scales the output (stage "output") or the input (stage
+    "input") of the wrapped layer."""
+
+    mergeable = True
+
+    def __init__(self, size: int, scale_input: bool, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.__dict__.update(scale_input=scale_input,
+                             stage="input" if scale_input else "output",
+                             algebra="input" if scale_input else "scale")
+        self._parameters[TENSOR] = nn.Parameter(torch.ones(size, dtype=dtype, device=device),
+                                                requires_grad=False)
+
+    def contribute(self, layer, x, base_out, out):
+        return out * self.ia3_l
+
+    def transform_input(self, layer, x):
+        return x * self.ia3_l
+
+    def _name_in(self, layer: AdaptedLayer) -> str:
+        return next((n for n, d in layer.deltas.items() if d is self), "?")
+
+    def check_merge(self, layer: AdaptedLayer) -> None:
+        """Raise when merging would be irreversible: a zero scale erases a row or column."""
+        zeros = int((self.ia3_l == 0).sum())
+        if zeros:
+            raise AdapterError(
+                f"IA3 adapter {self._name_in(layer)!r} has {zeros} zero entries in ia3_l at a "
+                f"{layer.kind} layer; merging would erase those weight "
+                f"{'columns' if self.scale_input else 'rows'} and unmerge could not divide them "
+                "back. Keep the adapter unmerged (or make the entries non-zero)")
+
+    @torch.no_grad()
+    def merge_into(self, layer: AdaptedLayer) -> None:
+        w = layer.weight_out_in()          # (out, in) view: Conv1D's transposed weight included
+        l = self.ia3_l.to(w.dtype)
+        if self.scale_input:
+            w.mul_(l[None, :])
+        else:
+            w.mul_(l[:, None])
+            bias = layer.base_layer.bias
+            if bias is not None:
+                bias.mul_(l.to(bias.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, layer: AdaptedLayer) -> None:
+        self.check_merge(layer)
+        w = layer.weight_out_in()
+        l = self.ia3_l.to(w.dtype)
+        if self.scale_input:
+            w.div_(l[None, :])
+        else:
+            w.div_(l[:, None])
+            bias = layer.base_layer.bias
+            if bias is not None:
+                bias.div_(l.to(bias.dtype))
+
+
+def _size(layer: AdaptedLayer, scale_input: bool) -> int:
+    return layer.in_features if scale_input else layer.out_features
+
+
+def _build(site: Site, layer: AdaptedLayer, config: IA3Config, initialise: bool = True) -> IA3Delta:
+    # ones is both the initial value and harmless filler for a checkpoint to overwrite
+    scale_input = config.scales_input(site)
+    weight = layer.base_layer.weight
+    return IA3Delta(_size(layer, scale_input), scale_input, dtype=weight.dtype, device=weight.device)
+
+
+def _tensor_shapes(layer: AdaptedLayer, site: Site, config: IA3Config) -> dict[str, tuple[int, ...]]:
+    return {TENSOR: (_size(layer, config.scales_input(site)),)}
+
+
+def _describe(config: IA3Config) -> str:
+    ff = [config.feedforward] if isinstance(config.feedforward, str) else config.feedforward
+    return "input scaling at " + ", ".join(ff) if ff else "output scaling only"
+
+
+# ---- peft format ------------------------------------------------------------------------------
+def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """peft keeps ia3_l as (out, 1) for output scaling and (1, in) for feed-forward sites; target
+    and feed-forward modules are written as full module paths."""
+    tensors: dict[str, torch.Tensor] = {}
+    feedforward: list[str] = []
+    for site in adapter.sites:
+        delta = adapter.layers[site.path].deltas[adapter.name]
+        l = delta.ia3_l.detach()
+        if delta.scale_input:
+            feedforward.append(site.path)
+            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(1, -1)
+        else:
+            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(-1, 1)
+    kinds = {layer.kind for layer in adapter.layers.values()}
+    fields = {
+        "target_modules": [s.path for s in adapter.sites],
+        "feedforward_modules": feedforward,
+        "fan_in_fan_out": "conv1d" in kinds,
+        "init_ia3_weights": True,
+        "modules_to_save": list(adapter.copies) or None,
+    }
+    return fields, tensors
+
+
+def _peft_is_feedforward(feedforward: Any, path: str) -> bool:
+    """peft's rule (IA3Model._check_target_module_feedforward)."""
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, path) is not None
+    return any(path.endswith(key) for key in feedforward or [])
+
+
+def _io(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a plain Linear or Conv1D (which stores its weight as (in, out))."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
+
+
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory
+               ) -> tuple[IA3Config, list[Site], dict[tuple[str, str], torch.Tensor]]:
+    """IA3 sites from the `ia3_l` tensors; a site is input-scaled when peft's rule puts it in
+    `feedforward_modules`. Tensors of `modules_to_save` copies come back keyed by the copied
+    module's path (the importer splits them off)."""
+    found = match_targets(am.model, cfg.get("modules_to_save") or [], roles=am.site_roles())
+    copy_paths = sorted(set().union(set(), *found.values()), key=len, reverse=True)
+    raw: dict[str, torch.Tensor] = {}
+    site_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    held_copies: list[str] = []
+    for key, t in tensors.items():
+        rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        owner = next((p for p in copy_paths if rest and rest.startswith(p + ".")), None)
+        if owner is not None:
+            site_tensors[(owner, rest[len(owner) + 1:])] = t
+            held_copies += [] if owner in held_copies else [owner]
+        elif rest is not None and rest.endswith("." + TENSOR):
+            raw[rest[: -len(TENSOR) - 1]] = t
+        else:
+            raise CheckpointError(f"tensor {key!r} is neither an IA3 vector "
+                                  f"('{PREFIX}<module path>.{TENSOR}') nor part of modules_to_save")
+    if not raw:
+        raise CheckpointError("the IA3 adapter holds no ia3_l tensors")
+    sites = sites_at(am.model, list(raw), am.site_roles())
+    feedforward: list[str] = []
+    for site in sites:
+        t = raw[site.path]
+        is_ff = _peft_is_feedforward(cfg.get("feedforward_modules"), site.path)
+        d_in, d_out = _io(site.module) if hasattr(site.module, "weight") else (None, None)
+        expected = (1, d_in) if is_ff else (d_out, 1)
+        if tuple(t.shape) != expected:
+            raise CheckpointError(
+                f"ia3_l of {site.path!r} is {list(t.shape)} but this model needs {list(expected)} "
+                f"({'feed-forward input' if is_ff else 'output'} scaling of a "
+                f"{site.type_name} with in={d_in}, out={d_out}): a different base model?")
+        if is_ff:
+            feedforward.append(re.escape(site.path))
+        site_tensors[(site.path, TENSOR)] = t.reshape(-1)
+    config = IA3Config(targets=[s.path for s in sites], feedforward=feedforward,
+                       modules_to_save=held_copies or None)
+    return config, sites, site_tensors
+
+
+METHOD = Method(
+    name="ia3",
+    title="(IA)³",
+    config_cls=IA3Config,
+    typology=Typology(
+        site_roles=("attn.k", "attn.v", "ffn.down"),
+        form="vector",
+        integration="scale",
+        intra_connectivity="none (free scaling vectors)",
+        adaptation="rescaling",
+        parameter_sharing="none",
+        input_type="outputs of the K and V projections; the FFN activation (input of ffn.down)",
+        insertion="in-place",
+        insertions_per_layer="1 per targeted projection (3 per layer by default: k, v, ffn.down)",
+        workspace="attention (K, V) and the FFN intermediate activation",
+        mergeable=True,
+        param_formula="d_out per output-scaled site, d_in per feed-forward (input-scaled) site",
+    ),
+    layer_kinds=("linear", "conv1d"),
+    capabilities=frozenset({"merge"}),
+    build=_build,
+    tensor_shapes=_tensor_shapes,
+    describe=_describe,
+    peft_type="IA3",
+    to_peft=_to_peft,
+    from_peft=_from_peft,
+    train_lr=1e-2,
+)

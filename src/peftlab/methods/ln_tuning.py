@@ -1,2 +1,126 @@
-"""Placeholder while this method is written (issue 4)."""
-METHOD = None
+"""LayerNorm tuning (Zhao et al., 2023, "Tuning LayerNorm in Attention"): train the norms' own
+affine parameters.
+
+Each targeted norm (LayerNorm, RMSNorm, ...) gets deltas Δγ (and Δβ where the norm has a bias),
+zeros at start, added to its weight (and bias) for the forward: y = norm(x; γ + Δγ, β + Δβ).
+Merging adds them into the base parameters; unmerging subtracts them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layer import AdaptedLayer, Delta
+from ..sites import Site
+from ..typology import Typology
+from .base import Method, MethodConfig
+
+
+@dataclass
+class LNTuningConfig(MethodConfig):
+    """LayerNorm tuning on norm sites (default: every norm). `bias`: also train the norm biases
+    where the norm has one (RMSNorm has none)."""
+
+    method = "ln-tuning"
+    targets: str | list[str] = field(default_factory=lambda: ["norm"])
+    bias: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        items = [self.targets] if isinstance(self.targets, str) else self.targets
+        if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
+            raise ConfigError(f"LNTuningConfig.targets must be a role (e.g. 'norm'), module name, glob "
+                              f"or 're:...' regex, or a list of them; got {self.targets!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"LNTuningConfig.bias must be True or False (train the norm biases "
+                              f"where present), got {self.bias!r}")
+
+
+def _has_bias(layer: AdaptedLayer) -> bool:
+    return isinstance(getattr(layer.base_layer, "bias", None), torch.Tensor)
+
+
+class NormDelta(Delta):
+    """Additive deltas `weight` (and `bias`) on a norm's affine parameters."""
+
+    stage = "params"
+    algebra = "add"
+    mergeable = True
+
+    def __init__(self, size: int, with_bias: bool, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        zeros = lambda: nn.Parameter(torch.zeros(size, dtype=dtype, device=device), requires_grad=False)
+        self._parameters["weight"] = zeros()
+        self._parameters["bias"] = zeros() if with_bias else None
+
+    def param_deltas(self, layer):
+        if self.bias is None:
+            return {"weight": self.weight}
+        return {"weight": self.weight, "bias": self.bias}
+
+    @torch.no_grad()
+    def merge_into(self, layer: AdaptedLayer) -> None:
+        base = layer.base_layer
+        for name, d in self.param_deltas(layer).items():
+            p = getattr(base, name)
+            p.add_(d.to(p.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, layer: AdaptedLayer) -> None:
+        base = layer.base_layer
+        for name, d in self.param_deltas(layer).items():
+            p = getattr(base, name)
+            p.sub_(d.to(p.dtype))
+
+
+def _shapes(layer: AdaptedLayer, config: LNTuningConfig) -> dict[str, tuple[int, ...]]:
+    size = layer.base_layer.weight.shape[0]
+    shapes = {"weight": (size,)}
+    if config.bias and _has_bias(layer):
+        shapes["bias"] = (size,)
+    return shapes
+
+
+def _build(site: Site, layer: AdaptedLayer, config: LNTuningConfig, initialise: bool = True) -> NormDelta:
+    weight = layer.base_layer.weight
+    shapes = _shapes(layer, config)
+    return NormDelta(shapes["weight"][0], "bias" in shapes, dtype=weight.dtype, device=weight.device)
+
+
+def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LNTuningConfig) -> dict[str, tuple[int, ...]]:
+    return _shapes(layer, config)
+
+
+def _describe(config: LNTuningConfig) -> str:
+    return "norm weights and biases" if config.bias else "norm weights only"
+
+
+METHOD = Method(
+    name="ln-tuning",
+    title="LayerNorm tuning",
+    config_cls=LNTuningConfig,
+    typology=Typology(
+        site_roles=("norm",),
+        form="selection",
+        integration="weight-delta",
+        intra_connectivity="none (the norms' gain and bias vectors)",
+        adaptation="selection",
+        parameter_sharing="none",
+        input_type="the hidden state the norm normalises",
+        insertion="in-place",
+        insertions_per_layer="1 per norm (2 per layer: pre-attention and pre-FFN, plus the final norm)",
+        workspace="the norms around attention and FFN sublayers",
+        mergeable=True,
+        param_formula="d per norm (weight), + d where the norm has a bias",
+    ),
+    layer_kinds=("norm",),
+    capabilities=frozenset({"merge"}),
+    build=_build,
+    tensor_shapes=_tensor_shapes,
+    describe=_describe,
+    train_lr=5e-3,
+)

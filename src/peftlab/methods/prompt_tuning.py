@@ -1,2 +1,377 @@
-"""Placeholder while this method is written (issue 4)."""
-METHOD = None
+"""Prompt tuning (Lester et al., 2021): n trained "virtual token" embeddings prepended to the input.
+
+The adapter holds one tensor, `prompt` (n, d), at the model's input embedding (the "embed" site).
+On every forward its hook embeds `input_ids` with the model's own input embedding (which may
+itself carry other adapters), prepends the prompt (broadcast over the batch, cast to the
+embedding's dtype) and passes `inputs_embeds` instead; the other arguments follow:
+
+- `attention_mask`: n ones on the left;
+- `labels` of a token-level task (a 2-D tensor as long as the input): n × -100 on the left, so the
+  loss is peft's;
+- `token_type_ids` (BERT): n zeros on the left, as peft does for sequence classification (peft
+  drops them for causal LMs; we keep the caller's segments);
+- `position_ids`: peft drops them and lets the model number the n + L positions 0..n+L-1. Given
+  explicit ids (e.g. left padding), we keep them: the virtual tokens get 0..n-1 and the real
+  tokens their given positions + n. For unpadded input with positions 0..L-1 (or none) both
+  agree, and a left-padded row gets the positions of the same row without padding.
+
+Outputs: for a causal LM the logits cover n + L positions; `finish` drops the first n so they
+align with `input_ids` (peft returns them untrimmed: its `logits[:, n:]` equal ours). When the
+caller already trimmed them (`logits_to_keep`), they are left as they are. Sequence-level outputs
+(classification) have nothing to trim.
+
+`generate` (decoder-only models) calls `model.generate(inputs_embeds=..., attention_mask=...)`
+and puts the original `input_ids` in front of the new tokens, so the result reads like plain
+`generate`'s. Prompt tuning cannot be merged into the weights.
+
+peft format: PROMPT_TUNING with the single tensor `prompt_embeddings` (n, d).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CapabilityError, CheckpointError, ConfigError
+from ..layer import InputHook, layer_kind
+from ..sites import Site, resolve_sites, unwrap
+from ..typology import Typology
+from .base import Method, MethodConfig
+
+INITS = ("random", "vocab", "text")
+PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
+PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS")
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning: `num_virtual_tokens` trained input embeddings in front of every sequence.
+
+    `init`: "random" (N(0, 1), as peft's nn.Embedding), "vocab" (embeddings of vocabulary tokens
+    drawn with `seed`) or "text" (embeddings of `init_token_ids`, the token ids of an init text,
+    repeated or truncated to n tokens, as peft's TEXT init).
+    """
+
+    method = "prompt"
+    targets: str | list[str] = field(default_factory=lambda: ["embed"])
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_token_ids: list[int] | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        n = self.num_virtual_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"prompt tuning init {self.init!r} is unknown; choose one of {INITS}")
+        if self.init == "text":
+            ids = self.init_token_ids
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ConfigError("init='text' needs init_token_ids: the token ids of the init text "
+                                  "(e.g. tokenizer.encode('Classify the sentiment'))")
+
+
+class PromptPart(nn.Module):
+    """The tensors of a prompt adapter: `prompt` (num_virtual_tokens, embedding_dim), kept in
+    fp32 as peft keeps it and cast to the embedding's dtype when used."""
+
+    def __init__(self, n: int, dim: int, device: torch.device) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.empty(n, dim, dtype=torch.float32, device=device),
+                                   requires_grad=False)
+
+
+def _embedding_of(site: Site) -> nn.Embedding:
+    if layer_kind(site.module) != "embedding":
+        raise ConfigError(f"prompt tuning attaches to the input embedding (role 'embed'); "
+                          f"{site.path!r} is a {site.type_name}")
+    return site.module
+
+
+def _build(site: Site, layer: Any, config: PromptTuningConfig, initialise: bool = True) -> PromptPart:
+    emb = _embedding_of(site)
+    weight = emb.weight
+    n = config.num_virtual_tokens
+    part = PromptPart(n, weight.shape[1], weight.device)
+    if initialise:
+        with torch.no_grad():
+            if config.init == "random":
+                part.prompt.normal_()
+            else:
+                if config.init == "vocab":
+                    g = torch.Generator().manual_seed(config.seed)
+                    ids = torch.randint(0, weight.shape[0], (n,), generator=g)
+                else:
+                    text = list(config.init_token_ids)
+                    bad = [i for i in text if i >= weight.shape[0]]
+                    if bad:
+                        raise ConfigError(f"init_token_ids {bad[:3]} are outside the vocabulary "
+                                          f"({weight.shape[0]} tokens)")
+                    ids = torch.tensor((text * math.ceil(n / len(text)))[:n])
+                part.prompt.copy_(weight[ids.to(weight.device)].float())
+    return part
+
+
+def _tensor_shapes(layer: Any, site: Site, config: PromptTuningConfig) -> dict[str, tuple[int, ...]]:
+    return {"prompt": (config.num_virtual_tokens, _embedding_of(site).weight.shape[1])}
+
+
+def _batch_and_length(kwargs: dict[str, Any]) -> tuple[int, int]:
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if ids is not None:
+        return ids.shape[0], ids.shape[1]
+    if embeds is not None:
+        return embeds.shape[0], embeds.shape[1]
+    raise ValueError("a prompt/prefix adapter needs input_ids or inputs_embeds")
+
+
+def _prepend(t: torch.Tensor | None, n: int, fill: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return torch.cat([t.new_full((t.shape[0], n), fill), t], dim=1)
+
+
+class PromptHook(InputHook):
+    """Prepends the prompt to the input embeddings (see the module docstring)."""
+
+    def __init__(self, parts: dict[str, nn.Module], n: int) -> None:
+        super().__init__(parts)
+        self.__dict__.update(n=n, _total=None)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.parts["0"].prompt
+
+    def _embeds(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+        kwargs = dict(kwargs)
+        batch, length = _batch_and_length(kwargs)
+        ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _prepend(mask, self.n, 1)
+        return kwargs, batch, length
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        n = self.n
+        kwargs, _, length = self._embeds(model, kwargs)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
+            kwargs["labels"] = _prepend(labels, n, -100)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], n, 0)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            virtual = torch.arange(n, device=positions.device, dtype=positions.dtype)
+            kwargs["position_ids"] = torch.cat(
+                [virtual.expand(*positions.shape[:-1], n), positions + n], dim=-1)
+        self.__dict__["_total"] = n + length
+        return kwargs
+
+    def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
+        logits = getattr(output, "logits", None)
+        if (isinstance(logits, torch.Tensor) and logits.dim() == 3
+                and logits.shape[1] == self._total and self._total is not None):
+            output.logits = logits[:, self.n:]
+        return output
+
+    def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
+        _check_generates(model)
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("generate with a prompt adapter needs input_ids")
+        kwargs = dict(kwargs)
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if kwargs.get("position_ids") is not None:
+            raise CapabilityError("generate with a prompt adapter numbers positions from the "
+                                  "attention mask; drop position_ids")
+        kwargs, _, _ = self._embeds(model, kwargs)
+        out = model.generate(**kwargs)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([ids.to(out.device), out], dim=1)
+        out.sequences = torch.cat([ids.to(out.sequences.device), out.sequences], dim=1)
+        return out
+
+
+def _check_generates(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise CapabilityError("generate with prompt/prefix adapters supports decoder-only models")
+    can = getattr(model, "can_generate", None)
+    if not hasattr(model, "generate") or (callable(can) and not can()):
+        raise CapabilityError(f"{type(model).__name__} does not generate text")
+
+
+def _build_hook(model: nn.Module, config: PromptTuningConfig, parts: dict[str, nn.Module]) -> PromptHook:
+    if len(parts) != 1:
+        raise ConfigError(f"prompt tuning attaches to exactly one site, the input embedding; "
+                          f"targets {config.targets!r} name {len(parts)}: {list(parts)}")
+    path = next(iter(parts))
+    emb = model.get_input_embeddings()
+    if emb is None or unwrap(emb) is not unwrap(model.get_submodule(path)):
+        raise ConfigError(f"prompt tuning must attach to the model's input embedding "
+                          f"(get_input_embeddings()), not {path!r}")
+    return PromptHook(parts, config.num_virtual_tokens)
+
+
+def _describe(config: PromptTuningConfig) -> str:
+    return f"{config.num_virtual_tokens} virtual tokens, init={config.init}"
+
+
+# ---- peft format ---------------------------------------------------------------------------------
+def peft_task(model: nn.Module) -> str:
+    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM or SEQ_CLS)."""
+    from ..peft_format import _task_type
+    task = _task_type(model, ["head"])
+    if task not in PEFT_TASKS:
+        raise CapabilityError(f"peft's prompt learning needs a causal LM or a sequence classifier; "
+                              f"{type(model).__name__} is neither (peft task {task!r})")
+    return task
+
+
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(num_layers, num_attention_heads) from the model config, as peft reads them."""
+    cfg = model.config
+    layers = next(getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, k))
+    heads = next(getattr(cfg, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(cfg, k))
+    return int(layers), int(heads)
+
+
+def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config: PromptTuningConfig = adapter.config
+    prompt = next(iter(adapter.parts().values())).prompt.detach()
+    layers, heads = model_shape(am.model)
+    fields = {
+        "task_type": peft_task(am.model),
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "prompt_tuning_init": PEFT_INIT[config.init],
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "modules_to_save": list(adapter.copies) or None,
+    }
+    return fields, {"prompt_embeddings": prompt.clone(), **head_tensors(am, adapter, fields)}
+
+
+def head_tensors(am: Any, adapter: Any, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """peft's SEQ_CLS prompt learning always trains and loads the head ('classifier' or
+    'score'); without a trained copy we write the base head's tensors, unchanged."""
+    if fields["task_type"] != "SEQ_CLS" or adapter.copies:
+        return {}
+    heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
+    if not heads:
+        raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
+                              f"head; {type(am.model).__name__} has neither")
+    fields["modules_to_save"] = heads
+    return {f"base_model.{h}.{k}": t.detach().clone()
+            for h in heads for k, t in am.model.get_submodule(h).state_dict().items()}
+
+
+def check_peft_header(cfg: dict[str, Any]) -> None:
+    if cfg.get("task_type") not in PEFT_TASKS + (None,):
+        raise CapabilityError(f"peft task_type {cfg.get('task_type')!r} is not supported for "
+                              f"prompt learning; peftlab imports {PEFT_TASKS}")
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise CapabilityError("encoder-decoder prompt learning (num_transformer_submodules=2) is "
+                              "not supported")
+
+
+def prompt_tensor(tensors: dict[str, torch.Tensor], expected: tuple[int, int], what: str
+                  ) -> torch.Tensor:
+    if "prompt_embeddings" not in tensors:
+        raise CheckpointError(f"the {what} adapter has no 'prompt_embeddings' tensor")
+    t = tensors["prompt_embeddings"]
+    if tuple(t.shape) != expected:
+        raise CheckpointError(f"'prompt_embeddings' is {list(t.shape)} but this model needs "
+                              f"{list(expected)}: the adapter was made for a different base model")
+    return t
+
+
+def split_copies(am: Any, tensors: dict[str, torch.Tensor], copy_paths: list[str]
+                 ) -> dict[tuple[str, str], torch.Tensor]:
+    """modules_to_save tensors of a prompt-learning file, keyed (path, param). peft writes them
+    as `base_model.<path>.<param>` for prompt learning (its base_model is the model itself)."""
+    out = {}
+    for key, t in tensors.items():
+        if key == "prompt_embeddings":
+            continue
+        rest = key.removeprefix("base_model.model.").removeprefix("base_model.")
+        owner = next((p for p in sorted(copy_paths, key=len, reverse=True)
+                      if rest.startswith(p + ".")), None)
+        if owner is None:
+            raise CheckpointError(f"tensor {key!r} is neither 'prompt_embeddings' nor part of "
+                                  f"modules_to_save {copy_paths}")
+        out[(owner, rest[len(owner) + 1:])] = t
+    return out
+
+
+def copy_paths_of(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The modules_to_save paths that the file actually carries (peft lists 'classifier' and
+    'score' for SEQ_CLS whether they exist or not)."""
+    from ..sites import match_targets
+    found = match_targets(am.model, cfg.get("modules_to_save") or [])
+    paths = sorted(set().union(set(), *found.values()))
+    keys = [k.removeprefix("base_model.model.").removeprefix("base_model.") for k in tensors]
+    return [p for p in paths if any(k.startswith(p + ".") for k in keys)]
+
+
+def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any):
+    check_peft_header(cfg)
+    sites = resolve_sites(am.model, ["embed"], roles=am.site_roles())
+    if len(sites) != 1:
+        raise CheckpointError(f"this model has {len(sites)} input embeddings; expected one")
+    n = int(cfg["num_virtual_tokens"])
+    d = _embedding_of(sites[0]).weight.shape[1]
+    t = prompt_tensor(tensors, (n, d), "PROMPT_TUNING")
+    copies = copy_paths_of(am, cfg, tensors)
+    config = PromptTuningConfig(targets=[sites[0].path], num_virtual_tokens=n,
+                                modules_to_save=copies or None)
+    out = {(sites[0].path, "prompt"): t}
+    out.update(split_copies(am, tensors, copies))
+    return config, sites, out
+
+
+METHOD = Method(
+    name="prompt",
+    title="Prompt tuning",
+    config_cls=PromptTuningConfig,
+    typology=Typology(
+        site_roles=("embed",),
+        form="prompt",
+        integration="prompt",
+        intra_connectivity="none",
+        adaptation="addition",
+        parameter_sharing="none",
+        input_type="none (free embeddings)",
+        insertion="in-sequence",
+        insertions_per_layer="n virtual tokens before the first layer",
+        workspace="embedding",
+        mergeable=False,
+        param_formula="n·d (virtual tokens × embedding width)",
+    ),
+    layer_kinds=("embedding",),
+    capabilities=frozenset(),
+    build=_build,
+    tensor_shapes=_tensor_shapes,
+    describe=_describe,
+    build_hook=_build_hook,
+    peft_type="PROMPT_TUNING",
+    to_peft=_to_peft,
+    from_peft=_from_peft,
+    train_lr=3e-2,
+)

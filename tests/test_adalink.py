@@ -1,0 +1,204 @@
+"""AdaLink: low-rank residual modules on the input embedding, routed by token group."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peftlab
+from peftlab.methods.adalink import AdaLinkConfig
+
+from conftest import BUILDERS, VOCAB, logits, tiny_bert, tiny_gpt2, tiny_llama
+
+EMBED = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "bert.embeddings.word_embeddings"}
+GROUPS = {"text": list(range(1, 40)), "image": list(range(60, 80))}   # the rest: "default"
+
+
+def delta_of(am, arch, name):
+    return am.model.get_submodule(EMBED[arch]).deltas[name]
+
+
+def loss_of(am, ids):
+    if am.config.model_type == "bert":
+        return am(input_ids=ids, labels=ids[:, 0] % 3).loss
+    return am(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("groups", [{}, GROUPS])
+def test_fresh_adapter_is_bit_identical_to_base(arch, groups, ids):
+    model = BUILDERS[arch]()
+    base = logits(model, ids)
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(r=3, groups=groups, activation="gelu"))
+    am.set_active("a")
+    assert torch.equal(logits(am, ids), base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_matches_hand_computation_and_disable_gives_base(arch, ids):
+    model = BUILDERS[arch]()
+    base = logits(model, ids)
+    E = model.get_input_embeddings().weight.detach().clone()
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(r=3, activation="tanh", init="random"))
+    am.set_active("a")
+    d = delta_of(am, arch, "a")
+    assert tuple(d.D.shape) == (1, 32, 3) and tuple(d.U.shape) == (1, 3, 32)
+    e = F.embedding(ids, E)
+    expected = e + torch.tanh(e @ d.D[0]) @ d.U[0]
+    with torch.no_grad():
+        torch.testing.assert_close(am.get_input_embeddings()(ids), expected)
+    assert (logits(am, ids) - base).abs().max() > 1e-4
+    with am.disabled():
+        assert torch.equal(logits(am, ids), base)
+
+
+def test_groups_route_tokens_to_their_own_module():
+    model = tiny_llama()
+    E = model.model.embed_tokens.weight.detach().clone()
+    am = peftlab.adapt(model)
+    am.add_adapter("g", AdaLinkConfig(r=2, activation="relu", groups=GROUPS))
+    am.set_active("g")
+    d = delta_of(am, "llama", "g")
+    names = am.adapters["g"].config.group_names()
+    assert names == ["default", "image", "text"]
+    assert tuple(d.D.shape) == (3, 32, 2) and tuple(d.U.shape) == (3, 2, 32)
+    text, image, default = torch.tensor([1, 5, 39]), torch.tensor([60, 70, 79]), torch.tensor([0, 40, 95])
+    ids = torch.cat([text, image, default])[None]
+    emb = am.get_input_embeddings()
+    with torch.no_grad():
+        assert torch.equal(emb(ids), F.embedding(ids, E))
+        d.U[names.index("image")].uniform_(-1, 1)     # only the image module is non-zero
+        out = emb(ids)[0]
+    e = E[ids[0]]
+    assert torch.equal(out[:3], e[:3]) and torch.equal(out[6:], e[6:])   # text, default: unaffected
+    g = names.index("image")
+    torch.testing.assert_close(out[3:6], e[3:6] + F.relu(e[3:6] @ d.D[g]) @ d.U[g])
+    assert (out[3:6] - e[3:6]).abs().max() > 1e-3
+    # every group non-zero: each token uses its own group's module
+    with torch.no_grad():
+        d.U.uniform_(-1, 1)
+        out = emb(ids)[0]
+    for rows, name in ((slice(0, 3), "text"), (slice(3, 6), "image"), (slice(6, 9), "default")):
+        k = names.index(name)
+        torch.testing.assert_close(out[rows], e[rows] + F.relu(e[rows] @ d.D[k]) @ d.U[k])
+
+
+def untied_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [untied_llama, tiny_bert])
+def test_merge_equals_unmerged(build, ids):
+    model = build()
+    E = model.get_input_embeddings().weight.detach().clone()
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(r=4, init="random"))
+    am.set_active("a")
+    unmerged = logits(am, ids)
+    am.merge("a")
+    assert not torch.equal(model.get_input_embeddings().base_layer.weight, E)
+    torch.testing.assert_close(logits(am, ids), unmerged, atol=1e-5, rtol=0)
+    am.unmerge("a")
+    torch.testing.assert_close(model.get_input_embeddings().base_layer.weight, E, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(am, ids), unmerged, atol=1e-5, rtol=0)
+    plain = am.merge_and_unload()
+    torch.testing.assert_close(logits(plain, ids), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fields,match", [({"activation": "gelu"}, "not the identity"),
+                                          ({"groups": {"x": [3]}}, "token-group")])
+def test_merge_refused_when_not_linear_or_grouped(fields, match):
+    model = untied_llama()
+    E = model.model.embed_tokens.weight.detach().clone()
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(init="random", **fields))
+    am.set_active("a")
+    with pytest.raises(peftlab.CapabilityError, match=match):
+        am.merge("a")
+    assert torch.equal(am.model.model.embed_tokens.base_layer.weight, E)
+    assert not am.adapters["a"].merged
+
+
+def test_tied_embedding_refuses_merge():
+    am = peftlab.adapt(tiny_gpt2())
+    am.add_adapter("a", AdaLinkConfig(init="random"))
+    am.set_active("a")
+    with pytest.raises(peftlab.CapabilityError, match="tied"):
+        am.merge("a")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_training_changes_only_adapter_and_lowers_loss(arch, ids):
+    model = BUILDERS[arch]()
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(r=4, groups={"g": [1, 2, 3]}))
+    am.add_adapter("other", AdaLinkConfig(r=2, init="random"))
+    am.set_active("a")
+    am.set_trainable("a")
+    mine = {id(p) for p in am.adapter_parameters("a")}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in mine}
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
+    assert {id(p) for p in am.parameters() if p.requires_grad} == mine
+    opt = torch.optim.Adam([p for p in am.parameters() if p.requires_grad], lr=2e-2)
+    losses = []     # eval mode: no dropout, so the losses compare exactly
+    for _ in range(4):
+        loss = loss_of(am, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    params = dict(model.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), n
+    assert all(not torch.equal(params[n], before) for n, before in start.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_save_load_is_bit_exact(arch, tmp_path, ids):
+    am = peftlab.adapt(BUILDERS[arch]())
+    am.add_adapter("a", AdaLinkConfig(r=3, activation="gelu", groups=GROUPS, init="random"))
+    am.set_active("a")
+    expected = logits(am, ids)
+    am.save_adapter(tmp_path / "ad", "a")
+    fresh = peftlab.adapt(BUILDERS[arch]())
+    fresh.load_adapter(tmp_path / "ad", "a")
+    fresh.set_active("a")
+    assert fresh.adapters["a"].config == am.adapters["a"].config
+    saved, loaded = am.adapter_tensors("a"), fresh.adapter_tensors("a")
+    assert saved.keys() == loaded.keys() == {(EMBED[arch], "D"), (EMBED[arch], "U")}
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert torch.equal(logits(fresh, ids), expected)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"r": 0}, "rank"),
+    ({"r": True}, "rank"),
+    ({"activation": "swish"}, "activation"),
+    ({"init": "ones"}, "init"),
+    ({"groups": [1, 2]}, "dict"),
+    ({"groups": {"default": [1]}}, "reserved"),
+    ({"groups": {"a": []}}, "at least one"),
+    ({"groups": {"a": [1, -2]}}, "integers"),
+    ({"groups": {"a": [1, 2], "b": [2]}}, "one group"),
+    ({"targets": []}, "targets"),
+])
+def test_config_errors(fields, match):
+    with pytest.raises(peftlab.ConfigError, match=match):
+        AdaLinkConfig(**fields).validate()
+
+
+def test_site_errors_leave_model_unchanged():
+    am = peftlab.adapt(tiny_llama())
+    with pytest.raises(peftlab.ConfigError, match="outside the vocabulary"):
+        am.add_adapter("a", AdaLinkConfig(groups={"a": [VOCAB]}))
+    with pytest.raises(peftlab.ConfigError, match="cannot attach"):
+        am.add_adapter("a", AdaLinkConfig(targets=["attn.q"]))
+    assert not am.adapters
+    assert not any(isinstance(m, peftlab.AdaptedLayer) for m in am.model.modules())
