@@ -30,6 +30,7 @@ from .layer import (
     layer_kind,
 )
 from .methods import Method, MethodConfig, method_of
+from .objectives import LossContext, LossTerm
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import render_card, summarise_sites
 
@@ -52,7 +53,7 @@ class Adapter:
 
     def parts(self) -> dict[str, nn.Module]:
         """Site path -> the module holding this adapter's tensors there."""
-        if self.hook is not None:
+        if not self.layers and self.hook is not None:
             return dict(zip(self.hook.part_paths, self.hook.parts.values(), strict=True))
         return {path: layer.deltas[self.name] for path, layer in self.layers.items()}
 
@@ -87,6 +88,8 @@ class AdaptedModel(nn.Module):
         self.adapters: dict[str, Adapter] = {}
         self.hooks = nn.ModuleDict()       # adapter name -> InputHook of model-level adapters
         self._hooks_seen: tuple[int, tuple[InputHook, ...]] = (-1, ())
+        self.loss_terms: dict[str, LossTerm] = {}
+        self._last_forward: tuple[dict, object] | None = None   # for loss terms that read outputs
         self._roles: dict[str, str] | None = None
         self._unloaded = False
         if freeze_base:
@@ -96,14 +99,17 @@ class AdaptedModel(nn.Module):
     # ---- pass-through -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         hooks = self._active_hooks()
-        if not hooks:
+        capture = self.training and self.loss_terms and self._terms_need_outputs()
+        if not hooks and not capture:
             return self.model(*args, **kwargs)
-        kwargs = self._as_kwargs(args, kwargs, "forward")
+        inputs = kwargs = self._as_kwargs(args, kwargs, "forward")
         for hook in hooks:
             kwargs = hook.prepare(self.model, kwargs)
         out = self.model(**kwargs)
         for hook in reversed(hooks):
             out = hook.finish(out, kwargs)
+        if capture:
+            self.__dict__["_last_forward"] = (inputs, out)
         return out
 
     def generate(self, *args, **kwargs):
@@ -160,7 +166,7 @@ class AdaptedModel(nn.Module):
         Model-level methods (prompt, prefix) get per-site parts gathered by one InputHook and
         wrap no layer."""
         current = dict(iter_modules(self.model))
-        model_level = method.build_hook is not None
+        model_level = not method.layer_kinds     # prompt, prefix: no layer is wrapped
         for site in sites:
             if isinstance(current[site.path], ModuleCopies):
                 raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
@@ -190,7 +196,8 @@ class AdaptedModel(nn.Module):
                         for tname, t in part.state_dict().items():
                             t.copy_(tensors[(site.path, tname)])
                 parts[site.path] = part
-            hook = method.build_hook(self.model, config, parts) if model_level else None
+            hook = method.build_hook(self.model, config, parts) if method.build_hook else None
+            terms = method.loss_terms(self, name, config, parts) if method.loss_terms else []
             copies: dict[str, nn.Module] = {}
             for site in copy_sites:
                 clone = copy.deepcopy(site.module).requires_grad_(False)
@@ -208,7 +215,9 @@ class AdaptedModel(nn.Module):
         # Install: from here on nothing can fail on bad input.
         if hook is not None:
             self.hooks[name] = hook
-        else:
+        for term in terms:
+            self.loss_terms[term.name] = term
+        if not model_level:
             for path, delta in parts.items():
                 if current[path] is not layers[path]:
                     self._replace(path, layers[path], current)
@@ -293,6 +302,8 @@ class AdaptedModel(nn.Module):
                 self._replace(path, layer.base_layer)
         if adapter.hook is not None:
             del self.hooks[name]
+        for term_name in [n for n, t in self.loss_terms.items() if t.adapter == name]:
+            del self.loss_terms[term_name]
         for path, wrapper in adapter.copies.items():
             del wrapper.copies[name]
             if not wrapper.copies:
@@ -350,6 +361,46 @@ class AdaptedModel(nn.Module):
         for p in self.adapter_parameters(adapter.name):
             p.requires_grad_(on)
         adapter.trainable = on
+
+    # ---- auxiliary losses ----------------------------------------------------------------------
+    def add_loss_term(self, term: LossTerm) -> None:
+        """Register an auxiliary loss term (replacing one of the same name)."""
+        if term.adapter is not None:
+            self._get(term.adapter)
+        self.loss_terms[term.name] = term
+
+    def remove_loss_term(self, name: str) -> None:
+        if name not in self.loss_terms:
+            raise ConfigError(f"no loss term {name!r}; registered: {list(self.loss_terms) or 'none'}")
+        del self.loss_terms[name]
+
+    def active_loss_terms(self) -> list[LossTerm]:
+        """The terms that count now: unowned ones, and those of active, trainable adapters."""
+        on = set(self.state.active) if self.state.enabled else set()
+        return [t for t in self.loss_terms.values()
+                if t.adapter is None or (t.adapter in on and self.adapters[t.adapter].trainable)]
+
+    def _terms_need_outputs(self) -> bool:
+        return any(t.needs_outputs for t in self.active_loss_terms())
+
+    def auxiliary_loss(self, step: int = 0, total_steps: int | None = None
+                       ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Σ weight · term over the active terms for the last training forward, and each
+        weighted term's value (for logging). Releases the kept forward inputs and outputs."""
+        inputs, outputs = self._last_forward or (None, None)
+        self.__dict__["_last_forward"] = None
+        total, parts = None, {}
+        for term in self.active_loss_terms():
+            factor = term.factor(step, total_steps)
+            if factor == 0.0:
+                continue
+            if term.needs_outputs and outputs is None:
+                raise AdapterError(f"loss term {term.name!r} reads the model's outputs, but no training "
+                                   "forward ran through this AdaptedModel since the last auxiliary_loss()")
+            value = factor * term.compute(LossContext(self, inputs, outputs, step, total_steps))
+            parts[term.name] = float(value.detach())
+            total = value if total is None else total + value
+        return total, parts
 
     # ---- tensors and counts -------------------------------------------------------------------
     def adapter_tensors(self, name: str) -> dict[tuple[str, str], torch.Tensor]:

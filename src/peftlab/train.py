@@ -339,9 +339,12 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                 with sync:
                     with autocast():
                         loss = task.loss(model, batch)
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise PeftlabError(f"{type(task).__name__}.loss must return a scalar tensor "
-                                           f"(the batch mean), got {getattr(loss, 'shape', type(loss))}")
+                        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                            raise PeftlabError(f"{type(task).__name__}.loss must return a scalar tensor "
+                                               f"(the batch mean), got {getattr(loss, 'shape', type(loss))}")
+                        aux, _ = am.auxiliary_loss(step, config.steps)   # registered loss terms
+                        if aux is not None:
+                            loss = loss + aux
                     (loss.float() / config.grad_accum).backward()
                 total += loss.detach().float()
             if config.max_grad_norm is not None and config.max_grad_norm > 0:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdaptedLayer, Delta, InputHook
+from ..objectives import LossTerm
 from ..sites import Site
 from ..typology import Typology
 
@@ -33,6 +34,11 @@ class MethodConfig:
         if not self.targets:
             raise ConfigError(f"{type(self).__name__}.targets is empty; name roles such as "
                               "'attn.q', module names, globs, 're:...' or 'all-linear'")
+        items = [self.targets] if isinstance(self.targets, str) else self.targets
+        if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
+            raise ConfigError(f"{type(self).__name__}.targets must be a list of roles, module names, "
+                              f"globs, 're:...' regexes or 'all-linear' (or one such string); got "
+                              f"{self.targets!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -63,18 +69,19 @@ class Method:
     title: str
     config_cls: type[MethodConfig]
     typology: Typology
-    layer_kinds: tuple[str, ...]            # base layer kinds it can attach to
+    layer_kinds: tuple[str, ...]            # base layer kinds it wraps; () = model-level method
     capabilities: frozenset[str]
     # build(site, layer, config, initialise=True): the delta for one site; `layer` wraps the
     # site's base layer; initialise=False leaves tensors unset for a checkpoint to fill.
-    # Model-level methods (build_hook set) get layer=None and return a plain module of tensors.
+    # Model-level methods (layer_kinds empty) get layer=None and return a plain module of tensors.
+    # A build that declares a `model` keyword also gets the AdaptedModel (to find sibling sites).
     build: Callable[..., Delta | nn.Module]
     # Tensor names and shapes a delta at this site holds, for checking checkpoints before loading
     # (layer is None for model-level methods).
     tensor_shapes: Callable[[AdaptedLayer | None, Site, MethodConfig], dict[str, tuple[int, ...]]]
     describe: Callable[[MethodConfig], str] = lambda config: ""
-    # build_hook(model, config, parts): the InputHook of a model-level method, from its per-site
-    # parts (site path -> module). None for methods that live in layers.
+    # build_hook(model, config, parts): an InputHook that rewrites the model's forward inputs
+    # (prompt/prefix tuning; per-token routing masks), from the per-site parts (site path -> module).
     build_hook: Callable[[nn.Module, MethodConfig, dict[str, nn.Module]], InputHook] | None = None
     # The peft format (shared/specs/peft-format.md), for methods peft also has:
     # to_peft(am, adapter) -> (peft config fields beyond the common header, {full peft key: tensor});
@@ -83,6 +90,9 @@ class Method:
     # A learning rate known to work for this method in `peftlab train` when none is given
     # (None: the model's default, tuned for LoRA). Prompt-like methods need far larger ones.
     train_lr: float | None = None
+    # loss_terms(am, adapter name, config, parts) -> [LossTerm]: auxiliary losses the adapter
+    # brings (objectives.py), registered with it and removed with it.
+    loss_terms: Callable[..., list[LossTerm]] | None = None
     peft_type: str | None = None
     to_peft: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     from_peft: Callable[..., tuple[MethodConfig, list[Site], dict[tuple[str, str], Any]]] | None = None

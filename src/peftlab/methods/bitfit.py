@@ -15,18 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CapabilityError, ConfigError
+from ..errors import CapabilityError
 from ..layer import AdaptedLayer, Delta
 from ..sites import Site
 from ..typology import Typology
 from .base import Method, MethodConfig
-
-
-def _check_targets(owner: str, targets) -> None:
-    items = [targets] if isinstance(targets, str) else targets
-    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
-        raise ConfigError(f"{owner}.targets must be a role, module name, glob, 're:...' regex or "
-                          f"'all-linear', or a list of them (non-empty strings); got {targets!r}")
 
 
 @dataclass
@@ -36,15 +29,6 @@ class BitFitConfig(MethodConfig):
 
     method = "bitfit"
     targets: str | list[str] = field(default_factory=lambda: ["all-linear", "norm"])
-
-    def validate(self) -> None:
-        super().validate()
-        _check_targets("BitFitConfig", self.targets)
-
-
-def out_size(layer: AdaptedLayer) -> int:
-    """Output width of a Linear / Conv1D / norm (a norm's weight is one value per feature)."""
-    return layer.base_layer.weight.shape[0] if layer.kind == "norm" else layer.out_features
 
 
 def bias_slot(layer: AdaptedLayer) -> bool:
@@ -108,11 +92,11 @@ def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bo
     weight = layer.base_layer.weight
     bias = getattr(layer.base_layer, "bias", None)
     dtype = bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
-    return BiasDelta(out_size(layer), dtype=dtype, device=weight.device)
+    return BiasDelta(layer.out_features, dtype=dtype, device=weight.device)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: BitFitConfig) -> dict[str, tuple[int, ...]]:
-    return {"bias": (out_size(layer),)}
+    return {"bias": (layer.out_features,)}
 
 
 def _describe(config: BitFitConfig) -> str:

@@ -29,14 +29,12 @@ PREFIX = "base_model.model."
 TENSOR = "ia3_l"
 
 
-def _check_names(owner: str, field_name: str, value: Any, *, allow_empty: bool) -> list[str]:
-    """`value` as a list of non-empty strings, or ConfigError naming the field."""
+def _feedforward_list(value: Any) -> list[str]:
+    """IA3Config.feedforward as a list of non-empty strings, or ConfigError."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
-        raise ConfigError(f"{owner}.{field_name} must be a list of roles or module-name patterns "
+        raise ConfigError(f"IA3Config.feedforward must be a list of roles or module-name patterns "
                           f"(non-empty strings such as 'ffn.down' or 'mlp.c_proj'), got {value!r}")
-    if not items and not allow_empty:
-        raise ConfigError(f"{owner}.{field_name} is empty")
     return list(items)
 
 
@@ -55,8 +53,7 @@ class IA3Config(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_names("IA3Config", "targets", self.targets, allow_empty=False)
-        for key in _check_names("IA3Config", "feedforward", self.feedforward, allow_empty=True):
+        for key in _feedforward_list(self.feedforward):
             try:
                 re.compile(rf"(.*\.)?({key})$")
             except re.error as e:

@@ -31,10 +31,6 @@ class LNTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        items = [self.targets] if isinstance(self.targets, str) else self.targets
-        if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
-            raise ConfigError(f"LNTuningConfig.targets must be a role (e.g. 'norm'), module name, glob "
-                              f"or 're:...' regex, or a list of them; got {self.targets!r}")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"LNTuningConfig.bias must be True or False (train the norm biases "
                               f"where present), got {self.bias!r}")

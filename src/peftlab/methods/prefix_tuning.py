@@ -381,7 +381,7 @@ METHOD = Method(
         mergeable=False,
         param_formula="2·n·kv_heads·head_dim per layer",
     ),
-    layer_kinds=(),
+    layer_kinds=(),                 # model-level: an InputHook, no wrapped layer
     capabilities=frozenset(),
     build=_build,
     tensor_shapes=_tensor_shapes,

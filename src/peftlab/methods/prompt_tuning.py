@@ -364,7 +364,7 @@ METHOD = Method(
         mergeable=False,
         param_formula="n·d (virtual tokens × embedding width)",
     ),
-    layer_kinds=("embedding",),
+    layer_kinds=(),                 # model-level: an InputHook, no wrapped layer
     capabilities=frozenset(),
     build=_build,
     tensor_shapes=_tensor_shapes,
