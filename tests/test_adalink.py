@@ -9,6 +9,8 @@ import peftlab
 from peftlab.methods.adalink import AdaLinkConfig
 
 from conftest import BUILDERS, VOCAB, logits, tiny_bert, tiny_gpt2, tiny_llama
+from method_checks import (adapter_and_other, assert_fresh_adapter_is_base, assert_save_load_bit_exact,
+                           assert_trainable_is_exactly, check_training, labels_for, with_adapter)
 
 EMBED = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "bert.embeddings.word_embeddings"}
 GROUPS = {"text": list(range(1, 40)), "image": list(range(60, 80))}   # the rest: "default"
@@ -18,21 +20,10 @@ def delta_of(am, arch, name):
     return am.model.get_submodule(EMBED[arch]).deltas[name]
 
 
-def loss_of(am, ids):
-    if am.config.model_type == "bert":
-        return am(input_ids=ids, labels=ids[:, 0] % 3).loss
-    return am(input_ids=ids, labels=ids).loss
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("groups", [{}, GROUPS])
 def test_fresh_adapter_is_bit_identical_to_base(arch, groups, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    am = peftlab.adapt(model)
-    am.add_adapter("a", AdaLinkConfig(r=3, groups=groups, activation="gelu"))
-    am.set_active("a")
-    assert torch.equal(logits(am, ids), base)
+    assert_fresh_adapter_is_base(BUILDERS[arch], AdaLinkConfig(r=3, groups=groups, activation="gelu"), ids)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -135,46 +126,19 @@ def test_tied_embedding_refuses_merge():
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_training_changes_only_adapter_and_lowers_loss(arch, ids):
-    model = BUILDERS[arch]()
-    am = peftlab.adapt(model)
-    am.add_adapter("a", AdaLinkConfig(r=4, groups={"g": [1, 2, 3]}))
-    am.add_adapter("other", AdaLinkConfig(r=2, init="random"))
-    am.set_active("a")
-    am.set_trainable("a")
-    mine = {id(p) for p in am.adapter_parameters("a")}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in mine}
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
-    assert {id(p) for p in am.parameters() if p.requires_grad} == mine
-    opt = torch.optim.Adam([p for p in am.parameters() if p.requires_grad], lr=2e-2)
-    losses = []     # eval mode: no dropout, so the losses compare exactly
-    for _ in range(4):
-        loss = loss_of(am, ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    params = dict(model.named_parameters())
-    for n, before in frozen.items():
-        assert torch.equal(params[n], before), n
-    assert all(not torch.equal(params[n], before) for n, before in start.items())
+    am = adapter_and_other(BUILDERS[arch], AdaLinkConfig(r=4, groups={"g": [1, 2, 3]}),
+                           AdaLinkConfig(r=2, init="random"))
+    assert_trainable_is_exactly(am, "a")
+    # eval mode: no dropout, so the losses compare exactly
+    check_training(am, "a", ids, labels_for(am, ids), others=["other"], steps=4, lr=2e-2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_save_load_is_bit_exact(arch, tmp_path, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", AdaLinkConfig(r=3, activation="gelu", groups=GROUPS, init="random"))
-    am.set_active("a")
-    expected = logits(am, ids)
-    am.save_adapter(tmp_path / "ad", "a")
-    fresh = peftlab.adapt(BUILDERS[arch]())
-    fresh.load_adapter(tmp_path / "ad", "a")
-    fresh.set_active("a")
-    assert fresh.adapters["a"].config == am.adapters["a"].config
-    saved, loaded = am.adapter_tensors("a"), fresh.adapter_tensors("a")
-    assert saved.keys() == loaded.keys() == {(EMBED[arch], "D"), (EMBED[arch], "U")}
-    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-    assert torch.equal(logits(fresh, ids), expected)
+    am = with_adapter(BUILDERS[arch], "a",
+                      AdaLinkConfig(r=3, activation="gelu", groups=GROUPS, init="random"))
+    saved, _ = assert_save_load_bit_exact(am, "a", BUILDERS[arch], tmp_path, ids)
+    assert saved.keys() == {(EMBED[arch], "D"), (EMBED[arch], "U")}
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -8,6 +8,8 @@ import peftlab
 from peftlab.methods.bottleneck import AdapterConfig
 
 from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
+from method_checks import (adapter_and_other, assert_fresh_adapter_is_base, assert_save_load_bit_exact,
+                           assert_trainable_is_exactly, check_training, labels_for, with_adapter)
 
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
 # Per arch: (ffn.up path, ffn.down path, the FFN module whose input is the FFN input) in layer 0.
@@ -17,12 +19,6 @@ FFN = {
     "bert": ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense",
              "bert.encoder.layer.0.intermediate"),
 }
-
-
-def loss_of(am, ids):
-    if am.config.model_type == "bert":
-        return am(input_ids=ids, labels=ids[:, 0] % 3).loss
-    return am(input_ids=ids, labels=ids).loss
 
 
 def delta_of(am, path, name):
@@ -43,12 +39,8 @@ def adapter_formula(d, h):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_fresh_adapter_is_bit_identical_to_base(arch, placement, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    am = peftlab.adapt(model)
-    am.add_adapter("a", AdapterConfig(placement=placement, bottleneck=8))
-    am.set_active("a")
-    assert torch.equal(logits(am, ids), base)
+    base = logits(BUILDERS[arch](), ids)
+    am = assert_fresh_adapter_is_base(BUILDERS[arch], AdapterConfig(placement=placement, bottleneck=8), ids)
     with am.disabled():
         assert torch.equal(logits(am, ids), base)
 
@@ -190,48 +182,19 @@ def test_not_mergeable_and_serial_blocks_merging_its_layer():
 
 @pytest.mark.parametrize("arch,placement", [("llama", "parallel"), ("gpt2", "houlsby"), ("bert", "pfeiffer")])
 def test_training_changes_only_adapter_and_lowers_loss(arch, placement, ids):
-    model = BUILDERS[arch]()
-    am = peftlab.adapt(model)
-    am.add_adapter("a", AdapterConfig(placement=placement, bottleneck=8))
-    am.add_adapter("other", AdapterConfig(placement=placement, bottleneck=8, init="random"))
-    am.set_active("a")
-    am.set_trainable("a")
-    mine = {id(p) for p in am.adapter_parameters("a")}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in mine}
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
-    trainable = [p for p in am.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == mine
-    opt = torch.optim.Adam(trainable, lr=1e-2)
-    losses = []     # eval mode: no dropout, so the losses compare exactly
-    for _ in range(4):
-        loss = loss_of(am, ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    params = dict(model.named_parameters())
-    for n, before in frozen.items():     # base weights and the other adapter: untouched
-        assert torch.equal(params[n], before), n
-    assert all(not torch.equal(params[n], before) for n, before in start.items())
+    am = adapter_and_other(BUILDERS[arch], AdapterConfig(placement=placement, bottleneck=8),
+                           AdapterConfig(placement=placement, bottleneck=8, init="random"))
+    assert_trainable_is_exactly(am, "a")
+    # eval mode: no dropout, so the losses compare exactly
+    check_training(am, "a", ids, labels_for(am, ids), others=["other"], steps=4, lr=1e-2)
 
 
 @pytest.mark.parametrize("arch,placement", [("llama", "parallel"), ("gpt2", "houlsby"), ("bert", "pfeiffer")])
 def test_save_load_is_bit_exact(arch, placement, tmp_path, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", AdapterConfig(placement=placement, bottleneck=8, activation="tanh", init="random"))
-    am.set_active("a")
-    expected = logits(am, ids)
-    am.save_adapter(tmp_path / "ad", "a")
-    fresh = peftlab.adapt(BUILDERS[arch]())
-    fresh.load_adapter(tmp_path / "ad", "a")
-    fresh.set_active("a")
-    assert fresh.adapters["a"].config == am.adapters["a"].config
-    saved, loaded = am.adapter_tensors("a"), fresh.adapter_tensors("a")
-    assert saved.keys() == loaded.keys()
+    am = with_adapter(BUILDERS[arch], "a",
+                      AdapterConfig(placement=placement, bottleneck=8, activation="tanh", init="random"))
+    saved, _ = assert_save_load_bit_exact(am, "a", BUILDERS[arch], tmp_path, ids)
     assert {k[1] for k in saved} == {"down.weight", "down.bias", "up.weight", "up.bias"}
-    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-    assert torch.equal(logits(fresh, ids), expected)
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -8,6 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BUILDERS, logits, tiny_gpt2, tiny_llama
+import method_checks
+from method_checks import (QUIET, assert_fresh_adapter_is_base, assert_save_load_bit_exact, base_params,
+                           check_merge_unmerge_and_disable, check_training_beside_other, hidden,
+                           with_adapter)
 from safetensors import safe_open
 from torch import nn
 
@@ -15,10 +19,7 @@ import peftlab
 from peftlab.methods import get_method
 from peftlab.methods.ia3 import IA3Config
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-]
+pytestmark = QUIET
 
 PREFIX = "base_model.model."
 ARCHS = ["llama", "gpt2", "bert"]
@@ -26,42 +27,7 @@ ARCHS = ["llama", "gpt2", "bert"]
 
 def perturb(am, name: str, seed: int = 0) -> None:
     """Move every ia3_l off its initial ones (kept away from 0, so merges are invertible)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in am.adapter_tensors(name).values():
-            t.copy_(1 + 0.3 * torch.randn(t.shape, generator=g))
-
-
-def hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden state: BERT's classification logits are tiny at init, so comparisons of
-    adapted and base outputs also look here."""
-    with torch.no_grad():
-        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-
-
-def base_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def base_params(am) -> dict[str, torch.Tensor]:
-    """The base model's parameters by their original names (wrappers add 'base_layer.')."""
-    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in am.model.named_parameters()
-            if ".deltas." not in k}
-
-
-def train_steps(am, arch: str, ids: torch.Tensor, steps: int = 5) -> list[float]:
-    params = [p for n in am.adapters if am.adapters[n].trainable for p in am.adapter_parameters(n)]
-    opt = torch.optim.Adam(params, lr=1e-2)
-    labels = torch.tensor([0, 2]) if arch == "bert" else ids
-    losses = []
-    am.eval()      # no dropout in the tiny models: a deterministic loss curve
-    for _ in range(steps):
-        loss = am(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    method_checks.perturb(am, name, seed, scale=0.3, offset=1)
 
 
 # ---- sites and the no-op start ----------------------------------------------------------------
@@ -94,12 +60,7 @@ def test_gpt2_uses_fused_c_attn_and_mlp_c_proj_input():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fresh_adapter_is_bit_identical_to_base(arch, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    am = peftlab.adapt(model)
-    am.add_adapter("a", IA3Config())
-    am.set_active("a")
-    assert torch.equal(logits(am, ids), base)
+    assert_fresh_adapter_is_base(BUILDERS[arch], IA3Config(), ids)
 
 
 # ---- the definition ------------------------------------------------------------------------------
@@ -137,29 +98,10 @@ def test_conv1d_scaling_matches_definition():
 # ---- merging ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_unmerge_and_disable(arch, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    before = base_state(model)
-    am = peftlab.adapt(model)
-    am.add_adapter("a", IA3Config())
-    am.set_active("a")
-    perturb(am, "a")
-    unmerged, unmerged_h = logits(am, ids), hidden(am, ids)
-    with am.disabled():
-        assert torch.equal(logits(am, ids), base)
-        base_h = hidden(am, ids)
-    assert (unmerged_h - base_h).abs().max() > 1e-2
-    am.merge("a")
-    torch.testing.assert_close(logits(am, ids), unmerged, rtol=0, atol=1e-5)
-    torch.testing.assert_close(hidden(am, ids), unmerged_h, rtol=0, atol=1e-5)
-    am.unmerge("a")
-    torch.testing.assert_close(logits(am, ids), unmerged, rtol=0, atol=1e-5)
-    torch.testing.assert_close(hidden(am, ids), unmerged_h, rtol=0, atol=1e-5)
+    am, before = check_merge_unmerge_and_disable(BUILDERS[arch], IA3Config(), ids, perturb)
     # unmerge divides the scale back out: within 1e-6 of the original weights, not bit-exact
     for k, v in base_params(am).items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6, msg=k)
-    with am.disabled():
-        torch.testing.assert_close(logits(am, ids), base, rtol=0, atol=1e-5)
 
 
 def test_merge_writes_rows_and_columns_of_conv1d():
@@ -257,38 +199,16 @@ def test_two_ia3_adapters_merge_alone():
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_lowers_loss_and_touches_only_the_adapter(arch, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", IA3Config())
-    am.add_adapter("other", IA3Config())
-    am.set_active("a")
-    am.set_trainable("a")
-    base = base_params(am)
-    start = {k: t.clone() for k, t in am.adapter_tensors("a").items()}
-    other = {k: t.clone() for k, t in am.adapter_tensors("other").items()}
-    losses = train_steps(am, arch, ids)
-    assert losses[-1] < losses[0]
-    for k, v in base_params(am).items():
-        assert torch.equal(v, base[k]), k
-    assert all(torch.equal(t, other[k]) for k, t in am.adapter_tensors("other").items())
-    assert any(not torch.equal(t, start[k]) for k, t in am.adapter_tensors("a").items())
+    check_training_beside_other(BUILDERS[arch], IA3Config, ids, changed="any")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tmp_path, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", IA3Config())
-    am.set_active("a")
+    am = with_adapter(BUILDERS[arch], "a", IA3Config())
     perturb(am, "a")
-    out = logits(am, ids)
-    am.save_adapter(tmp_path / "a", "a")
-    fresh = peftlab.adapt(BUILDERS[arch]())
-    fresh.load_adapter(tmp_path / "a", "b")
-    fresh.set_active("b")
-    mine, theirs = am.adapter_tensors("a"), fresh.adapter_tensors("b")
-    assert sorted(mine) == sorted(theirs) and all(k[1] == "ia3_l" for k in mine)
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert torch.equal(logits(fresh, ids), out)
+    saved, _ = assert_save_load_bit_exact(am, "a", BUILDERS[arch], tmp_path, ids, load_as="b")
+    assert all(k[1] == "ia3_l" for k in saved)
 
 
 # ---- peft interop ------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BUILDERS, logits, tiny_gpt2, tiny_llama
+import method_checks
+from method_checks import (assert_fresh_adapter_is_base, assert_save_load_bit_exact, base_params,
+                           check_merge_unmerge_and_disable, check_training_beside_other, with_adapter)
 from torch import nn
 
 import peftlab
@@ -17,20 +20,7 @@ ARCHS = ["llama", "gpt2", "bert"]
 
 
 def perturb(am, name: str, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in am.adapter_tensors(name).values():
-            t.copy_(0.3 * torch.randn(t.shape, generator=g))
-
-
-def hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-
-
-def base_params(am) -> dict[str, torch.Tensor]:
-    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in am.model.named_parameters()
-            if ".deltas." not in k}
+    method_checks.perturb(am, name, seed, scale=0.3)
 
 
 # ---- sites and the no-op start ------------------------------------------------------------------
@@ -58,12 +48,7 @@ def test_bias_false_trains_weights_only():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fresh_adapter_is_bit_identical_to_base(arch, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    am = peftlab.adapt(model)
-    am.add_adapter("a", LNTuningConfig())
-    am.set_active("a")
-    assert torch.equal(logits(am, ids), base)
+    assert_fresh_adapter_is_base(BUILDERS[arch], LNTuningConfig(), ids)
 
 
 # ---- the definition --------------------------------------------------------------------------------
@@ -96,30 +81,13 @@ def test_rmsnorm_uses_shifted_weight():
 # ---- merging ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_unmerge_and_disable(arch, ids):
-    model = BUILDERS[arch]()
-    base = logits(model, ids)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    am = peftlab.adapt(model)
-    am.add_adapter("a", LNTuningConfig())
-    am.set_active("a")
-    perturb(am, "a")
-    out, out_h = logits(am, ids), hidden(am, ids)
-    with am.disabled():
-        assert torch.equal(logits(am, ids), base)
-        assert (hidden(am, ids) - out_h).abs().max() > 1e-2
-    am.merge("a")
-    torch.testing.assert_close(logits(am, ids), out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(hidden(am, ids), out_h, rtol=0, atol=1e-5)
-    am.unmerge("a")
-    torch.testing.assert_close(hidden(am, ids), out_h, rtol=0, atol=1e-5)
+    am, before = check_merge_unmerge_and_disable(BUILDERS[arch], LNTuningConfig(), ids, perturb)
     # p + d − d: within 1e-6 of the original norm parameters (not bit-exact); the rest untouched
     after = base_params(am)
     for k, v in after.items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6, msg=k)
         if "norm" not in k.lower() and "ln_" not in k:
             assert torch.equal(v, before[k]), k
-    with am.disabled():
-        torch.testing.assert_close(logits(am, ids), base, rtol=0, atol=1e-5)
 
 
 def test_ln_tuning_and_bitfit_on_the_same_norms_merge_alone(ids):
@@ -143,46 +111,15 @@ def test_ln_tuning_and_bitfit_on_the_same_norms_merge_alone(ids):
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_lowers_loss_and_touches_only_the_adapter(arch, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", LNTuningConfig())
-    am.add_adapter("other", LNTuningConfig())
-    am.set_active("a")
-    am.set_trainable("a")
-    base = base_params(am)
-    other = {k: t.clone() for k, t in am.adapter_tensors("other").items()}
-    opt = torch.optim.Adam(list(am.adapter_parameters("a")), lr=1e-2)
-    labels = torch.tensor([0, 2]) if arch == "bert" else ids
-    am.eval()
-    losses = []
-    for _ in range(5):
-        loss = am(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    for k, v in base_params(am).items():
-        assert torch.equal(v, base[k]), k
-    assert all(torch.equal(t, other[k]) for k, t in am.adapter_tensors("other").items())
-    assert all(t.abs().max() > 0 for t in am.adapter_tensors("a").values())
+    check_training_beside_other(BUILDERS[arch], LNTuningConfig, ids, changed="nonzero")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tmp_path, ids):
-    am = peftlab.adapt(BUILDERS[arch]())
-    am.add_adapter("a", LNTuningConfig())
-    am.set_active("a")
+    am = with_adapter(BUILDERS[arch], "a", LNTuningConfig())
     perturb(am, "a")
-    out = logits(am, ids)
-    am.save_adapter(tmp_path / "a", "a")
-    fresh = peftlab.adapt(BUILDERS[arch]())
-    fresh.load_adapter(tmp_path / "a", "b")
-    fresh.set_active("b")
-    mine, theirs = am.adapter_tensors("a"), fresh.adapter_tensors("b")
-    assert sorted(mine) == sorted(theirs)
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert torch.equal(logits(fresh, ids), out)
+    assert_save_load_bit_exact(am, "a", BUILDERS[arch], tmp_path, ids, load_as="b")
 
 
 def test_checkpoint_with_bias_does_not_load_into_bias_free_config(tmp_path):
@@ -200,7 +137,7 @@ def test_checkpoint_with_bias_does_not_load_into_bias_free_config(tmp_path):
 # ---- config errors and the record ------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(targets=[]), "targets is empty"),
-    (dict(targets=[1]), "targets must be a role"),
+    (dict(targets=[1]), "targets must be a list of roles"),
     (dict(bias="yes"), "bias must be True or False"),
     (dict(targets=["attn.q"]), "LayerNorm tuning cannot attach to Linear.*attaches to a norm"),
 ])
