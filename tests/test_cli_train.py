@@ -62,3 +62,15 @@ def test_bad_data_file_is_a_clear_cli_error(tiny_dir, tmp_path, capsys):
 def test_regression_needs_an_encoder(tiny_dir, capsys):
     assert main(["train", "--model", str(tiny_dir), "--task", "sts", "--steps", "1"]) == 2
     assert "use an encoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(__import__("peftlab").METHODS))
+def test_every_registered_method_trains_and_reloads_from_the_cli(method, tiny_dir, reviews, tmp_path, capsys):
+    """`peftlab train --method M` with the method's own default targets, then `peftlab eval`
+    scores the saved adapter exactly as train did."""
+    out = tmp_path / method
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--method", method,
+                 "--steps", "2", "--batch-size", "4", "--eval-size", "12", "--out", str(out)]) == 0
+    after = float(re.search(r"after 2 steps: accuracy ([\d.]+)", capsys.readouterr().out).group(1))
+    assert main(["eval", "--adapter", str(out / "last")]) == 0
+    assert f"accuracy {after:.4f}" in capsys.readouterr().out

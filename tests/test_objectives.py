@@ -32,7 +32,7 @@ def test_term_counts_only_while_its_adapter_is_active_and_trainable():
     am = make_am()
     am.add_loss_term(LossTerm("l2", 0.5, l2("a"), adapter="a"))
     total, parts = am.auxiliary_loss()
-    expected = 0.5 * sum(float((p ** 2).sum()) for p in am.adapter_parameters("a"))
+    expected = 0.5 * sum(float((p.detach() ** 2).sum()) for p in am.adapter_parameters("a"))
     assert math.isclose(float(total), expected, rel_tol=1e-6) and parts == {"l2": pytest.approx(expected)}
     am.set_trainable(None)
     assert am.auxiliary_loss() == (None, {})
@@ -87,9 +87,9 @@ def test_training_loop_adds_the_terms():
     norms = {}
     for weight in (0.0, 10.0):
         am = make_am()
-        start = sum(float((p ** 2).sum()) for p in am.adapter_parameters("a"))
+        start = sum(float((p.detach() ** 2).sum()) for p in am.adapter_parameters("a"))
         if weight:
             am.add_loss_term(LossTerm("l2", weight, l2("a"), adapter="a"))
         train(am, "a", LMTask(), TRAIN, None, TrainConfig(steps=6, batch_size=8, lr=1e-2, progress=False))
-        norms[weight] = sum(float((p ** 2).sum()) for p in am.adapter_parameters("a")) / start
+        norms[weight] = sum(float((p.detach() ** 2).sum()) for p in am.adapter_parameters("a")) / start
     assert norms[10.0] < 0.9 < norms[0.0]

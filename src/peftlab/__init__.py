@@ -24,14 +24,19 @@ from .errors import (
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.adalink import AdaLinkConfig
+from .methods.balora import BALoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import AdapterConfig
+from .methods.context_peft import ContextConfig
 from .methods.ia3 import IA3Config
+from .methods.kasa import KasaConfig
 from .methods.ln_tuning import LNTuningConfig
 from .methods.lora import LoraConfig, LowRankDelta
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
 from .model import AdaptedModel, Adapter, LayerStatus, adapt
+from .objectives import LossContext, LossTerm
 from .peft_format import export_peft, import_peft
 from .sites import ROLES, Site, describe_sites, resolve_sites
 from .tasks import (
@@ -53,6 +58,8 @@ __all__ = [
     "__version__", "adapt", "AdaptedModel", "Adapter", "LayerStatus", "card",
     "LoraConfig", "LowRankDelta", "IA3Config", "BitFitConfig", "LNTuningConfig", "AdapterConfig",
     "PromptTuningConfig", "PrefixTuningConfig", "AdaLinkConfig",
+    "KasaConfig", "BALoraConfig", "S2FTConfig", "s2ft_to_lora", "select_by_gradient", "ContextConfig",
+    "LossTerm", "LossContext",
     "MethodConfig", "Method", "METHODS", "get_method",
     "AdaptedLayer", "ModuleCopies", "Delta", "InputHook", "Typology",
     "Site", "ROLES", "resolve_sites", "describe_sites",

@@ -97,6 +97,10 @@ class Delta(nn.Module):
     def release(self) -> None:
         """Called when the delta leaves the model: drop hooks it registered elsewhere."""
 
+    def loaded(self, layer: AdaptedLayer, path: str) -> None:
+        """Called after a checkpoint's tensors were copied into this delta at `path`; raise
+        CheckpointError when they do not fit the base layer (e.g. KaSA's dropped components)."""
+
     def check_merge(self, layer: AdaptedLayer) -> None:
         """Raise when this delta cannot be merged into `layer`; called for every layer before
         any weight changes, so a refused merge leaves the model as it was."""

@@ -191,11 +191,13 @@ class AdaptedModel(nn.Module):
             for site in sites:
                 part = method.build(site, layers.get(site.path), config, initialise=tensors is None,
                                     **build_kwargs)
+                parts[site.path] = part
                 if tensors is not None:
                     with torch.no_grad():
                         for tname, t in part.state_dict().items():
                             t.copy_(tensors[(site.path, tname)])
-                parts[site.path] = part
+                    if isinstance(part, Delta):
+                        part.loaded(layers[site.path], site.path)
             hook = method.build_hook(self.model, config, parts) if method.build_hook else None
             terms = method.loss_terms(self, name, config, parts) if method.loss_terms else []
             copies: dict[str, nn.Module] = {}

@@ -7,7 +7,8 @@ import importlib
 from ..errors import ConfigError, close_matches
 from .base import Method, MethodConfig
 
-_MODULES = ("lora", "ia3", "bitfit", "ln_tuning", "bottleneck", "prompt_tuning", "prefix_tuning", "adalink")
+_MODULES = ("lora", "ia3", "bitfit", "ln_tuning", "bottleneck", "prompt_tuning", "prefix_tuning", "adalink",
+            "kasa", "balora", "s2ft", "context_peft")
 METHODS: dict[str, Method] = {}
 for _name in _MODULES:
     _method = importlib.import_module(f"{__name__}.{_name}").METHOD
