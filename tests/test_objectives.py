@@ -33,7 +33,7 @@ def test_term_counts_only_while_its_adapter_is_active_and_trainable():
     am.add_loss_term(LossTerm("l2", 0.5, l2("a"), adapter="a"))
     total, parts = am.auxiliary_loss()
     expected = 0.5 * sum(float((p.detach() ** 2).sum()) for p in am.adapter_parameters("a"))
-    assert math.isclose(float(total), expected, rel_tol=1e-6) and parts == {"l2": pytest.approx(expected)}
+    assert math.isclose(float(total.detach()), expected, rel_tol=1e-6) and parts == {"l2": pytest.approx(expected)}
     am.set_trainable(None)
     assert am.auxiliary_loss() == (None, {})
     am.set_trainable("a")
