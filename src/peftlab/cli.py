@@ -138,9 +138,13 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
 
 def method_config(method, targets: str | None, rank: int, *, train_head: bool):
     """The method's config for `peftlab train`: its own default targets unless --targets is
-    given, --rank where the method has a rank (LoRA's alpha = 2·rank), and the classification
-    head trained with the adapter when the model gets a new one."""
-    fields = {"r": rank, "alpha": 2.0 * rank}
+    given, --rank where the method has a rank (alpha keeps the method's default alpha/r: 2 for
+    LoRA, 1 for BA-LoRA's PiSSA start), and the classification head trained with the adapter
+    when the model gets a new one."""
+    default = method.config_cls()
+    fields = {"r": rank}
+    if getattr(default, "alpha", None) and getattr(default, "r", None):
+        fields["alpha"] = rank * default.alpha / default.r
     if targets:
         fields["targets"] = targets.split(",")
     if train_head:
