@@ -7,9 +7,13 @@
 The loop knows nothing about the data: a *task* (any object with the `TaskLike` methods) turns
 rows into model inputs, computes the loss and evaluates. The rest is fixed:
 
-* **Optimiser**: AdamW over the parameters that require gradients (normally the trainable
-  adapter's), learning rate warmed up linearly then decayed by a cosine to 0 (`lr_factor`),
-  gradient accumulation and gradient-norm clipping.
+* **Optimiser**: `config.optimizer` (AdamW by default; GaLore, Natural GaLore or LoRA+ from
+  `peftlab.optim`) over the parameters that require gradients (normally the trainable adapter's,
+  plus anything a training-side method adds, e.g. Light-PEFT's masks, whose own learning rate
+  comes from `config.lr_scale`), learning rate warmed up linearly then decayed by a cosine to 0
+  (`lr_factor`, applied to every parameter group's own lr), gradient accumulation and
+  gradient-norm clipping. Registered auxiliary loss terms (`AdaptedModel.add_loss_term`) are
+  added to the task loss.
 * **Data order**: one endless stream of row indices, a fresh `torch.randperm` per epoch drawn from
   a `torch.Generator` seeded with `seed` (`index_stream`). Each optimisation step takes the next
   `batch_size * grad_accum * world_size` indices of the stream (the *global batch*), so a batch
@@ -91,6 +95,9 @@ class TrainConfig:
     bf16: bool = False                  # torch.autocast to bfloat16 for forward passes (CPU or GPU)
     out: str | Path | None = None       # save directory: out/last and out/best (rank 0 only)
     log_every: int = 10                 # steps between progress-bar updates of loss / lr / throughput
+    optimizer: str = "adamw"            # peftlab.optim.OPTIMIZERS: adamw | galore | natural-galore | loraplus
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # build_optimizer keywords (rank, ...)
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier
     progress: bool = True               # False: no progress bar and no printed lines
 
     def validate(self) -> None:
@@ -271,7 +278,10 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                           else {"broadcast_buffers": False})
         model = DDP(am, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    from .optim import build_optimizer
+    optimizer = build_optimizer([(n, p) for n, p in am.named_parameters() if p.requires_grad],
+                                config.optimizer, config.lr, config.weight_decay,
+                                lr_scale=config.lr_scale, **config.optimizer_options)
     scheduler = make_scheduler(optimizer, config.steps, config.warmup_steps)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) \
         if config.bf16 else nullcontext
