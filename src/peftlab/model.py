@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .activations import ActivationTaps
 from .errors import (
     AdapterError,
     CapabilityError,
@@ -90,6 +91,7 @@ class AdaptedModel(nn.Module):
         self._hooks_seen: tuple[int, tuple[InputHook, ...]] = (-1, ())
         self.loss_terms: dict[str, LossTerm] = {}
         self._last_forward: tuple[dict, object] | None = None   # for loss terms that read outputs
+        self.taps = ActivationTaps(model)   # intermediate tensors for loss terms and metrics
         self._roles: dict[str, str] | None = None
         self._unloaded = False
         if freeze_base:
@@ -99,13 +101,23 @@ class AdaptedModel(nn.Module):
     # ---- pass-through -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         hooks = self._active_hooks()
-        capture = self.training and self.loss_terms and self._terms_need_outputs()
-        if not hooks and not capture:
+        capture = tap = False
+        if self.training and self.loss_terms:
+            capture, tap = self._terms_need()
+        tap = tap or self.taps.forced
+        if not hooks and not capture and not tap:
             return self.model(*args, **kwargs)
         inputs = kwargs = self._as_kwargs(args, kwargs, "forward")
         for hook in hooks:
             kwargs = hook.prepare(self.model, kwargs)
-        out = self.model(**kwargs)
+        if tap:
+            self.taps.begin(kwargs.get("attention_mask"))
+            try:
+                out = self.model(**kwargs)
+            finally:
+                self.taps.end()
+        else:
+            out = self.model(**kwargs)
         for hook in reversed(hooks):
             out = hook.finish(out, kwargs)
         if capture:
@@ -305,7 +317,7 @@ class AdaptedModel(nn.Module):
         if adapter.hook is not None:
             del self.hooks[name]
         for term_name in [n for n, t in self.loss_terms.items() if t.adapter == name]:
-            del self.loss_terms[term_name]
+            self.remove_loss_term(term_name)
         for path, wrapper in adapter.copies.items():
             del wrapper.copies[name]
             if not wrapper.copies:
@@ -366,15 +378,21 @@ class AdaptedModel(nn.Module):
 
     # ---- auxiliary losses ----------------------------------------------------------------------
     def add_loss_term(self, term: LossTerm) -> None:
-        """Register an auxiliary loss term (replacing one of the same name)."""
+        """Register an auxiliary loss term (replacing one of the same name); the activation
+        points it reads are tapped from now on."""
         if term.adapter is not None:
             self._get(term.adapter)
+        for point in term.activations:
+            self.taps.require(point)
+        if term.name in self.loss_terms:
+            self.remove_loss_term(term.name)
         self.loss_terms[term.name] = term
 
     def remove_loss_term(self, name: str) -> None:
         if name not in self.loss_terms:
             raise ConfigError(f"no loss term {name!r}; registered: {list(self.loss_terms) or 'none'}")
-        del self.loss_terms[name]
+        for point in self.loss_terms.pop(name).activations:
+            self.taps.release(point)
 
     def active_loss_terms(self) -> list[LossTerm]:
         """The terms that count now: unowned ones, and those of active, trainable adapters."""
@@ -382,8 +400,10 @@ class AdaptedModel(nn.Module):
         return [t for t in self.loss_terms.values()
                 if t.adapter is None or (t.adapter in on and self.adapters[t.adapter].trainable)]
 
-    def _terms_need_outputs(self) -> bool:
-        return any(t.needs_outputs for t in self.active_loss_terms())
+    def _terms_need(self) -> tuple[bool, bool]:
+        """Whether the active terms read the forward's outputs, and activations."""
+        terms = self.active_loss_terms()
+        return any(t.needs_outputs for t in terms), any(t.activations for t in terms)
 
     def auxiliary_loss(self, step: int = 0, total_steps: int | None = None
                        ) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -392,16 +412,23 @@ class AdaptedModel(nn.Module):
         inputs, outputs = self._last_forward or (None, None)
         self.__dict__["_last_forward"] = None
         total, parts = None, {}
-        for term in self.active_loss_terms():
-            factor = term.factor(step, total_steps)
-            if factor == 0.0:
-                continue
-            if term.needs_outputs and outputs is None:
-                raise AdapterError(f"loss term {term.name!r} reads the model's outputs, but no training "
-                                   "forward ran through this AdaptedModel since the last auxiliary_loss()")
-            value = factor * term.compute(LossContext(self, inputs, outputs, step, total_steps))
-            parts[term.name] = float(value.detach())
-            total = value if total is None else total + value
+        try:
+            for term in self.active_loss_terms():
+                factor = term.factor(step, total_steps)
+                if factor == 0.0:
+                    continue
+                if term.needs_outputs and outputs is None:
+                    raise AdapterError(f"loss term {term.name!r} reads the model's outputs, but no training "
+                                       "forward ran through this AdaptedModel since the last auxiliary_loss()")
+                if term.activations and not self.taps.get(term.activations[0]):
+                    raise AdapterError(f"loss term {term.name!r} reads activations {term.activations}, but "
+                                       "no training forward ran through this AdaptedModel since the last "
+                                       "auxiliary_loss()")
+                value = factor * term.compute(LossContext(self, inputs, outputs, step, total_steps))
+                parts[term.name] = float(value.detach())
+                total = value if total is None else total + value
+        finally:
+            self.taps.clear()
         return total, parts
 
     # ---- tensors and counts -------------------------------------------------------------------
