@@ -74,3 +74,49 @@ def test_every_registered_method_trains_and_reloads_from_the_cli(method, tiny_di
     after = float(re.search(r"after 2 steps: accuracy ([\d.]+)", capsys.readouterr().out).group(1))
     assert main(["eval", "--adapter", str(out / "last")]) == 0
     assert f"accuracy {after:.4f}" in capsys.readouterr().out
+
+
+def test_density_loss_reports_density_and_eval_reproduces_it(tiny_dir, reviews, tmp_path, capsys):
+    out = tmp_path / "deft"
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "4",
+                 "--batch-size", "4", "--eval-size", "12", "--density-loss", "1", "--density-eps", "1e-4",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    before = float(re.search(r"before training: .*ffn_density ([\d.]+)", text).group(1))
+    after = float(re.search(r"after 4 steps: .*ffn_density ([\d.]+)", text).group(1))
+    assert 0 < after <= 1 and 0 < before <= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["density_loss"] == {"lambda": 1.0, "eps": 1e-4}
+    assert main(["eval", "--adapter", str(out / "last"), "--density-threshold", "0.01"]) == 0
+    assert f"ffn_density {after:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["loraplus", "galore", "natural-galore"])
+def test_optimizer_choice_trains_from_the_cli(optimizer, tiny_dir, reviews, tmp_path, capsys):
+    out = tmp_path / optimizer
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "3",
+                 "--batch-size", "4", "--eval-size", "12", "--optimizer", optimizer,
+                 "--galore-rank", "4", "--targets", "attn.q,ffn.up", "--out", str(out)]) == 0
+    assert "after 3 steps: accuracy" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["optimizer"] == optimizer
+
+
+def test_prune_then_eval_rebuilds_the_pruned_model(tiny_dir, reviews, tmp_path, capsys):
+    out = tmp_path / "light"
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "3",
+                 "--batch-size", "4", "--eval-size", "12", "--targets", "attn.q,attn.v,ffn.up,ffn.down",
+                 "--prune", "heads=0.5,neurons=0.33,ranks=0.5", "--estimate-steps", "3",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    params = re.search(r"model parameters ([\d,]+) -> ([\d,]+)", text)
+    assert int(params.group(2).replace(",", "")) < int(params.group(1).replace(",", ""))
+    after = float(re.search(r"after 3 steps: accuracy ([\d.]+)", text).group(1))
+    assert (out / "prune_plan.json").is_file()
+    assert main(["eval", "--adapter", str(out / "last")]) == 0
+    assert f"accuracy {after:.4f}" in capsys.readouterr().out
+
+
+def test_bad_prune_spec_is_a_clear_cli_error(tiny_dir, reviews, capsys):
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "1",
+                 "--prune", "heads=1.5"]) == 2
+    assert "heads" in capsys.readouterr().err

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import PeftlabError
+
+
+# The optimiser names of peftlab.optim, listed here so that `--help` does not import torch.
+OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
+# |z| above which an FFN activation counts as active in the reported density: GELU and SiLU are
+# never exactly 0 (except far in their negative tail), so an exact count says little for them.
+DEFAULT_DENSITY_THRESHOLD = 1e-2
 
 
 def load_model_skeleton(path: str):
@@ -163,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from . import adapt, card
     from .methods import get_method
-    from .tasks import format_metrics
+    from .objectives import density_term
     from .train import TrainConfig, train
 
     method = get_method(args.method)
@@ -181,31 +189,102 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{len(data.train):,} train rows, scoring on {len(eval_rows):,} held-out test rows")
     config = method_config(method, args.targets, args.rank,
                            train_head=not _is_causal(args.model) and data.kind != "lm")
-    before = task.evaluate(model.eval(), eval_rows, args.eval_batch_size)
-    print(f"before training: {format_metrics(before)}")
     torch.manual_seed(args.seed)
     am = adapt(model)
     am.add_adapter(args.method, config)
     am.set_active([args.method])
     am.set_trainable(args.method)
+    if args.density_loss is not None:
+        am.add_loss_term(density_term(args.density_loss, eps=args.density_eps))
+    report = _Report(am, task, eval_rows, args)
+    before = report.measure("before training", base=True)
+    optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
+    if args.prune:
+        from .pruning import save_plan
+        plan = _early_prune(am, args, task, data.train, optimizer)
+        if plan is None:
+            return 130
+        save_plan(out, plan)
     result = train(am, args.method, task, data.train, None, TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        seed=args.seed, bf16=args.bf16, out=out))
+        seed=args.seed, bf16=args.bf16, out=out, **optimizer))
     if result.interrupted:
         print(f"interrupted after {result.steps_done} steps; the last saved adapter is intact: "
               f"{result.saved.get('last', 'none saved yet')}")
         return 130
-    after = task.evaluate(am.eval(), eval_rows, args.eval_batch_size)
-    print(f"after {result.steps_done} steps: {format_metrics(after)}")
+    after = report.measure(f"after {result.steps_done} steps")
     run = {"model": args.model, "task": args.task, "method": args.method, "seed": args.seed,
            "max_length": args.max_length, "eval_size": len(eval_rows), "steps": result.steps_done,
-           "metric": task.metric, "before": before, "after": after,
+           "metric": task.metric, "before": before, "after": after, "optimizer": args.optimizer,
            "seconds": round(time.perf_counter() - started, 1)}
+    if args.density_loss is not None:
+        run["density_loss"] = {"lambda": args.density_loss, "eps": args.density_eps}
+    if args.prune:
+        run["prune"] = {"spec": args.prune, "estimate_steps": args.estimate_steps}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     print(card(am, args.method))
     print(f"adapter saved: {result.saved['last']}  (run record: {out / 'run.json'}; "
           f"total {run['seconds']:.0f} s)")
     return 0
+
+
+class _Report:
+    """Held-out metrics printed before and after training; with --density-loss (or
+    --density-threshold) also DEFT's exact FFN activation density on the same rows."""
+
+    def __init__(self, am, task, rows, args: argparse.Namespace) -> None:
+        self.am, self.task, self.rows = am, task, rows
+        self.batch_size = args.eval_batch_size
+        self.threshold = args.density_threshold
+        if self.threshold is None and getattr(args, "density_loss", None) is not None:
+            self.threshold = DEFAULT_DENSITY_THRESHOLD
+
+    def measure(self, when: str, *, base: bool = False) -> dict[str, float]:
+        """Score the model (`base`: with the adapters disabled) and print the metrics."""
+        from .tasks import format_metrics
+        with self.am.disabled() if base else nullcontext():
+            metrics = self.task.evaluate(self.am.eval(), self.rows, self.batch_size)
+            if self.threshold is not None:
+                metrics["ffn_density"] = self.density()
+        print(f"{when}: {format_metrics(metrics)}")
+        return metrics
+
+    def density(self) -> float:
+        from .objectives import activation_density
+        batches = ({k: v for k, v in self.task.collate(self.rows[i:i + self.batch_size]).items()
+                    if k != "labels"} for i in range(0, len(self.rows), self.batch_size))
+        return activation_density(self.am, batches, threshold=self.threshold)["density"]
+
+
+def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
+    """Light-PEFT: train the adapter with head / neuron masks for --estimate-steps, prune the
+    model and the adapter structurally, and return the plan (None if interrupted). Training then
+    continues from the estimation weights."""
+    from .pruning import EarlyPruning, parse_prune_spec
+    from .train import TrainConfig, train
+    ratios = parse_prune_spec(args.prune)
+    steps = args.estimate_steps or max(1, args.steps // 3)
+    pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps)
+    pruning.start()
+    before = sum(p.numel() for p in am.model.parameters())
+    result = train(am, args.method, task, rows, None, TrainConfig(
+        steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        seed=args.seed, bf16=args.bf16, lr_scale=pruning.lr_scale, **optimizer))
+    if result.interrupted:
+        return None
+    plan = pruning.finish()
+    after = sum(p.numel() for p in am.model.parameters())
+    print(f"pruned after {steps} estimation steps: {plan.describe()}; model parameters "
+          f"{before:,} -> {after:,} ({after / before:.1%})")
+    return plan
+
+
+def _optimizer_options(args: argparse.Namespace) -> dict:
+    if args.optimizer in ("galore", "natural-galore"):
+        return {"rank": args.galore_rank, "update_gap": args.galore_gap, "scale": args.galore_scale}
+    if args.optimizer == "loraplus":
+        return {"loraplus_ratio": args.loraplus_ratio}
+    return {}
 
 
 def _run_record(adapter_dir: Path) -> dict:
@@ -218,11 +297,16 @@ def _run_record(adapter_dir: Path) -> dict:
 
 def _load_for_adapter(args: argparse.Namespace):
     from . import adapt
+    from .pruning import PLAN_FILE, load_plan
     adapter_dir = Path(args.adapter)
     run = _run_record(adapter_dir) if not (args.model and args.task) else {}
     model_name, task_name = args.model or run["model"], args.task or run["task"]
     model, tok, task, data = build_job(model_name, task_name, seed=run.get("seed", args.seed),
                                        max_length=run.get("max_length", args.max_length))
+    for candidate in (adapter_dir, adapter_dir.parent):
+        if (candidate / PLAN_FILE).is_file():     # a Light-PEFT run: prune the base the same way
+            load_plan(candidate).apply(model)
+            break
     am = adapt(model)
     am.load_adapter(adapter_dir, "adapter")
     am.set_active(["adapter"])
@@ -233,7 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import format_metrics
     am, _, task, data, run = _load_for_adapter(args)
     rows = data.test[: args.eval_size or run.get("eval_size", 300)]
+    report = _Report(am, task, rows, args)
     metrics = task.evaluate(am, rows, args.eval_batch_size)
+    if report.threshold is not None:
+        metrics["ffn_density"] = report.density()
     print(f"{args.adapter}: {format_metrics(metrics)} on {len(rows):,} held-out test rows")
     return 0
 
@@ -288,12 +375,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=300, help="held-out test rows scored before and after")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs and AMX CPUs)")
     p.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-METHOD)")
+    g = p.add_argument_group("training-side methods")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_CHOICES,
+                   help="adamw; galore / natural-galore (low-rank optimiser state for the trainable "
+                        "matrices wider than --galore-rank); loraplus (LoRA B at lr × --loraplus-ratio)")
+    g.add_argument("--galore-rank", type=int, default=8)
+    g.add_argument("--galore-gap", type=int, default=200, help="steps between projector refreshes")
+    g.add_argument("--galore-scale", type=float, default=0.25)
+    g.add_argument("--loraplus-ratio", type=float, default=16.0)
+    g.add_argument("--density-loss", type=float, default=None, metavar="LAMBDA",
+                   help="DEFT: add LAMBDA × the smooth density of the FFN activations to the loss")
+    g.add_argument("--density-eps", type=float, default=1e-7, help="DEFT's ε (default 1e-7)")
+    g.add_argument("--density-threshold", type=float, default=None, metavar="TAU",
+                   help="report the FFN activation density (|z| > TAU) before and after training "
+                        f"(default {DEFAULT_DENSITY_THRESHOLD} with --density-loss)")
+    g.add_argument("--prune", default=None, metavar="SPEC",
+                   help="Light-PEFT early pruning, e.g. heads=0.33,neurons=0.33,ranks=0.5")
+    g.add_argument("--estimate-steps", type=int, default=None,
+                   help="Light-PEFT estimation steps before pruning (default: a third of --steps)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="reload a saved adapter and score it on held-out data")
     _add_job_options(p)
     p.add_argument("--adapter", required=True, help="adapter directory written by peftlab train")
     p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--density-threshold", type=float, default=None, metavar="TAU",
+                   help="also report the FFN activation density (fraction of |z| > TAU)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with a saved adapter")
