@@ -297,16 +297,16 @@ def _run_record(adapter_dir: Path) -> dict:
 
 def _load_for_adapter(args: argparse.Namespace):
     from . import adapt
-    from .pruning import PLAN_FILE, load_plan
+    from .pruning import load_plan
     adapter_dir = Path(args.adapter)
     run = _run_record(adapter_dir) if not (args.model and args.task) else {}
     model_name, task_name = args.model or run["model"], args.task or run["task"]
     model, tok, task, data = build_job(model_name, task_name, seed=run.get("seed", args.seed),
                                        max_length=run.get("max_length", args.max_length))
-    for candidate in (adapter_dir, adapter_dir.parent):
-        if (candidate / PLAN_FILE).is_file():     # a Light-PEFT run: prune the base the same way
-            load_plan(candidate).apply(model)
-            break
+    # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
+    plan = load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
+    if plan is not None:
+        plan.apply(model)
     am = adapt(model)
     am.load_adapter(adapter_dir, "adapter")
     am.set_active(["adapter"])
