@@ -57,16 +57,7 @@ from .errors import (
 )
 from .layer import AdaptedLayer, ModuleCopies
 from .objectives import LossTerm
-from .sites import (
-    _BERT,
-    _FAMILIES,
-    _GPT2,
-    _LLAMA,
-    iter_modules,
-    layer_index,
-    model_family,
-    site_roles,
-)
+from .sites import iter_modules, layer_index, model_family, model_layout, site_roles
 
 if TYPE_CHECKING:
     from .methods.lora import LowRankDelta
@@ -139,7 +130,7 @@ def _parse_ratio(key: str, raw: str) -> float:
 
 
 # ---- the structure of a transformer -------------------------------------------------------------
-_SUPPORTED_MAPS = (_BERT, _LLAMA, _GPT2)
+_SUPPORTED_LAYOUTS = ("bert", "llama", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -201,7 +192,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
     model works too: wrapped layers keep their paths), with their current sizes."""
     model = getattr(model, "model", model) if _is_adapted(model) else model
     family = model_family(model)
-    if _FAMILIES.get(family) not in _SUPPORTED_MAPS:
+    if model_layout(model) not in _SUPPORTED_LAYOUTS:
         raise CapabilityError(f"Light-PEFT pruning supports BERT-, Llama- and GPT-2-family models; "
                               f"{type(model).__name__} (architecture map {family!r}) is not one of them")
     by_layer: dict[int, dict[str, str]] = {}

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch.nn as nn
+from torch import nn
 
 from .errors import TargetNotFoundError, close_matches
 
@@ -143,6 +143,15 @@ def model_family(model: nn.Module) -> str:
     """The architecture map's name for `model` ("llama", "gpt2", ...) or "generic"."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return model_type if model_type in _FAMILIES else "generic"
+
+
+_LAYOUTS = {id(_LLAMA): "llama", id(_GPT2): "gpt2", id(_BERT): "bert", id(_T5): "t5"}
+
+
+def model_layout(model: nn.Module) -> str:
+    """The module layout `model` shares with its family: "llama" (also Mistral, Qwen, Gemma, ...),
+    "bert" (also RoBERTa, ELECTRA), "gpt2", "t5" or "generic"."""
+    return _LAYOUTS.get(id(_FAMILIES.get(model_family(model))), "generic")
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
