@@ -12,6 +12,15 @@ __version__ = "0.1.0"
 
 from .activations import ActivationTaps
 from .assets import Dataset, load_dataset, load_model
+from .compose import (
+    CompositionWarning,
+    add,
+    analogy,
+    merge_adapters,
+    negate,
+    scale,
+    subtract,
+)
 from .debias import (
     PatchConfig,
     WordPairs,
@@ -93,6 +102,7 @@ __all__ = [
     "CausalLMTask",
     "CheckpointError",
     "ClassificationTask",
+    "CompositionWarning",
     "ConfigError",
     "ContextConfig",
     "DataError",
@@ -131,6 +141,8 @@ __all__ = [
     "__version__",
     "activation_density",
     "adapt",
+    "add",
+    "analogy",
     "build_optimizer",
     "card",
     "counterfactual_augment",
@@ -145,13 +157,17 @@ __all__ = [
     "load_patch",
     "load_plan",
     "load_word_pairs",
+    "merge_adapters",
+    "negate",
     "optimizer_state_bytes",
     "parse_prune_spec",
     "resolve_sites",
     "s2ft_to_lora",
     "save_patch",
     "save_plan",
+    "scale",
     "select_by_gradient",
+    "subtract",
     "swap_words",
     "train",
     "train_patch",

@@ -129,6 +129,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "sites": [s.path for s in adapter.sites],
         "modules_to_save": list(adapter.copies),
         "base_model": base_identity(am, adapter),
+        **({"provenance": adapter.provenance} if adapter.provenance else {}),
     }
     commit_files(directory, {TENSORS_FILE: write_tensors(tensors), CONFIG_FILE: write_json(meta)})
     return directory
@@ -167,7 +168,9 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
         path, tname = parse_tensor_key(key, directory / TENSORS_FILE)
         (copy_tensors if path in copy_paths else site_tensors)[(path, tname)] = t
     try:
-        return am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors, trainable)
+        adapter = am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors, trainable)
+        adapter.provenance = meta.get("provenance")
+        return adapter
     except CheckpointError as e:
         base = meta.get("base_model", {})
         raise CheckpointError(

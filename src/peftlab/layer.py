@@ -57,12 +57,13 @@ class RoutingState:
     `version` grows on every change; layers compare it with the version they last saw.
     """
 
-    __slots__ = ("active", "enabled", "version")
+    __slots__ = ("active", "enabled", "version", "weights")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.enabled = True
         self.version = 0
+        self.weights: dict[str, float] = {}   # active adapters whose contribution is scaled (≠ 1)
 
     def changed(self) -> None:
         self.version += 1
@@ -134,7 +135,7 @@ class AdaptedLayer(nn.Module):
         self._modules["deltas"] = nn.ModuleDict()
         # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
         self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _before=(), _params=(),
-                             _seen_version=-1)
+                             _weighted={}, _seen_version=-1)
 
     @property
     def original_module(self) -> nn.Module:
@@ -169,11 +170,15 @@ class AdaptedLayer(nn.Module):
             _before=tuple(d for d in live if d.stage == "input"),
             _params=tuple(d for d in live if d.stage == "params"),
             _active=tuple(d for d in live if d.stage == "output"),
+            _weighted={deltas[n]: state.weights[n] for n in names
+                       if n in state.weights and n in deltas and n not in self.merged},
             _seen_version=state.version)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._seen_version != self.state.version:
             self._refresh()
+        if self._weighted:
+            return self._forward_weighted(x, args, kwargs)
         for delta in self._before:
             x = delta.transform_input(self, x)
         if self._params:
@@ -187,11 +192,32 @@ class AdaptedLayer(nn.Module):
 
     def _call_with_param_deltas(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         base = self._modules["base_layer"]
+        weighted = self._weighted
         params: dict[str, torch.Tensor] = {}
         for delta in self._params:
+            w = weighted.get(delta, 1.0)
             for name, d in delta.param_deltas(self).items():
-                params[name] = params.get(name, base.get_parameter(name)) + d
+                params[name] = params.get(name, base.get_parameter(name)) + (d if w == 1.0 else w * d)
         return functional_call(base, params, (x, *args), kwargs)
+
+    def _forward_weighted(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The forward with some adapters' effects scaled by w (`set_active(..., weights=)`): each
+        delta's change is scaled about its identity, t ↦ t + w·(delta(t) − t), which is w·ΔW for an
+        additive delta and 1 + w·(l − 1) for a rescaling vector."""
+        weighted = self._weighted
+        for delta in self._before:
+            w = weighted.get(delta, 1.0)
+            x = delta.transform_input(self, x) if w == 1.0 else torch.lerp(x, delta.transform_input(self, x), w)
+        if self._params:
+            base_out = self._call_with_param_deltas(x, args, kwargs)
+        else:
+            base_out = self._modules["base_layer"](x, *args, **kwargs)
+        out = base_out
+        for delta in self._active:
+            w = weighted.get(delta, 1.0)
+            new = delta.contribute(self, x, base_out, out)
+            out = new if w == 1.0 else torch.lerp(out, new, w)
+        return out
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, merged={self.merged}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from .layer import (
 from .methods import Method, MethodConfig, method_of
 from .objectives import LossContext, LossTerm
 from .sites import Site, iter_modules, resolve_sites, site_roles
-from .typology import render_card, summarise_sites
+from .typology import describe_provenance, render_card, summarise_sites
 
 _KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding", "norm": "a norm"}
 
@@ -51,6 +52,7 @@ class Adapter:
     hook: InputHook | None = None                      # model-level methods (prompt, prefix)
     trainable: bool = False
     merged: bool = False
+    provenance: dict | None = None                     # how a composed adapter was made (compose.py)
 
     def parts(self) -> dict[str, nn.Module]:
         """Site path -> the module holding this adapter's tensors there."""
@@ -324,6 +326,7 @@ class AdaptedModel(nn.Module):
                 self._replace(path, wrapper.original_module)
         del self.adapters[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
+        self.state.weights.pop(name, None)
         self.state.changed()
 
     # ---- activation and training marks ----------------------------------------------------------
@@ -332,19 +335,46 @@ class AdaptedModel(nn.Module):
         """Names of the active adapters, in the order given to set_active."""
         return list(self.state.active)
 
-    def set_active(self, names: str | Sequence[str]) -> None:
-        """Make exactly these adapters contribute (their deltas sum). Does not touch requires_grad."""
+    def set_active(self, names: str | Sequence[str], weights: Sequence[float] | None = None) -> None:
+        """Make exactly these adapters contribute, in this order (additive deltas sum). `weights`
+        scales each one's effect about its identity: w·ΔW for additive deltas, 1 + w·(l − 1) for
+        rescaling vectors (None: all 1). Does not touch requires_grad."""
         names = _name_list(names)
         for n in names:
             self._get(n)
         if len(set(names)) != len(names):
             raise AdapterError(f"set_active got a name twice: {list(names)}")
+        scaled = self._check_weights(names, weights)
         for n, adapter in self.adapters.items():
             if n not in names and adapter.merged:
                 raise AdapterError(f"adapter {n!r} is merged into the base weights and cannot be "
                                    f"deactivated; call unmerge({n!r}) first")
         self.state.active = names
+        self.state.weights = scaled
         self.state.changed()
+
+    def _check_weights(self, names: tuple[str, ...], weights: Sequence[float] | None) -> dict[str, float]:
+        """name -> weight for the adapters whose weight is not 1, or AdapterError."""
+        if weights is None:
+            return {}
+        weights = [float(w) for w in weights]
+        if not all(math.isfinite(w) for w in weights):
+            raise AdapterError(f"set_active weights must be finite numbers, got {weights}")
+        if len(weights) != len(names):
+            raise AdapterError(f"set_active got {len(names)} adapters but {len(weights)} weights; "
+                               "give one weight per adapter")
+        scaled = {n: w for n, w in zip(names, weights, strict=True) if w != 1.0}
+        for n in scaled:
+            a = self.adapters[n]
+            if a.merged:
+                raise AdapterError(f"adapter {n!r} is merged at weight 1; unmerge({n!r}) before "
+                                   "giving it another weight")
+            if a.hook is not None or a.copies:
+                what = "a prompt/prefix hook" if a.hook is not None else f"whole-module copies {list(a.copies)}"
+                raise CapabilityError(f"adapter {n!r} has {what}, which cannot be scaled by a weight; "
+                                      f"make a scaled adapter with peftlab.scale(am, {n!r}, w, name=...) "
+                                      "and activate that instead")
+        return scaled
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -482,6 +512,10 @@ class AdaptedModel(nn.Module):
             if n not in self.state.active:
                 raise AdapterError(f"adapter {n!r} is not active; only active adapters can be merged "
                                    f"(set_active([..., {n!r}]) first)")
+            if n in self.state.weights:
+                raise AdapterError(f"adapter {n!r} is active at weight {self.state.weights[n]:g}; merge "
+                                   f"folds it in at weight 1. Merge a composed adapter instead "
+                                   f"(peftlab.scale(am, {n!r}, {self.state.weights[n]:g}, name=...))")
         layers = {id(layer): layer for n in names for layer in self.adapters[n].layers.values()}
         self._check_untied(list(layers.values()))
         plans = [(layer, self._merge_order(layer, names)) for layer in layers.values()]
@@ -624,6 +658,7 @@ class AdaptedModel(nn.Module):
             ("modules to save", ", ".join(a.copies) or "none"),
             ("parameters", f"{self.num_parameters(name):,} "
                            f"({100 * self.num_parameters(name) / max(self.base_parameters(), 1):.3f}% of base)"),
+            *([("provenance", describe_provenance(a.provenance))] if a.provenance else []),
             ("state", f"{'active' if name in self.state.active else 'inactive'}, "
                       f"{'trainable' if a.trainable else 'frozen'}, "
                       f"{'merged' if a.merged else 'unmerged'}"),
@@ -643,6 +678,11 @@ class AdaptedModel(nn.Module):
         if not isinstance(name, str) or not name or any(c in name for c in ".:/\\ "):
             raise AdapterError(f"adapter name {name!r} must be a non-empty string without '.', ':', "
                                "'/', '\\' or spaces")
+        # adapters are keys of ModuleDicts inside the layers; an instance is asked so that
+        # attributes set in __init__ (`training`, `_modules`) count too
+        if hasattr(nn.ModuleDict(), name):
+            raise AdapterError(f"adapter name {name!r} is an attribute of torch modules; pick another "
+                               f"name (e.g. {name + '_adapter'!r})")
         if name in self.adapters:
             raise AdapterError(f"an adapter named {name!r} already exists; pick another name or "
                                f"delete_adapter({name!r}) first")

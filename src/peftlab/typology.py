@@ -6,8 +6,9 @@ from these records so they cannot drift from the code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 FORMS = ("lowrank", "bottleneck", "vector", "bias", "prompt", "singular", "sparse", "selection")
 INTEGRATIONS = ("weight-delta", "parallel", "serial", "scale", "input", "prefix", "prompt")
@@ -71,6 +72,22 @@ def render_card(title: str, typology: Typology, facts: list[tuple[str, str]]) ->
     lines = [title, "=" * len(title)]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def describe_provenance(p: Mapping[str, Any]) -> str:
+    """A composed adapter's recipe in one line, e.g. "add of pos (×0.5) + neg (×0.5); delta
+    space, concatenated (exact)"."""
+    inputs = " + ".join(f"{i['name']} (×{i['weight']:g})" for i in p.get("inputs", []))
+    text = f"{p.get('op', '?')} of {inputs}; {p.get('mode', '?')} space"
+    extras = [f"{k} {p[k]:g}" for k in ("density",) if p.get(k) is not None]
+    extras += [f"seed {p['seed']}"] if p.get("seed") is not None else []
+    form = p.get("form")
+    if form == "svd":
+        err = p.get("svd_relative_error", {})
+        extras.append(f"SVD to rank {p.get('rank')} (relative error max {err.get('max', 0):.2e})")
+    elif form:
+        extras.append(form)
+    return text + (", " + ", ".join(extras) if extras else "")
 
 
 # Columns of `peftlab methods`: (heading, Typology field).

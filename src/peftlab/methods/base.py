@@ -93,6 +93,10 @@ class Method:
     # loss_terms(am, adapter name, config, parts) -> [LossTerm]: auxiliary losses the adapter
     # brings (objectives.py), registered with it and removed with it.
     loss_terms: Callable[..., list[LossTerm]] | None = None
+    # How adapters of this method combine in peftlab.compose: "lowrank" (ΔW = s·B A, combined as
+    # ΔW), "additive" (every tensor adds to the base, identity 0), "scale" (every tensor rescales,
+    # identity 1); None: not composable.
+    composition: str | None = None
     peft_type: str | None = None
     to_peft: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     from_peft: Callable[..., tuple[MethodConfig, list[Site], dict[tuple[str, str], Any]]] | None = None

@@ -125,6 +125,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "norm"),
     capabilities=frozenset({"merge"}),
+    composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

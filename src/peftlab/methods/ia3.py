@@ -247,6 +247,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d"),
     capabilities=frozenset({"merge"}),
+    composition="scale",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

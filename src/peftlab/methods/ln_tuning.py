@@ -115,6 +115,7 @@ METHOD = Method(
     ),
     layer_kinds=("norm",),
     capabilities=frozenset({"merge"}),
+    composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

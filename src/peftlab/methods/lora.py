@@ -297,6 +297,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
     capabilities=frozenset({"merge"}),
+    composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,
