@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import PeftlabError
-
 
 # The optimiser names of peftlab.optim, listed here so that `--help` does not import torch.
 OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
@@ -183,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     out = Path(args.out or f"runs/{Path(args.model).name}-{Path(args.task).stem}-{args.method}")
     started = time.perf_counter()
-    model, tok, task, data = build_job(args.model, args.task, seed=args.seed, max_length=args.max_length)
+    model, _, task, data = build_job(args.model, args.task, seed=args.seed, max_length=args.max_length)
     eval_rows = data.test[: args.eval_size]
     print(f"model {args.model} ({type(model).__name__}), task {args.task} ({data.kind}): "
           f"{len(data.train):,} train rows, scoring on {len(eval_rows):,} held-out test rows")
@@ -287,27 +287,60 @@ def _optimizer_options(args: argparse.Namespace) -> dict:
     return {}
 
 
-def _run_record(adapter_dir: Path) -> dict:
-    import json
+def _run_record_path(adapter_dir: Path) -> Path | None:
+    """The run.json that describes an adapter directory: in it, or in the run directory above."""
     for candidate in (adapter_dir / "run.json", adapter_dir.parent / "run.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise PeftlabError(f"no run.json beside {adapter_dir}: pass --model and --task")
+            return candidate
+    return None
+
+
+def _read_run_record(path: Path) -> dict:
+    import json
+    try:
+        run = json.loads(path.read_text())
+    except ValueError as e:
+        raise PeftlabError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise PeftlabError(f"{path} is not a peftlab run record (a JSON object)")
+    return run
+
+
+def _run_record(adapter_dir: Path) -> dict:
+    path = _run_record_path(adapter_dir)
+    if path is None:
+        raise PeftlabError(f"no run.json beside {adapter_dir}: pass --model and --task")
+    return _read_run_record(path)
+
+
+def _prune_plan(adapter_dir: Path):
+    """The Light-PEFT plan saved with an adapter (in its directory or the run directory), or None."""
+    from .pruning import load_plan
+    return load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
+
+
+def _base_for_run(run: dict, adapter_dir: Path, *, model: str | None = None, task: str | None = None,
+                  seed: int = 0, max_length: int = 96):
+    """The fresh base model a run record describes, wrapped for adapters: the run's model and
+    task (unless `model` / `task` are given), its seed (which draws a new classification head)
+    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`.
+    Returns (am, tokenizer, task, data)."""
+    from . import adapt
+    model_name, task_name = model or run["model"], task or run["task"]
+    base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
+                                          max_length=run.get("max_length", max_length))
+    # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
+    plan = _prune_plan(adapter_dir)
+    if plan is not None:
+        plan.apply(base)
+    return adapt(base), tok, task_obj, data
 
 
 def _load_for_adapter(args: argparse.Namespace):
-    from . import adapt
-    from .pruning import load_plan
     adapter_dir = Path(args.adapter)
     run = _run_record(adapter_dir) if not (args.model and args.task) else {}
-    model_name, task_name = args.model or run["model"], args.task or run["task"]
-    model, tok, task, data = build_job(model_name, task_name, seed=run.get("seed", args.seed),
-                                       max_length=run.get("max_length", args.max_length))
-    # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
-    plan = load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
-    if plan is not None:
-        plan.apply(model)
-    am = adapt(model)
+    am, tok, task, data = _base_for_run(run, adapter_dir, model=args.model, task=args.task,
+                                        seed=args.seed, max_length=args.max_length)
     am.load_adapter(adapter_dir, "adapter")
     am.set_active(["adapter"])
     return am.eval(), tok, task, data, run
@@ -337,6 +370,197 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = am.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                           pad_token_id=tok.pad_token_id)
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# ---- compose ---------------------------------------------------------------------------------------
+# The operators and merges of peftlab.compose, listed here so that `--help` does not import torch.
+COMPOSE_OPERATORS = ("add", "subtract", "negate", "scale", "analogy")
+COMPOSE_MERGES = ("linear", "ties", "dare", "dare_ties", "magnitude")
+# op -> (number of adapter directories, how to call it), for the ops that take a fixed number.
+COMPOSE_ARITY = {"negate": (1, "negate ADAPTER"), "scale": (1, "scale ADAPTER --weights FACTOR"),
+                 "subtract": (2, "subtract A B (A − B)"),
+                 "analogy": (3, "analogy A B C [--weights L1,L2] (L1·A + L2·(B − C))")}
+CHECKPOINT_NAMES = ("last", "best")   # train's adapter directories inside a run directory
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    import math
+    if text is None:
+        return None
+    weights = []
+    for part in text.split(","):
+        try:
+            weights.append(float(part))
+        except ValueError:
+            raise PeftlabError(f"--weights {text!r}: {part.strip()!r} is not a number; give "
+                               "comma-separated numbers, e.g. --weights 0.5,0.5") from None
+        if not math.isfinite(weights[-1]):
+            raise PeftlabError(f"--weights {text!r}: weights must be finite numbers")
+    return weights
+
+
+def _check_compose_request(args: argparse.Namespace) -> list[float] | None:
+    """The --weights as floats, or a clear error when the op does not fit the other arguments."""
+    op, n = args.op, len(args.adapters)
+    if op in COMPOSE_ARITY:
+        want, usage = COMPOSE_ARITY[op]
+        if n != want:
+            raise PeftlabError(f"--op {op} takes {want} adapter director{'y' if want == 1 else 'ies'} "
+                               f"({usage}); got {n}")
+    elif n < 2:
+        raise PeftlabError(f"--op {op} combines two or more adapter directories; got {n}")
+    weights = _parse_weights(args.weights)
+    expected = {"negate": 0, "subtract": 0, "scale": 1, "analogy": 2}.get(op, n)
+    if op == "scale" and weights is None:
+        raise PeftlabError("--op scale needs the factor: --weights FACTOR (e.g. --weights 0.5)")
+    if weights is not None and len(weights) != expected:
+        if expected == 0:
+            raise PeftlabError(f"--op {op} takes no --weights (its weights are fixed); use --op "
+                               f"{'scale' if op == 'negate' else 'add'} for other weights")
+        what = {"scale": "one factor", "analogy": "two weights L1,L2 (L1·A + L2·(B − C))"}.get(
+            op, f"one weight per adapter directory ({n})")
+        raise PeftlabError(f"--op {op} takes {what}; got {len(weights)} weights ({args.weights})")
+    merge = op in COMPOSE_MERGES
+    if merge and args.mode == "parameter":
+        raise PeftlabError(f"--mode parameter is for add/subtract/negate/scale/analogy; --op {op} "
+                           "merges in delta space (use --op add --mode parameter for the paper's rule)")
+    if args.rank is not None and op in ("negate", "scale"):
+        raise PeftlabError(f"--op {op} keeps the adapter's rank; --rank is for ops that combine "
+                           "several adapters")
+    if args.density is not None and op not in ("magnitude", "ties", "dare", "dare_ties"):
+        raise PeftlabError(f"--density is for --op magnitude, ties, dare or dare_ties, not {op}")
+    if args.seed is not None and op not in ("dare", "dare_ties"):
+        raise PeftlabError(f"--seed (DARE's drop masks) is for --op dare or dare_ties, not {op}")
+    return weights
+
+
+def _compose_input(text: str) -> tuple[Path, Path]:
+    """(adapter directory, its run.json) for an ADAPTER_DIR argument; a run directory stands for
+    the adapter train saved in it (RUN/last)."""
+    from .io import CONFIG_FILE
+    directory = Path(text)
+    if not directory.is_dir():
+        raise PeftlabError(f"{text} {'is not a directory' if directory.exists() else 'does not exist'}; "
+                           "give adapter directories written by peftlab train (RUN/last) or compose")
+    if not (directory / CONFIG_FILE).is_file():
+        inner = next((directory / c for c in CHECKPOINT_NAMES if (directory / c / CONFIG_FILE).is_file()), None)
+        if inner is None:
+            raise PeftlabError(f"{text} is not an adapter directory (no {CONFIG_FILE}); give one "
+                               "written by peftlab train (RUN/last) or compose")
+        directory = inner
+    record = _run_record_path(directory)
+    if record is None:
+        raise PeftlabError(f"no run.json in or beside {directory}: compose needs the run record "
+                           "peftlab train (or compose) writes, to rebuild the base model")
+    return directory, record
+
+
+def _adapter_name(directory: Path, taken: set[str]) -> str:
+    """A valid, unused adapter name from a directory name (RUN/last -> RUN)."""
+    import torch
+    stem = directory.name
+    if stem in CHECKPOINT_NAMES and directory.parent.name:
+        stem = directory.parent.name
+    name = re.sub(r"[^0-9A-Za-z_-]", "_", stem) or "adapter"
+    if hasattr(torch.nn.ModuleDict(), name):   # adapters are keys of ModuleDicts: no attribute names
+        name = f"adapter_{name}"
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}_{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two run records' --model values name one model (paths compared resolved)."""
+    def key(m: str) -> str:
+        return str(Path(m).resolve()) if Path(m).is_dir() else m
+    return key(a) == key(b)
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from .compose import add, analogy, merge_adapters, negate, scale, subtract
+
+    weights = _check_compose_request(args)
+    inputs = [_compose_input(a) for a in args.adapters]
+    runs = [_read_run_record(record) for _, record in inputs]
+    for (_, record), run in zip(inputs, runs, strict=True):
+        if "model" not in run or "task" not in run:
+            raise PeftlabError(f"{record} names no model and task: it is not a run record of "
+                               "peftlab train or compose")
+    (first_dir, _), first = inputs[0], runs[0]
+    for (d, _), run in zip(inputs[1:], runs[1:], strict=True):
+        if not _same_model(run["model"], first["model"]):
+            raise PeftlabError(f"{d} was trained on model {run['model']!r} but {first_dir} on "
+                               f"{first['model']!r}: composition needs adapters of one base model")
+    plans = [_prune_plan(d) for d, _ in inputs]
+    for (d, _), plan in zip(inputs[1:], plans[1:], strict=True):
+        if (plan and plan.to_dict()) != (plans[0] and plans[0].to_dict()):
+            raise PeftlabError(f"{d} and {first_dir} were trained on differently pruned bases (their "
+                               "Light-PEFT prune plans differ): they cannot be combined")
+    out = Path(args.out)
+    for d, record in inputs:
+        if out.resolve() in (d.resolve(), record.parent.resolve()):
+            raise PeftlabError(f"--out {out} would overwrite the input {d} (or its run record); "
+                               "choose a new directory")
+
+    am, _, _, _ = _base_for_run(first, first_dir)
+    taken: set[str] = set()
+    names = [_adapter_name(d, taken) for d, _ in inputs]
+    for (d, _), name in zip(inputs, names, strict=True):
+        am.load_adapter(d, name)
+    copies = [am.adapters[n].copies for n in names]
+    seeds = {run.get("seed") for run in runs}
+    if any(copies) and len(seeds) > 1:
+        raise PeftlabError(f"the inputs were trained with different seeds ({sorted(seeds, key=str)}) and "
+                           f"train whole modules ({', '.join(next(c for c in copies if c))}), e.g. a "
+                           "classification head that the seed draws: their bases differ. Compose "
+                           "adapters trained with the same --seed")
+    name = _adapter_name(out, taken)
+    mode = args.mode or "delta"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.op == "add":
+            adapter = add(am, names, weights, name=name, mode=mode, rank=args.rank)
+        elif args.op == "negate":
+            adapter = negate(am, names[0], name=name, mode=mode)
+        elif args.op == "scale":
+            adapter = scale(am, names[0], weights[0], name=name, mode=mode)
+        elif args.op == "subtract":
+            adapter = subtract(am, *names, name=name, mode=mode, rank=args.rank)
+        elif args.op == "analogy":
+            adapter = analogy(am, *names, name=name, weights=tuple(weights or (1.0, 1.0)),
+                              mode=mode, rank=args.rank)
+        else:
+            adapter = merge_adapters(am, names, name=name, how=args.op, weights=weights,
+                                     density=0.5 if args.density is None else args.density,
+                                     seed=args.seed or 0, rank=args.rank)
+    for w in caught:
+        print(f"peftlab compose: warning: {w.message}", file=sys.stderr)
+
+    am.save_adapter(out, name)
+    if plans[0] is not None:
+        from .pruning import save_plan
+        save_plan(out, plans[0])
+    p = adapter.provenance
+    run = {k: v for k, v in first.items() if k not in ("after", "steps", "seconds", "composed")}
+    run["composed"] = {
+        "op": args.op, "inputs": [str(d.resolve()) for d, _ in inputs],
+        "weights": [i["weight"] for i in p["inputs"]], "mode": p["mode"], "merge": p["merge"],
+        **{k: p[k] for k in ("density", "seed") if p.get(k) is not None},
+        **({"rank": args.rank} if args.rank is not None else {}),
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(am.card(name))
+    if p.get("form") == "svd":
+        err = p["svd_relative_error"]
+        print(f"SVD truncation ({'rank ' + str(args.rank) if args.rank else 'sum of the input ranks'}): "
+              f"relative error max {err['max']:.3e}, mean {err['mean']:.3e} over {len(err['per_site'])} sites")
+    print(f"adapter saved: {out}  (run record: {out / 'run.json'})")
     return 0
 
 
@@ -403,6 +627,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report the FFN activation density (fraction of |z| > TAU)")
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("compose", help="combine saved adapters (arithmetic, TIES/DARE merges) into a new one")
+    p.add_argument("--op", required=True, choices=COMPOSE_OPERATORS + COMPOSE_MERGES,
+                   help="add, subtract (A − B), negate, scale (--weights FACTOR), analogy (A + (B − C)); "
+                        "or a merge: linear, ties, dare, dare_ties, magnitude")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
+                   help="adapter directories written by peftlab train (RUN/last) or compose")
+    p.add_argument("--weights", default=None,
+                   help="comma-separated weights, one per adapter (default 1/N); scale: the factor; "
+                        "analogy: L1,L2")
+    p.add_argument("--mode", choices=["delta", "parameter"], default=None,
+                   help="delta (default; exact ΔW arithmetic) or parameter (LoRA factors combined "
+                        "separately, the paper's rule)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="re-factor LoRA results by truncated SVD at this rank (merges default to the "
+                        "sum of the input ranks)")
+    p.add_argument("--density", type=float, default=None,
+                   help="fraction of entries kept by magnitude/ties/dare/dare_ties (default 0.5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of DARE's drop masks (default 0)")
+    p.add_argument("--out", required=True, help="directory for the new adapter and its run.json")
+    p.set_defaults(run=cmd_compose)
+
     p = sub.add_parser("generate", help="generate text with a saved adapter")
     _add_job_options(p)
     p.add_argument("--adapter", required=True)
@@ -412,9 +657,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--weights -1,1` as `--weights=-1,1`: argparse takes a value that starts with '-' (and
+    is not a single number) for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--weights" and re.fullmatch(r"-[\d.][\d.eE+,-]*", arg):
+            out[-1] = f"--weights={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
