@@ -9,7 +9,6 @@ activation), through save/load (bit-exact, provenance kept) and through the real
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

@@ -656,12 +656,12 @@ class AdaptedModel(nn.Module):
             ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
             ("sites", summarise_sites((s.role, s.layer) for s in a.sites)),
             ("modules to save", ", ".join(a.copies) or "none"),
-            ("parameters", f"{self.num_parameters(name):,} "
-                           f"({100 * self.num_parameters(name) / max(self.base_parameters(), 1):.3f}% of base)"),
+            ("parameters", (f"{self.num_parameters(name):,} "
+                            f"({100 * self.num_parameters(name) / max(self.base_parameters(), 1):.3f}% of base)")),
             *([("provenance", describe_provenance(a.provenance))] if a.provenance else []),
-            ("state", f"{'active' if name in self.state.active else 'inactive'}, "
-                      f"{'trainable' if a.trainable else 'frozen'}, "
-                      f"{'merged' if a.merged else 'unmerged'}"),
+            ("state", (f"{'active' if name in self.state.active else 'inactive'}, "
+                       f"{'trainable' if a.trainable else 'frozen'}, "
+                       f"{'merged' if a.merged else 'unmerged'}")),
         ]
         return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
 
