@@ -26,7 +26,7 @@ import torch
 import peftlab
 from peftlab.cli import DEFAULT_DENSITY_THRESHOLD, MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
-from peftlab.objectives import activation_density, density_term
+from peftlab.objectives import activation_density, delayed_ramp, density_term
 from peftlab.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,9 +43,12 @@ def run_one(weight: float, args) -> dict:
     am.set_active(["lora"])
     am.set_trainable("lora")
     if weight:
-        am.add_loss_term(density_term(weight, eps=args.eps))
+        term = density_term(weight, eps=args.eps)
+        if args.start > 0:   # the task learns first; the penalty then ramps up over a tenth of the run
+            term.schedule = delayed_ramp(args.start, 0.1)
+        am.add_loss_term(term)
     result = train(am, "lora", task, data.train, None, TrainConfig(
-        steps=args.steps, batch_size=16, lr=MODEL_DEFAULTS["minilm"]["lr"], seed=args.seed,
+        steps=args.steps, batch_size=16, lr=args.lr, seed=args.seed,
         progress=not args.quiet))
     accuracy = task.evaluate(am.eval(), rows, 64)["accuracy"]
 
@@ -65,6 +68,9 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--lambdas", default="0,1", help="density-loss weights; 0 = the reference run")
     ap.add_argument("--eps", type=float, default=1e-7, help="DEFT's ε")
+    ap.add_argument("--lr", type=float, default=MODEL_DEFAULTS["minilm"]["lr"])
+    ap.add_argument("--start", type=float, default=0.0,
+                    help="fraction of training before the density loss starts (then a linear ramp)")
     ap.add_argument("--targets", default="attn.q,attn.v")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/deft_minilm")
@@ -75,8 +81,9 @@ def main() -> None:
         t = time.perf_counter()
         results.append(run_one(weight, args))
         r = results[-1]
-        print(f"λ={weight:g}: accuracy {r['accuracy']:.4f}, density(τ={DEFAULT_DENSITY_THRESHOLD:g}) "
-              f"{r['density'][DEFAULT_DENSITY_THRESHOLD]:.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+        densities = ", ".join(f"τ={tau:g}: {d:.4f}" for tau, d in r["density"].items())
+        print(f"λ={weight:g}: accuracy {r['accuracy']:.4f}, density {densities}  "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
     ref = next((r for r in results if r["lambda"] == 0), results[0])
     head = ("λ", "accuracy", "Δ acc (pt)", *(f"density τ={t:g}" for t in THRESHOLDS), "step (ms)")
     body = []
@@ -93,7 +100,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"DEFT density loss (ε = {args.eps:g}) with LoRA r=8 on {args.targets} + the head, MiniLM-L6 + "
-             f"Rotten Tomatoes, {args.steps} steps, batch 16, lr {MODEL_DEFAULTS['minilm']['lr']:g}, seed "
+             f"Rotten Tomatoes, {args.steps} steps, batch 16, lr {args.lr:g}, seed "
              f"{args.seed}; accuracy and FFN activation density (fraction of |z| > τ over non-padding tokens) "
              f"on {args.eval_size} held-out reviews (`python bench/deft_density.py`; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads). Percentages: change relative to λ = 0.", "",
