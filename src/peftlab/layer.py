@@ -10,6 +10,11 @@ and each layer rebuilds its tuples of active deltas lazily on its next forward.
 
 Model-level methods (prompt and prefix tuning) do not live in a layer: their `InputHook` rewrites
 the model's forward arguments (`AdaptedModel.forward`).
+
+A routed batch (`AdaptedModel.routed`) gives every example its own adapter. Deltas with a batched
+form (`Delta.mixed`, a `MixedDeltas` class) are then stacked per layer, one slot per distinct
+adapter, and each example gathers its slot: one batched computation per kind of delta, never a
+loop over the adapters.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from .errors import AdapterError, CapabilityError
 
 LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
 
@@ -52,18 +60,26 @@ def forwarding_getattr(child: str):
 
 
 class RoutingState:
-    """What every wrapped layer of one model reads: the active adapters and the on/off switch.
+    """What every wrapped layer of one model reads: the active adapters and the on/off switch,
+    or, for a routed batch, each example's adapter (which then overrides both).
 
     `version` grows on every change; layers compare it with the version they last saw.
     """
 
-    __slots__ = ("active", "enabled", "version", "weights")
+    __slots__ = ("active", "enabled", "index", "routed", "stamp", "version", "weights")
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.enabled = True
         self.version = 0
         self.weights: dict[str, float] = {}   # active adapters whose contribution is scaled (≠ 1)
+        # A routed batch: its distinct adapter ids in order of appearance (None: the base model),
+        # and each example's slot among them, a LongTensor (B,). None when no routing is set.
+        self.routed: tuple[str | None, ...] | None = None
+        self.index: torch.Tensor | None = None
+        # Stays the same object while the routed adapters' tensors are unchanged (identity and
+        # version, checked by `AdaptedModel.routed`): layers then reuse their stacked weights.
+        self.stamp: object | None = None
 
     def changed(self) -> None:
         self.version += 1
@@ -81,6 +97,7 @@ class Delta(nn.Module):
 
     stage = "output"
     algebra = "add"
+    mixed: type[MixedDeltas] | None = None   # the batched form for routed batches, if any
 
     def contribute(self, layer: AdaptedLayer, x: torch.Tensor, base_out: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
@@ -113,6 +130,65 @@ class Delta(nn.Module):
         raise NotImplementedError
 
 
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-example vectors (B, d) as (B, 1, ..., 1, d), broadcasting over the positions of `like`."""
+    return values.view(values.shape[0], *([1] * (like.dim() - 2)), values.shape[-1])
+
+
+class MixedDeltas:
+    """The deltas of one batched form at one layer for a routed batch (`AdaptedModel.routed`).
+
+    Slot s holds the delta of the batch's s-th distinct adapter, or None where that adapter (or the
+    base model) has no delta of this form here; a None slot acts as the identity.
+    Subclasses stack the slots' tensors (`stack`) and implement their stage's method, where every
+    row gathers its slot's tensors with `index` (B,): one batched computation for all adapters.
+
+    Forwards that send gradients to the deltas stack on every call, so each adapter's parameters
+    get theirs; otherwise the stacks are built once, and the layer keeps this object for later
+    routed batches while `RoutingState.stamp` says the routed adapters' tensors are unchanged.
+    """
+
+    stage = "output"
+
+    def __init__(self, layer: AdaptedLayer, slots: list[Delta | None]) -> None:
+        self.slots = slots
+        self.grad = any(p.requires_grad for d in slots if d is not None for p in d.parameters())
+        self._stacks: Any = None
+
+    def stack(self, layer: AdaptedLayer) -> Any:
+        """The slots' tensors stacked along a new first dimension (S, ...)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rows(stacked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Row b's slot of a stack (S, ...) -> (B, ...). Slots are numbered in order of first
+        appearance, so with as many slots as rows (every example on its own adapter) row b is
+        slot b and the stack is used as it is, without a gathered copy."""
+        return stacked if stacked.shape[0] == index.shape[0] else stacked.index_select(0, index)
+
+    def stacks(self, layer: AdaptedLayer) -> Any:
+        if self.grad and torch.is_grad_enabled():
+            return self.stack(layer)
+        if self._stacks is None:
+            # ordinary tensors even under inference_mode, so a later no-grad forward may reuse them
+            with torch.no_grad(), torch.inference_mode(False):
+                self._stacks = self.stack(layer)
+        return self._stacks
+
+    def transform_input(self, layer: AdaptedLayer, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """stage "input": every row's input as its own delta rewrites it."""
+        raise NotImplementedError
+
+    def param_deltas(self, layer: AdaptedLayer, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """stage "params": base parameter name -> per-example deltas (B, ...) added to it."""
+        raise NotImplementedError
+
+    def contribute(self, layer: AdaptedLayer, x: torch.Tensor, base_out: torch.Tensor,
+                   out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """stage "output": `out` plus every row's own delta contribution."""
+        raise NotImplementedError
+
+
 def commutes(a: Delta, b: Delta) -> bool:
     """Whether merging `a` and `b` into one weight gives the same result in either order."""
     if "none" in (a.algebra, b.algebra):
@@ -135,7 +211,7 @@ class AdaptedLayer(nn.Module):
         self._modules["deltas"] = nn.ModuleDict()
         # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
         self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _before=(), _params=(),
-                             _weighted={}, _seen_version=-1)
+                             _weighted={}, _seen_version=-1, _mixed=None, _mixed_memo=(None, None))
 
     @property
     def original_module(self) -> nn.Module:
@@ -163,6 +239,9 @@ class AdaptedLayer(nn.Module):
     def _refresh(self) -> None:
         state = self.state
         deltas = self._modules["deltas"]._modules     # plain dict: no nn.Module lookups
+        if state.routed is not None:
+            self._refresh_routed(deltas)
+            return
         names = state.active if state.enabled else ()
         live = [deltas[n] for n in names if n in deltas and n not in self.merged]
         # plain __dict__ writes: nn.Module.__setattr__ costs microseconds per call
@@ -172,11 +251,30 @@ class AdaptedLayer(nn.Module):
             _active=tuple(d for d in live if d.stage == "output"),
             _weighted={deltas[n]: state.weights[n] for n in names
                        if n in state.weights and n in deltas and n not in self.merged},
-            _seen_version=state.version)
+            _mixed=None, _seen_version=state.version)
+
+    def _refresh_routed(self, deltas: dict[str, Delta]) -> None:
+        """Group this layer's deltas of the routed adapters by batched form, one slot per routed
+        adapter; the groups (with their stacked weights) of the previous routed batch are kept
+        while the routing state's stamp is the same, so inference stacks once."""
+        state = self.state
+        stamp, mixed = self._mixed_memo
+        if stamp is not state.stamp:
+            slots: dict[type[MixedDeltas], list[Delta | None]] = {}
+            for s, name in enumerate(state.routed):
+                delta = deltas.get(name) if name is not None else None
+                if delta is not None:
+                    slots.setdefault(delta.mixed, [None] * len(state.routed))[s] = delta
+            groups = [cls(self, members) for cls, members in slots.items()]
+            mixed = tuple(tuple(g for g in groups if g.stage == stage) for stage in ("input", "params", "output"))
+        self.__dict__.update(_mixed=mixed, _mixed_memo=(state.stamp, mixed), _weighted={},
+                             _seen_version=state.version)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._seen_version != self.state.version:
             self._refresh()
+        if self._mixed is not None:
+            return self._forward_mixed(x, args, kwargs)
         if self._weighted:
             return self._forward_weighted(x, args, kwargs)
         for delta in self._before:
@@ -219,6 +317,50 @@ class AdaptedLayer(nn.Module):
             out = new if w == 1.0 else torch.lerp(out, new, w)
         return out
 
+    def _forward_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The forward of a routed batch: every example as if its own adapter alone were active.
+        Each group applies its stage to all rows at once; a row whose adapter has no delta of that
+        kind here gets the identity (adds 0, scales by 1)."""
+        index = self.state.index                                   # (B,) slot of each example
+        if x.shape[0] != index.shape[0]:
+            raise AdapterError(
+                f"adapter_ids routes {index.shape[0]} examples but a wrapped {self.kind} layer got a "
+                f"batch of {x.shape[0]}; give one adapter id per example (for generate: one per "
+                "prompt) and pass inputs batch-first")
+        before, params, after = self._mixed
+        for group in before:
+            x = group.transform_input(self, x, index)
+        if params:
+            base_out = self._call_per_example(x, args, kwargs, params, index)
+        else:
+            base_out = self._modules["base_layer"](x, *args, **kwargs)
+        out = base_out
+        for group in after:
+            out = group.contribute(self, x, base_out, out, index)
+        return out
+
+    def _call_per_example(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any],
+                          groups: tuple[MixedDeltas, ...], index: torch.Tensor) -> torch.Tensor:
+        """A norm's forward with per-example parameter deltas ((B, d) each). A norm's output is
+        affine in its elementwise weight and bias, so each row's parameters broadcast over its
+        positions; torch's fused LayerNorm / RMSNorm kernels take a single (d,) weight, so for
+        them the normalisation runs without affine parameters and the rows' affine part after."""
+        base = self._modules["base_layer"]
+        deltas: dict[str, torch.Tensor] = {}
+        for group in groups:
+            for name, d in group.param_deltas(self, index).items():
+                deltas[name] = deltas[name] + d if name in deltas else d
+        params = {n: per_example(base.get_parameter(n) + d, x) for n, d in deltas.items()}  # (B, 1.., d)
+        if isinstance(base, (nn.LayerNorm, nn.RMSNorm)):
+            if isinstance(base, nn.LayerNorm):
+                y = F.layer_norm(x, base.normalized_shape, None, None, base.eps)
+            else:
+                y = F.rms_norm(x, base.normalized_shape, None, base.eps)
+            y = y * params.get("weight", base.weight)
+            bias = params.get("bias", getattr(base, "bias", None))
+            return y if bias is None else y + bias
+        return functional_call(base, params, (x, *args), kwargs)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, merged={self.merged}"
 
@@ -250,7 +392,9 @@ class InputHook(nn.Module):
 class ModuleCopies(nn.Module):
     """`modules_to_save`: per-adapter trained copies of a whole module (e.g. a classifier head).
 
-    The first active adapter that owns a copy answers; with none active, the original does.
+    The first active adapter that owns a copy answers; with none active, the original does. In a
+    routed batch each example's adapter picks its module, and every distinct module runs on its
+    own rows: a whole module (a head), not a layer on the hot path, so one call per module used.
     """
 
     is_peftlab_wrapper = True
@@ -261,20 +405,59 @@ class ModuleCopies(nn.Module):
         self.copies = nn.ModuleDict()
         self.state = state
         self.__dict__["_chosen"] = original   # a plain reference, not a registered submodule
+        self.__dict__["_groups"] = None       # routed batch: ((module, rows (n,)), ...)
         self._seen_version = -1
 
     __getattr__ = forwarding_getattr("original_module")
 
     def chosen(self) -> nn.Module:
-        """The module that answers for the current routing state."""
+        """The module that answers for the current routing state (in a routed batch whose rows
+        use different modules: the first row's)."""
         if self._seen_version != self.state.version:
-            state = self.state
-            names = state.active if state.enabled else ()
-            copies = self._modules["copies"]._modules
-            chosen = next((copies[n] for n in names if n in copies), self._modules["original_module"])
-            self.__dict__["_chosen"] = chosen
-            self.__dict__["_seen_version"] = state.version
+            self._refresh()
         return self._chosen
 
+    def _refresh(self) -> None:
+        state = self.state
+        copies = self._modules["copies"]._modules
+        original = self._modules["original_module"]
+        groups = None
+        if state.routed is not None:
+            owners = [copies.get(n, original) if n is not None else original for n in state.routed]
+            modules = list(dict.fromkeys(owners))                # distinct, in slot order
+            chosen = modules[0]
+            if len(modules) > 1:
+                group_of_row = torch.tensor([modules.index(m) for m in owners],
+                                            device=state.index.device)[state.index]   # (B,)
+                groups = tuple((m, (group_of_row == g).nonzero().squeeze(1)) for g, m in enumerate(modules))
+        else:
+            names = state.active if state.enabled else ()
+            chosen = next((copies[n] for n in names if n in copies), original)
+        self.__dict__.update(_chosen=chosen, _groups=groups, _seen_version=state.version)
+
     def forward(self, *args, **kwargs):
-        return self.chosen()(*args, **kwargs)
+        module = self.chosen()
+        if self._groups is None:
+            return module(*args, **kwargs)
+        return self._forward_grouped(args, kwargs)
+
+    def _forward_grouped(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Each module on its rows of every batch-first tensor argument; the outputs scattered back."""
+        n = self.state.index.shape[0]
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] != n:
+            raise AdapterError(f"adapter_ids routes {n} examples but a modules_to_save module got an "
+                               "input that is not a batch of as many rows; pass inputs batch-first")
+
+        def rows_of(v: Any, rows: torch.Tensor) -> Any:
+            return v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+
+        out = None
+        for module, rows in self._groups:
+            y = module(*(rows_of(a, rows) for a in args), **{k: rows_of(v, rows) for k, v in kwargs.items()})
+            if not isinstance(y, torch.Tensor):
+                raise CapabilityError(f"a modules_to_save copy ({type(module).__name__}) returned "
+                                      f"{type(y).__name__}; routing rows to different copies needs a "
+                                      "module that returns one tensor")
+            out = (y.new_zeros((n, *y.shape[1:])) if out is None else out).index_copy(0, rows, y)
+        return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .layer import (
     forwarding_getattr,
     layer_kind,
 )
-from .methods import Method, MethodConfig, method_of
+from .methods import METHODS, Method, MethodConfig, method_of
 from .objectives import LossContext, LossTerm
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import describe_provenance, render_card, summarise_sites
@@ -76,12 +77,19 @@ def _name_list(names: str | Sequence[str] | None) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
+def _check_id_list(adapter_ids: object) -> None:
+    if isinstance(adapter_ids, str) or not isinstance(adapter_ids, Sequence) or not adapter_ids:
+        raise AdapterError(f"adapter_ids must be a non-empty sequence with one adapter name (or None "
+                           f"for the base model) per example, got {adapter_ids!r}")
+
+
 class AdaptedModel(nn.Module):
     """A pretrained model with named PEFT adapters attached in place.
 
     Forward and `generate` pass straight to the wrapped model. Adapters are added inactive and
     frozen: `set_active` chooses which ones contribute (their outputs sum) and `set_trainable`
-    chooses which ones get gradients; neither call changes the other.
+    chooses which ones get gradients; neither call changes the other. `adapter_ids=` (or the
+    `routed` block) gives every example of a batch its own adapter instead.
     """
 
     def __init__(self, model: nn.Module, *, freeze_base: bool = True) -> None:
@@ -93,6 +101,7 @@ class AdaptedModel(nn.Module):
         self._hooks_seen: tuple[int, tuple[InputHook, ...]] = (-1, ())
         self.loss_terms: dict[str, LossTerm] = {}
         self._last_forward: tuple[dict, object] | None = None   # for loss terms that read outputs
+        self._last_stamp: tuple | None = None   # routed(): (routed ids, tensors, versions, stamp)
         self.taps = ActivationTaps(model)   # intermediate tensors for loss terms and metrics
         self._roles: dict[str, str] | None = None
         self._unloaded = False
@@ -101,7 +110,14 @@ class AdaptedModel(nn.Module):
                 p.requires_grad_(False)
 
     # ---- pass-through -------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_ids: Sequence[str | None] | None = None, **kwargs):
+        """The wrapped model's forward with the active adapters; with `adapter_ids` (one adapter
+        name per example, None for the base model) example i uses exactly adapter_ids[i]
+        whatever is active (see `routed`)."""
+        if adapter_ids is not None:
+            self._check_batch(adapter_ids, args, kwargs)
+            with self.routed(adapter_ids):
+                return self.forward(*args, **kwargs)
         hooks = self._active_hooks()
         capture = tap = False
         if self.training and self.loss_terms:
@@ -126,8 +142,18 @@ class AdaptedModel(nn.Module):
             self.__dict__["_last_forward"] = (inputs, out)
         return out
 
-    def generate(self, *args, **kwargs):
-        """The wrapped model's `generate`, with the active adapters applied."""
+    def generate(self, *args, adapter_ids: Sequence[str | None] | None = None, **kwargs):
+        """The wrapped model's `generate`, with the active adapters applied; with `adapter_ids`
+        (one per prompt, None for the base model) prompt i generates with exactly adapter
+        adapter_ids[i] (see `routed`), its beams and return sequences too."""
+        if adapter_ids is not None:
+            self._check_batch(adapter_ids, args, kwargs)
+            # generate repeats every prompt max(num_beams, num_return_sequences) times, prompt-major
+            config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+            repeat = max(kwargs.get(k, getattr(config, k, None)) or 1
+                         for k in ("num_beams", "num_return_sequences"))
+            with self.routed([n for n in adapter_ids for _ in range(repeat)]):
+                return self.model.generate(*args, **kwargs)
         hooks = self._active_hooks()
         if not hooks:
             return self.model.generate(*args, **kwargs)
@@ -138,10 +164,103 @@ class AdaptedModel(nn.Module):
     def _active_hooks(self) -> tuple[InputHook, ...]:
         version, hooks = self._hooks_seen
         if version != self.state.version:
-            names = self.state.active if self.state.enabled else ()
+            state = self.state
+            names = state.active if state.enabled and state.routed is None else ()
             hooks = tuple(self.hooks[n] for n in names if n in self.hooks)
             self.__dict__["_hooks_seen"] = (self.state.version, hooks)
         return hooks
+
+    # ---- per-example routing -------------------------------------------------------------------
+    @contextmanager
+    def routed(self, adapter_ids: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, example i of every batch uses exactly adapter `adapter_ids[i]` (None:
+        the base model), whatever `set_active` / `disabled` say; forward and generate take
+        `adapter_ids=` and open this block for the call. Training works too: each adapter's
+        parameters get the gradients of its own rows.
+
+        Every layer handles the whole batch at once: LoRA (any ranks, rsLoRA, DoRA, PiSSA) as
+        one gather + batched matmul pair, IA3, BitFit and LayerNorm tuning as per-row vectors, so
+        the cost grows with the rows, not with the number of adapters. Stacked adapter weights are
+        built on the first forward and kept while the weights are unchanged (checked when a block
+        opens), except in forwards that send gradients to them. `modules_to_save` copies (e.g.
+        per-user heads) run each on its own rows. Refused with an error that leaves the model as
+        it was: unknown names, merged adapters (every row would share them), prompt / prefix
+        adapters and methods without a batched form."""
+        routed, index = self._routing(adapter_ids)
+        state = self.state
+        outer = state.routed, state.index, state.stamp
+        state.routed, state.index, state.stamp = routed, index, self._stamp(routed)
+        state.changed()
+        try:
+            yield
+        finally:
+            state.routed, state.index, state.stamp = outer
+            state.changed()
+
+    def _stamp(self, routed: tuple[str | None, ...]) -> object:
+        """The previous routed batch's stamp when it routed the same adapters and every tensor the
+        layers stack from (the deltas' parameters and buffers, the base weights: the same objects,
+        at the same versions, with the same requires_grad) is unchanged; else a new one. One pass
+        over those tensors per routed call; the layers then skip their checks and restacking."""
+        tensors: list[torch.Tensor | None] = []
+        for n in routed:
+            for layer in self.adapters[n].layers.values() if n is not None else ():
+                modules = layer._modules      # plain dicts: this runs for every routed call
+                delta = modules["deltas"]._modules[n]
+                tensors.append(modules["base_layer"]._parameters["weight"])
+                tensors += delta._parameters.values()
+                tensors += delta._buffers.values()
+        tensors = [t for t in tensors if t is not None]
+        marks = [(t._version, t.requires_grad) for t in tensors]
+        last = self._last_stamp
+        if (last is not None and last[0] == routed and len(last[1]) == len(tensors)
+                and all(map(operator.is_, last[1], tensors)) and last[2] == marks):
+            return last[3]
+        # the tensors are kept referenced, so a later tensor cannot reuse one of their identities
+        self.__dict__["_last_stamp"] = (routed, tensors, marks, object())
+        return self._last_stamp[3]
+
+    def _routing(self, adapter_ids: Sequence[str | None]) -> tuple[tuple[str | None, ...], torch.Tensor]:
+        """The distinct ids in order of appearance and each example's slot among them, or an error."""
+        self._check_usable()
+        _check_id_list(adapter_ids)
+        routed = tuple(dict.fromkeys(adapter_ids))
+        for n in routed:
+            if n is None:
+                continue
+            if not isinstance(n, str):
+                raise AdapterError(f"adapter_ids holds {n!r}; each entry is an adapter name or None")
+            adapter = self._get(n)
+            if adapter.hook is not None:
+                raise CapabilityError(
+                    f"adapter {n!r} is a {adapter.method.title} adapter, which rewrites the model's "
+                    "inputs as a whole (a model-level hook) and cannot differ between the examples of "
+                    "one batch; run its examples in their own batch with set_active")
+            if not adapter.method.supports("mixed-batch"):
+                supported = [m.title for m in METHODS.values() if m.supports("mixed-batch")]
+                raise CapabilityError(
+                    f"adapter {n!r} is a {adapter.method.title} adapter, a method without a batched "
+                    f"(per-example) form; mixed batches support {', '.join(supported)}. Run its "
+                    "examples in their own batch with set_active")
+        merged = [n for n, a in self.adapters.items() if a.merged]
+        if merged:
+            raise AdapterError(f"adapters {merged} are merged into the base weights, which every example "
+                               f"of a routed batch shares; unmerge({merged}) before routing examples")
+        slot = {n: i for i, n in enumerate(routed)}
+        device = next(self.model.parameters()).device
+        index = torch.tensor([slot[n] for n in adapter_ids], dtype=torch.long, device=device)
+        return routed, index
+
+    @staticmethod
+    def _check_batch(adapter_ids: Sequence[str | None], args: tuple, kwargs: dict) -> None:
+        """One id per example of the batch that forward / generate got."""
+        _check_id_list(adapter_ids)
+        x = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs_embeds", "inputs")
+                                       if kwargs.get(k) is not None), None)
+        if isinstance(x, torch.Tensor) and x.dim() and len(adapter_ids) != x.shape[0]:
+            raise AdapterError(f"adapter_ids has {len(adapter_ids)} entries but the batch has "
+                               f"{x.shape[0]} examples; give one adapter name (or None for the base "
+                               "model) per example")
 
     @staticmethod
     def _as_kwargs(args: tuple, kwargs: dict, what: str) -> dict:
@@ -311,7 +430,9 @@ class AdaptedModel(nn.Module):
         if adapter.merged:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; "
                                f"call unmerge({name!r}) before deleting it")
+        self.__dict__["_last_stamp"] = None    # routed batches keep stacks of their adapters' tensors
         for path, layer in adapter.layers.items():
+            layer.__dict__["_mixed_memo"] = (None, None)
             layer.deltas[name].release()
             del layer.deltas[name]
             if not layer.deltas:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CapabilityError
-from ..layer import AdaptedLayer, Delta
+from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..sites import Site
 from ..typology import Typology
 from .base import Method, MethodConfig
@@ -37,12 +37,25 @@ def bias_slot(layer: AdaptedLayer) -> bool:
     return "bias" in layer.base_layer._parameters
 
 
+class MixedBiases(MixedDeltas):
+    """The BitFit biases of a routed batch stacked (S, d_out), zeros where a slot has none; every
+    row adds its own slot's bias."""
+
+    def stack(self, layer: AdaptedLayer) -> torch.Tensor:
+        zero = torch.zeros_like(next(d for d in self.slots if d is not None).bias)
+        return torch.stack([d.bias if d is not None else zero for d in self.slots])
+
+    def contribute(self, layer, x, base_out, out, index):
+        return out + per_example(self.rows(self.stacks(layer), index), out)
+
+
 class BiasDelta(Delta):
     """A bias `bias` (d_out,) added to the wrapped layer's output."""
 
     stage = "output"
     algebra = "add"
     mergeable = True
+    mixed = MixedBiases
 
     def __init__(self, size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -124,7 +137,7 @@ METHOD = Method(
         param_formula="d_out per site",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
     composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,

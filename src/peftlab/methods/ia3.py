@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, CheckpointError, ConfigError
-from ..layer import AdaptedLayer, Delta
+from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..sites import Site, match_targets, sites_at
 from ..typology import Typology
 from .base import Method, MethodConfig, pattern_value
@@ -67,6 +67,30 @@ class IA3Config(MethodConfig):
         return bool(pattern_value(dict.fromkeys(patterns, True), site))
 
 
+class MixedScales(MixedDeltas):
+    """The IA3 vectors of a routed batch stacked (S, d), ones where a slot has none; every row
+    is scaled by its own slot's vector."""
+
+    def stack(self, layer: AdaptedLayer) -> torch.Tensor:
+        one = torch.ones_like(next(d for d in self.slots if d is not None).ia3_l)
+        return torch.stack([d.ia3_l if d is not None else one for d in self.slots])
+
+    def scales(self, layer: AdaptedLayer, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return per_example(self.rows(self.stacks(layer), index), like)      # (B, 1.., d)
+
+
+class MixedInputScales(MixedScales):
+    stage = "input"
+
+    def transform_input(self, layer, x, index):
+        return x * self.scales(layer, index, x)
+
+
+class MixedOutputScales(MixedScales):
+    def contribute(self, layer, x, base_out, out, index):
+        return out * self.scales(layer, index, out)
+
+
 class IA3Delta(Delta):
     """One learned vector `ia3_l`: it scales the output (stage "output") or the input (stage
     "input") of the wrapped layer."""
@@ -77,7 +101,8 @@ class IA3Delta(Delta):
         super().__init__()
         self.__dict__.update(scale_input=scale_input,
                              stage="input" if scale_input else "output",
-                             algebra="input" if scale_input else "scale")
+                             algebra="input" if scale_input else "scale",
+                             mixed=MixedInputScales if scale_input else MixedOutputScales)
         self._parameters[TENSOR] = nn.Parameter(torch.ones(size, dtype=dtype, device=device),
                                                 requires_grad=False)
 
@@ -246,7 +271,7 @@ METHOD = Method(
         param_formula="d_out per output-scaled site, d_in per feed-forward (input-scaled) site",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
     composition="scale",
     build=_build,
     tensor_shapes=_tensor_shapes,

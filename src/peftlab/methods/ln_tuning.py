@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta
+from ..layer import AdaptedLayer, Delta, MixedDeltas
 from ..sites import Site
 from ..typology import Typology
 from .base import Method, MethodConfig
@@ -40,12 +40,30 @@ def _has_bias(layer: AdaptedLayer) -> bool:
     return isinstance(getattr(layer.base_layer, "bias", None), torch.Tensor)
 
 
+class MixedNormDeltas(MixedDeltas):
+    """The norm deltas of a routed batch stacked (S, d), zeros where a slot has none; the layer
+    applies every row's own weight and bias (`AdaptedLayer._call_per_example`)."""
+
+    stage = "params"
+
+    def stack(self, layer: AdaptedLayer) -> dict[str, torch.Tensor]:
+        live = [d for d in self.slots if d is not None]
+        zero = torch.zeros_like(live[0].weight)
+        names = ["weight"] + (["bias"] if any(d.bias is not None for d in live) else [])
+        return {name: torch.stack([zero if d is None or getattr(d, name) is None else getattr(d, name)
+                                   for d in self.slots]) for name in names}
+
+    def param_deltas(self, layer, index):
+        return {name: self.rows(t, index) for name, t in self.stacks(layer).items()}
+
+
 class NormDelta(Delta):
     """Additive deltas `weight` (and `bias`) on a norm's affine parameters."""
 
     stage = "params"
     algebra = "add"
     mergeable = True
+    mixed = MixedNormDeltas
 
     def __init__(self, size: int, with_bias: bool, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -114,7 +132,7 @@ METHOD = Method(
         param_formula="d per norm (weight), + d where the norm has a bias",
     ),
     layer_kinds=("norm",),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
     composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -10,15 +10,17 @@ training sees the same gradients as PiSSA's residual form.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta
+from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..sites import Site
 from ..typology import Typology
 from .base import Method, MethodConfig, pattern_value
@@ -91,6 +93,88 @@ _UPCAST_ON_CPU = _cpu_half_matmul_is_slow()
 _HALF = (torch.bfloat16, torch.float16)
 
 
+class MixedLowRank(MixedDeltas):
+    """The LoRA deltas of a routed batch: row b on slot i gets (x_b A_iᵀ)(s_i B_i)ᵀ, two batched
+    matmuls over per-row gathered factors. Ranks differ between adapters, so the stacks are padded
+    with zeros to the largest rank (a padded rank, like a slot without LoRA here, adds exactly 0):
+    one gather + bmm pair whatever the mix, where grouping by rank needs a pair per rank plus a
+    scatter (`bench/mixed_batch.py --rank-layout`: padding is faster unless one rank dwarfs the
+    rest). PiSSA's frozen start is folded in as extra ranks (A0, −s·B0); DoRA's row scale
+    m/‖W + ΔW‖ is folded into B and its (scale − 1)·W x term added (the scale is 1 off DoRA rows).
+    """
+
+    def __init__(self, layer: AdaptedLayer, slots: list[LowRankDelta | None]) -> None:
+        super().__init__(layer, slots)
+        live = [d for d in slots if d is not None]
+        self.embedding, self.padding_idx = live[0].embedding, live[0].padding_idx
+        device = live[0].lora_A.device
+        self.dtype = functools.reduce(torch.promote_types, [d.lora_A.dtype for d in live])
+        if _UPCAST_ON_CPU and self.dtype in _HALF and device.type == "cpu":
+            self.dtype = torch.float32     # as LowRankDelta: no fast half GEMMs on this CPU
+        self.scales = torch.tensor([d.scaling if d is not None else 0.0 for d in slots], device=device)
+        self.dora_slots = [i for i, d in enumerate(slots) if d is not None and d.dora]
+        self.dora = torch.tensor(self.dora_slots, dtype=torch.long, device=device)
+        drop = [d.dropout.p if d is not None and d.dropout is not None else 0.0 for d in slots]
+        self.keep = torch.tensor([1.0 - p for p in drop], device=device) if any(drop) else None
+
+    def stack(self, layer: AdaptedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A (S, r_max, d_in) — for an embedding the (S·vocab, r_max) lookup table instead —,
+        s·Bᵀ (S, r_max, d_out) with DoRA's row scale folded in, and DoRA's row scale (S, d_out)."""
+        dtype, d_in, d_out = self.dtype, layer.in_features, layer.out_features
+        As, Bs = [], []
+        for d in self.slots:
+            if d is None:
+                As.append(torch.zeros(0, d_in, dtype=dtype, device=self.scales.device))
+                Bs.append(torch.zeros(0, d_out, dtype=dtype, device=self.scales.device))
+            elif d.pissa:    # s·(B A − B0 A0) = [s·B, −s·B0] [A; A0]
+                As.append(torch.cat([d.lora_A, d.pissa_A0]).to(dtype))
+                Bs.append(torch.cat([d.lora_B, -d.pissa_B0], dim=1).t().to(dtype))
+            else:
+                As.append(d.lora_A.to(dtype))
+                Bs.append(d.lora_B.t().to(dtype))
+        A = pad_sequence(As, batch_first=True)                                   # (S, r_max, d_in)
+        Bt = pad_sequence(Bs, batch_first=True) * self.scales.to(dtype)[:, None, None]   # (S, r_max, d_out)
+        row_scale = None
+        if self.dora_slots:
+            # m / ‖W + ΔW‖ per output row; the norm is a constant for the gradient (DoRA §4.3)
+            weight = layer.weight_out_in().to(dtype)
+            dw = torch.bmm(Bt[self.dora].transpose(1, 2), A[self.dora])          # (n_dora, d_out, d_in)
+            norm = torch.linalg.norm(weight + dw, dim=2).detach()
+            m = torch.stack([self.slots[i].magnitude for i in self.dora_slots]).to(dtype)
+            row_scale = torch.ones(len(self.slots), d_out, dtype=dtype, device=A.device).index_copy(
+                0, self.dora, m / norm)                                          # (S, d_out)
+            Bt = Bt * row_scale[:, None, :]
+        if self.embedding:
+            A = A.transpose(1, 2).reshape(-1, A.shape[1])                        # (S·vocab, r_max)
+        return A, Bt, row_scale
+
+    def contribute(self, layer, x, base_out, out, index):
+        A, Bt, row_scale = self.stacks(layer)
+        n = index.shape[0]
+        if self.embedding:   # token ids (B, ...): row b reads its slot's block of the table
+            offset = index.view(n, *([1] * (x.dim() - 1))) * layer.in_features
+            h = F.embedding(x + offset, A)                                      # (B, ..., r_max)
+            if self.padding_idx is not None and h.requires_grad:   # as F.embedding's padding_idx:
+                h = torch.where((x == self.padding_idx)[..., None], h.detach(), h)   # no gradient there
+            h = h.reshape(n, -1, A.shape[1])
+        else:
+            if self.keep is not None and layer.training:    # dropout at each row's adapter's rate
+                keep = per_example(self.keep[index][:, None], x)
+                x = x * torch.bernoulli(keep.expand_as(x)) / keep
+            x3 = x.reshape(n, -1, x.shape[-1]).to(self.dtype)                    # (B, T, d_in)
+            h = torch.bmm(x3, self.rows(A, index).transpose(1, 2))              # (B, T, r_max)
+        out3 = out.reshape(n, -1, out.shape[-1])                                # (B, T, d_out)
+        acc = torch.baddbmm(out3.to(self.dtype), h, self.rows(Bt, index))
+        if row_scale is not None:    # DoRA: (scale − 1) · W x, W x without the bias
+            if self.keep is not None and layer.training:
+                plain = F.linear(x, layer.weight_out_in())
+            else:
+                bias = layer.base_layer.bias
+                plain = base_out - bias if bias is not None else base_out
+            acc = acc + per_example(self.rows(row_scale, index) - 1, acc) * plain.reshape(acc.shape)
+        return acc.to(out.dtype).view(out.shape)
+
+
 class LowRankDelta(Delta):
     """s · B A (minus the frozen PiSSA start s · B0 A0), optionally DoRA-normalised.
 
@@ -100,6 +184,7 @@ class LowRankDelta(Delta):
     """
 
     mergeable = True
+    mixed = MixedLowRank
 
     def __init__(self, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float = 0.0,
                  embedding: bool = False, padding_idx: int | None = None, dora: bool = False,
@@ -296,7 +381,7 @@ METHOD = Method(
         param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,
