@@ -1,0 +1,252 @@
+"""AdapterBank: saved adapters served from one AdaptedModel, loaded on first use, evicted LRU.
+
+    bank = AdapterBank(am, "adapters/", max_adapters=8)   # adapters/<name>/ (or <name>/last)
+    with bank.using(["sentiment", "shakespeare"]):       # loaded if needed, pinned, locked
+        ...                                               # run the model with them
+    bank.load("extra", "runs/x/last"); bank.unload("extra")
+
+Adapters are attached to and removed from the one model in place (`load_adapter` /
+`delete_adapter`), so memory holds the base model plus the loaded adapters only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from .errors import AdapterError, CheckpointError, close_matches
+from .io import CONFIG_FILE
+from .model import AdaptedModel
+
+# The adapter directories `peftlab train --out RUN` writes inside a run directory, in the order
+# a run directory stands for them (as `peftlab compose` reads RUN).
+RUN_CHECKPOINTS = ("last", "best")
+
+
+class UnknownAdapterError(AdapterError):
+    """No adapter of this name is loaded, registered or on disk; `close` holds look-alikes."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        known = sorted(set(known))
+        self.name = name
+        self.close = close_matches(name, known) if name else []
+        hint = f"; did you mean {', '.join(map(repr, self.close))}?" if self.close else ""
+        shown = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+        super().__init__(f"no adapter {name!r}{hint} Known adapters: {shown or 'none'}")
+
+
+class BankFullError(AdapterError):
+    """Every loaded adapter is pinned by the running batch, so none can make room."""
+
+
+def adapter_directory(path: str | Path) -> Path:
+    """The adapter directory `path` names: itself when it holds `adapter_config.json`, else the
+    checkpoint `peftlab train` saved in the run directory (`path/last`, then `path/best`).
+    Raises CheckpointError naming the path and what is wrong with it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give an adapter directory written by "
+                              "am.save_adapter or peftlab train (RUN or RUN/last)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not an adapter directory; give the directory "
+                              f"that holds {CONFIG_FILE}")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for name in RUN_CHECKPOINTS:
+        if (path / name / CONFIG_FILE).is_file():
+            return path / name
+    raise CheckpointError(f"{path} is not an adapter directory: it holds no {CONFIG_FILE} (nor "
+                          f"{' or '.join(f'{n}/{CONFIG_FILE}' for n in RUN_CHECKPOINTS)}); give a "
+                          "directory written by am.save_adapter or peftlab train")
+
+
+def valid_name(name: object) -> bool:
+    """Whether `name` can name an adapter (AdaptedModel's rule). Such a name holds no '/' or
+    '.', so DIR/<name> never leaves DIR."""
+    return (isinstance(name, str) and bool(name) and not any(c in name for c in ".:/\\ ")
+            and not hasattr(nn.ModuleDict(), name))
+
+
+class AdapterBank:
+    """Named adapters of one AdaptedModel: found in `directory` (`DIR/<name>/`, or a run
+    directory `DIR/<name>/last`) or registered by path, loaded when first used, and evicted
+    least-recently-used first once `max_adapters` are loaded.
+
+    Thread-safe with two locks. Changes (loading, evicting, replacing) hold the re-entrant
+    model lock, and `using` holds it for its whole block, because attaching or deleting an
+    adapter rewires layers that a running forward reads: changes wait for the batch in flight.
+    Look-ups (`loaded`, `available`, `path_of`) take only a short lock over the name tables, so
+    a server's request handlers never wait for a batch.
+    """
+
+    def __init__(self, am: AdaptedModel, directory: str | Path | None = None, *,
+                 max_adapters: int = 8, paths: Mapping[str, str | Path] | None = None) -> None:
+        if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
+            raise AdapterError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
+        self.am = am
+        self.directory = None if directory is None else Path(directory).expanduser()
+        if self.directory is not None and not self.directory.is_dir():
+            raise CheckpointError(f"adapter directory {self.directory} does not exist or is not a "
+                                  "directory; give the folder that holds one sub-folder per adapter")
+        self.max_adapters = max_adapters
+        self._lock = threading.RLock()        # the model: held while changing it or running it
+        self._tables = threading.Lock()       # the name tables below: held briefly
+        self._registered: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, Path] = OrderedDict()   # least recently used first
+        self._pins: Counter[str] = Counter()
+        self.loads = self.evictions = 0       # adapters loaded; evicted to make room (not unloads)
+        for name, path in (paths or {}).items():
+            self._check_name(name)
+            self._registered[name] = adapter_directory(path)
+
+    # ---- what there is ----------------------------------------------------------------------------
+    def loaded(self) -> list[str]:
+        """Names of the loaded adapters, least recently used first."""
+        with self._tables:
+            return list(self._loaded)
+
+    def available(self) -> dict[str, Path]:
+        """Every adapter that can be served, name -> adapter directory: those on disk under
+        `directory` (read afresh, so adapters copied there while serving appear), then the
+        registered ones (which win over a same-named folder)."""
+        found: dict[str, Path] = {}
+        if self.directory is not None:
+            for child in sorted(self.directory.iterdir()):
+                if child.is_dir() and valid_name(child.name):
+                    try:
+                        found[child.name] = adapter_directory(child)
+                    except CheckpointError:
+                        continue   # an unrelated folder: not an adapter
+        with self._tables:
+            found.update(self._registered)
+            for name, path in self._loaded.items():   # loaded ones whose folder went away
+                found.setdefault(name, path)
+        return found
+
+    def path_of(self, name: str) -> Path:
+        """The adapter directory that `name` loads from; UnknownAdapterError (with close names)
+        when there is none."""
+        with self._tables:
+            known = self._registered.get(name) or self._loaded.get(name)
+        if known is not None:
+            return known
+        if valid_name(name) and self.directory is not None:
+            try:
+                return adapter_directory(self.directory / name)
+            except CheckpointError:
+                pass
+        raise UnknownAdapterError(name, self.available())
+
+    # ---- changing what is loaded ------------------------------------------------------------------
+    def load(self, name: str, path: str | Path | None = None, *, replace: bool = False) -> Path:
+        """Load adapter `name` now, from `path` (which registers it under that name) or from
+        where the bank finds it; returns its directory. A loaded `name` is an error unless
+        `replace`, which swaps in the adapter at `path`, restoring the old one if that fails."""
+        self._check_name(name)
+        with self._lock:
+            source = adapter_directory(path) if path is not None else self.path_of(name)
+            if name in self._loaded:
+                if not replace:
+                    raise AdapterError(f"adapter {name!r} is already loaded (from "
+                                       f"{self._loaded[name]}); unload it first or replace it")
+                self._swap(name, source)
+            else:
+                self._ensure(name, source)
+            if path is not None:
+                with self._tables:
+                    self._registered[name] = source
+            return source
+
+    def unload(self, name: str) -> bool:
+        """Free adapter `name` (and forget a path it was registered with; one on disk stays
+        available). Returns whether it was loaded."""
+        with self._lock:
+            if name not in self._loaded and name not in self._registered:
+                self.path_of(name)   # UnknownAdapterError unless it is on disk
+                return False
+            if self._pins[name]:
+                raise AdapterError(f"adapter {name!r} is in use by the running batch; unload it "
+                                   "after the batch")
+            with self._tables:
+                self._registered.pop(name, None)
+            if name not in self._loaded:
+                return False
+            self._evict(name)
+            return True
+
+    @contextmanager
+    def using(self, names: Iterable[str | None]) -> Iterator[None]:
+        """Within the block these adapters (None = the base model, skipped) are loaded and
+        pinned, and nothing else can change the model. Raises BankFullError when they number
+        more than `max_adapters`."""
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        if len(wanted) > self.max_adapters:
+            raise BankFullError(f"a batch needs {len(wanted)} adapters but the bank holds at most "
+                                f"{self.max_adapters}; split the batch or raise max_adapters")
+        with self._lock:
+            pinned: list[str] = []
+            try:
+                for name in wanted:
+                    self._ensure(name, None)
+                    self._pins[name] += 1      # pinned before the next load can evict it
+                    pinned.append(name)
+                yield
+            finally:
+                for name in pinned:
+                    self._pins[name] -= 1
+                self._pins += Counter()        # drops the zero counts
+
+    # ---- internals (called with the model lock held) ----------------------------------------------
+    def _ensure(self, name: str, source: Path | None) -> None:
+        """Mark `name` most recently used, loading it (from `source` or where it is found) and
+        evicting the least recently used unpinned adapter when the bank is full."""
+        if name in self._loaded:
+            with self._tables:
+                self._loaded.move_to_end(name)
+            return
+        source = source if source is not None else self.path_of(name)
+        while len(self._loaded) >= self.max_adapters:
+            victim = next((n for n in self._loaded if not self._pins[n]), None)
+            if victim is None:
+                raise BankFullError(f"all {self.max_adapters} loaded adapters are in use by the "
+                                    f"running batch, so {name!r} cannot be loaded; raise "
+                                    "max_adapters")
+            self._evict(victim)
+            self.evictions += 1
+        self.am.load_adapter(source, name)
+        with self._tables:
+            self._loaded[name] = source
+        self.loads += 1
+
+    def _swap(self, name: str, source: Path) -> None:
+        if self._pins[name]:
+            raise AdapterError(f"adapter {name!r} is in use by the running batch; replace it after "
+                               "the batch")
+        old = self._loaded[name]
+        self.am.delete_adapter(name)
+        try:
+            self.am.load_adapter(source, name)
+        except Exception:
+            self.am.load_adapter(old, name)   # the old adapter serves on; the caller sees why
+            raise
+        with self._tables:
+            self._loaded[name] = source
+            self._loaded.move_to_end(name)
+        self.loads += 1
+
+    def _evict(self, name: str) -> None:
+        self.am.delete_adapter(name)
+        with self._tables:
+            del self._loaded[name]
+
+    @staticmethod
+    def _check_name(name: object) -> None:
+        if not valid_name(name):
+            raise AdapterError(f"adapter name {name!r} is not usable: give a non-empty string "
+                               "without '.', ':', '/', '\\' or spaces that is no torch module "
+                               "attribute (e.g. 'sentiment_v2')")

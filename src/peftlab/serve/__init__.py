@@ -1,0 +1,14 @@
+"""Serving adapters over HTTP: one base model, many adapters, requests batched across adapters.
+
+    engine = load_engine("smollm2", "adapters/", causal=True, max_adapters=8)
+    serve(engine, port=8000)                   # or create_app(engine) for TestClient / uvicorn
+
+Needs the `serve` extra (FastAPI and uvicorn): pip install 'peftlab[serve]'.
+"""
+
+from .app import create_app, serve
+from .batcher import Batcher, ServerClosing
+from .engine import Engine, Job, RequestError, Sampling, load_engine
+
+__all__ = ["Batcher", "Engine", "Job", "RequestError", "Sampling", "ServerClosing", "create_app",
+           "load_engine", "serve"]

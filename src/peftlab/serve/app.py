@@ -1,0 +1,213 @@
+"""The HTTP side of the server: FastAPI routes, request schemas and error answers.
+
+Every error answer is JSON with a `detail` string that names the problem and the fix: 404 for
+an unknown adapter (with `close` look-alike names), 422 for a malformed body (with `errors`,
+one per field) or a parameter above a limit, 413 for an input above the token limits, 400 for
+other requests peftlab refuses (e.g. loading a path that is not an adapter), 503 while the
+server starts or shuts down, and 500 with the reason when the server itself failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..bank import UnknownAdapterError
+from ..errors import PeftlabError
+from .batcher import Batcher, ServerClosing
+from .engine import Engine, Job, RequestError, Sampling
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class _Body(BaseModel):
+    # strict: "16" is not an integer and "true" not a boolean; unknown fields (typos such as
+    # "max_token") are errors rather than silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Body):
+    prompt: str = Field(min_length=1)
+    adapter: str | None = None
+    max_tokens: int | None = Field(None, ge=1)   # None: DEFAULT_MAX_TOKENS, within the limit
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class ClassifyRequest(_Body):
+    text: str = Field(min_length=1)
+    adapter: str | None = None
+
+
+class LoadRequest(_Body):
+    name: str
+    path: str = Field(min_length=1)
+    replace: bool = False
+
+
+def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """The answer for an exception raised while serving a request."""
+    if isinstance(e, UnknownAdapterError):
+        return _error(404, str(e), close=e.close)
+    if isinstance(e, RequestError):
+        return _error(e.status, str(e))
+    if isinstance(e, PeftlabError):
+        return _error(400, str(e))
+    return _error(500, f"the server failed on this request: {type(e).__name__}: {e}")
+
+
+def _describe(errors: list[dict[str, Any]]) -> list[str]:
+    """One line per pydantic error: the field, then what is wrong."""
+    lines = []
+    for err in errors:
+        if err["type"] == "json_invalid":
+            lines.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
+            continue
+        field = ".".join(str(p) for p in err["loc"] if p != "body") or "the body"
+        got = "" if "input" not in err or err["type"] == "missing" else f" (got {_short(err['input'])})"
+        lines.append(f"{field}: {err['msg']}{got}")
+    return lines
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message need not echo a huge input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _answer(future: Future) -> Any:
+    try:
+        return await asyncio.wrap_future(future)
+    except Exception as e:   # the worker's error for this request: answered, never re-raised
+        return error_response(e)
+
+
+def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0) -> FastAPI:
+    """The FastAPI app serving `engine`; its batcher's worker runs while the app does (use
+    `with TestClient(app)` in tests, so that start-up and shut-down run)."""
+    batcher = Batcher(engine.run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                      max_adapters=engine.bank.max_adapters)
+    bank = engine.bank
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="peftlab", summary="PEFT adapters served from one base model",
+                  lifespan=lifespan)
+    app.state.engine, app.state.batcher = engine, batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        lines = _describe(list(exc.errors()))
+        return _error(422, "invalid request: " + "; ".join(lines),
+                      errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                              for e in exc.errors()])
+
+    @app.exception_handler(PeftlabError)
+    async def refused(_: Request, exc: PeftlabError) -> JSONResponse:
+        return error_response(exc)
+
+    def submit(job: Job) -> Future:
+        try:
+            return batcher.submit(job)
+        except ServerClosing as e:
+            raise RequestError(503, str(e)) from None
+
+    def require(kind: str, route: str) -> None:
+        if engine.kind != kind:
+            other = "/v1/classify" if kind == "causal-lm" else "/v1/generate"
+            raise RequestError(400, f"{route} needs a {kind} model; this server serves "
+                                    f"{engine.model_name!r}, a {engine.kind} model: use {other}")
+
+    def known(adapter: str | None) -> None:
+        if adapter is not None:
+            bank.path_of(adapter)   # an unknown name is a 404 now, not an error from the worker
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load: the model, loaded adapters, queue depth and batch sizes run."""
+        return {"status": "ok" if batcher.running else "stopping", "model": engine.model_name,
+                "kind": engine.kind, "mixed_batches": engine.mixed, "loaded": bank.loaded(),
+                "max_adapters": bank.max_adapters, "loads": bank.loads, "evictions": bank.evictions,
+                "pending": batcher.pending(),
+                "batch_sizes": dict(sorted(batcher.batch_sizes.items()))}
+
+    @app.get("/v1/adapters")
+    def adapters() -> dict[str, Any]:
+        """The loaded adapters (least recently used first) and every one that can be served."""
+        return {"loaded": bank.loaded(), "max_adapters": bank.max_adapters,
+                "available": {name: str(path) for name, path in bank.available().items()}}
+
+    @app.post("/v1/adapters")
+    def load(req: LoadRequest) -> Any:
+        """Load (or with `replace`, swap) adapter `name` from `path`; waits for the running batch."""
+        return _sync(lambda: {"name": req.name, "path": str(bank.load(req.name, req.path,
+                                                                      replace=req.replace)),
+                              "loaded": bank.loaded()})
+
+    @app.delete("/v1/adapters/{name}")
+    def unload(name: str) -> Any:
+        """Free a loaded adapter; one on disk stays available and loads again when asked for."""
+        return _sync(lambda: {"name": name, "unloaded": bank.unload(name), "loaded": bank.loaded()})
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest) -> Any:
+        """`{"text", "adapter", "tokens"}`: the completion of `prompt` under `adapter`."""
+        require("causal-lm", "/v1/generate")
+        max_tokens = min(DEFAULT_MAX_TOKENS, engine.max_new_tokens) if req.max_tokens is None \
+            else req.max_tokens
+        if max_tokens > engine.max_new_tokens:
+            raise RequestError(422, f"max_tokens {max_tokens} is above this server's limit of "
+                                    f"{engine.max_new_tokens} (--max-new-tokens-limit)")
+        known(req.adapter)
+        ids = engine.encode_prompt(req.prompt)
+        engine.check_input(len(ids), max_tokens)
+        sampling = Sampling(req.temperature, req.top_p, req.seed)
+        return await _answer(submit(Job("generate", ids, req.adapter, max_tokens, sampling)))
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest) -> Any:
+        """`{"label", "probs", "adapter"}` (a regression head: `{"score", "adapter"}`)."""
+        require("classification", "/v1/classify")
+        known(req.adapter)
+        ids = engine.encode_text(req.text)
+        engine.check_input(len(ids))
+        return await _answer(submit(Job("classify", ids, req.adapter)))
+
+    return app
+
+
+def _sync(action: Callable[[], dict[str, Any]]) -> Any:
+    """`action()`, with any exception but a refusal answered as a 500 with its reason."""
+    try:
+        return action()
+    except PeftlabError:
+        raise
+    except Exception as e:
+        return error_response(e)
+
+
+def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
+          max_wait_ms: float = 10.0, log_level: str = "info") -> None:
+    """Serve `engine` over HTTP with uvicorn until interrupted."""
+    import uvicorn
+    uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
+                host=host, port=port, log_level=log_level)

@@ -1,0 +1,240 @@
+"""The model side of the server: tokenising, and running a batch of requests as one mixed batch
+in which every example uses its own adapter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bank import AdapterBank
+from ..errors import CapabilityError, PeftlabError
+from ..model import AdaptedModel
+
+KINDS = ("causal-lm", "classification")
+DEFAULT_MAX_INPUT_TOKENS = 2048   # when neither the caller nor the model's config sets one
+
+
+class RequestError(PeftlabError):
+    """A request the server refuses as asked; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generate request picks its tokens: temperature 0 is greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"do_sample": False}
+        # top_k=0 switches off the top-k filter a generation config may default to, so that
+        # temperature and top_p alone shape the distribution.
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+
+
+@dataclass(eq=False)
+class Job:
+    """One queued request: its token ids, its adapter (None = the base model), what to do with
+    them, and the future its answer goes to."""
+
+    kind: str                              # "generate" or "classify"
+    ids: list[int]
+    adapter: str | None
+    max_tokens: int = 0                    # generate: new tokens at most
+    sampling: Sampling = Sampling()
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def group(self) -> tuple:
+        """Jobs of one group can share a batch (one `generate` call takes one set of sampling
+        settings). A seeded sampling job is a group of its own, so its seed alone fixes its
+        sample whatever else arrives with it."""
+        s = self.sampling
+        if self.kind == "classify" or s.greedy:
+            return (self.kind,)
+        if s.seed is not None:
+            return (self.kind, id(self))
+        return (self.kind, s.temperature, s.top_p)
+
+
+class Engine:
+    """One AdaptedModel with its tokenizer and AdapterBank, and the limits requests must keep.
+
+    `run(jobs)` answers a batch of jobs of one group. With `mixed` (the default when the model
+    has `AdaptedModel.routed`, i.e. per-example `adapter_ids`) the batch is one forward or
+    `generate` call; without it, one call per adapter group (see `_routed`).
+    """
+
+    def __init__(self, am: AdaptedModel, tokenizer: Any, bank: AdapterBank, *,
+                 kind: str | None = None, model_name: str = "model",
+                 labels: Sequence[str] | None = None, max_input_tokens: int | None = None,
+                 max_new_tokens: int = 256, mixed: bool | None = None) -> None:
+        self.am, self.tokenizer, self.bank, self.model_name = am.eval(), tokenizer, bank, model_name
+        self.kind = kind or ("causal-lm" if am.model.can_generate() else "classification")
+        if self.kind not in KINDS:
+            raise PeftlabError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        config = am.model.config
+        # The model's context window, when its config states one: prompt + new tokens must fit.
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.max_input_tokens = max_input_tokens or self.max_positions or DEFAULT_MAX_INPUT_TOKENS
+        self.max_new_tokens = max_new_tokens
+        self.mixed = hasattr(type(am), "routed") if mixed is None else mixed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = getattr(getattr(am.model, "generation_config", None), "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.labels: list[str] = []
+        if self.kind == "classification":
+            self.labels = list(labels or (config.id2label[i] for i in range(config.num_labels)))
+            if len(self.labels) != config.num_labels:
+                raise PeftlabError(f"{len(self.labels)} labels {self.labels} for a head of "
+                                   f"{config.num_labels} outputs; give one label per output")
+        # Fast tokenizers refuse concurrent use of one instance ("Already borrowed"); handlers
+        # encode while the worker decodes.
+        self._tok_lock = threading.Lock()
+
+    # ---- tokenising (request handlers) ------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a generate prompt: as a user turn of the chat template when the tokenizer
+        has one (as `peftlab generate` does), else the plain text with special tokens."""
+        with self._tok_lock:
+            if getattr(self.tokenizer, "chat_template", None):
+                return list(self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                    tokenize=True, return_dict=False))
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a text to classify."""
+        with self._tok_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def check_input(self, n_tokens: int, max_tokens: int = 0) -> None:
+        """RequestError 413 when the input (plus the new tokens) does not fit the limits."""
+        if n_tokens > self.max_input_tokens:
+            raise RequestError(413, f"the input is {n_tokens} tokens; this server takes at most "
+                                    f"{self.max_input_tokens} (--max-input-tokens)")
+        if self.max_positions and n_tokens + max_tokens > self.max_positions:
+            raise RequestError(413, f"the prompt ({n_tokens} tokens) plus max_tokens ({max_tokens}) "
+                                    f"exceeds the model's context of {self.max_positions} tokens; "
+                                    "shorten the prompt or lower max_tokens")
+
+    # ---- running a batch (the worker) -------------------------------------------------------------
+    def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """The answers to a batch of jobs of one group, in order."""
+        with self.bank.using(j.adapter for j in jobs), torch.inference_mode():
+            if jobs[0].kind == "generate":
+                return self._generate(jobs)
+            return self._classify(jobs)
+
+    def _generate(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        ids, mask = self._pad([j.ids for j in jobs], left=True)   # new tokens follow every row
+        sampling = jobs[0].sampling
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        # One call for the longest request; shorter ones are cut to their own max_tokens below
+        # (greedy decoding gives the same first tokens either way).
+        outputs = self._routed(self.am.generate, [j.adapter for j in jobs],
+                               {"input_ids": ids, "attention_mask": mask},
+                               max_new_tokens=max(j.max_tokens for j in jobs),
+                               pad_token_id=self.pad_id, **sampling.generate_kwargs())
+        width = ids.shape[1]
+        return [self._completion(row[width:].tolist(), job) for row, job in zip(outputs, jobs, strict=True)]
+
+    def _completion(self, new: list[int], job: Job) -> dict[str, Any]:
+        new = new[: job.max_tokens]
+        stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+        if stop is not None:
+            new = new[: stop + 1]   # the end-of-sequence token counts, as in a lone generate
+        with self._tok_lock:
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return {"text": text, "adapter": job.adapter, "tokens": len(new)}
+
+    def _classify(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        ids, mask = self._pad([j.ids for j in jobs], left=False)
+        logits = self._routed(lambda **kw: self.am(**kw).logits, [j.adapter for j in jobs],
+                              {"input_ids": ids, "attention_mask": mask})
+        answers = []
+        for row, job in zip(logits, jobs, strict=True):
+            if len(self.labels) == 1:   # a regression head (num_labels 1): the score itself
+                answers.append({"score": float(row[0]), "adapter": job.adapter})
+                continue
+            probs = torch.softmax(row.float(), dim=-1).tolist()
+            answers.append({"label": self.labels[int(row.argmax())],
+                            "probs": dict(zip(self.labels, probs, strict=True)),
+                            "adapter": job.adapter})
+        return answers
+
+    def _routed(self, call: Callable[..., torch.Tensor], adapter_ids: list[str | None],
+                inputs: dict[str, torch.Tensor], **kwargs: Any) -> list[torch.Tensor]:
+        """The rows of `call(**inputs, **kwargs)` with example i under adapter `adapter_ids[i]`
+        (None = the base model). The one place that decides how: one mixed-batch call when the
+        model routes per example, else one call per adapter with that adapter active."""
+        if self.mixed:
+            try:
+                return list(call(**inputs, **kwargs, adapter_ids=adapter_ids))
+            except CapabilityError:
+                # An adapter without a per-example form (prompt / prefix tuning, ...): routing
+                # refuses it before anything runs, and its examples go in their own group below.
+                pass
+        rows: list[torch.Tensor | None] = [None] * len(adapter_ids)
+        try:
+            for name in dict.fromkeys(adapter_ids):
+                index = [i for i, a in enumerate(adapter_ids) if a == name]
+                self.am.set_active([] if name is None else [name])
+                out = call(**{k: v[index] for k, v in inputs.items()}, **kwargs)
+                for i, row in zip(index, out, strict=True):
+                    rows[i] = row
+        finally:
+            self.am.set_active([])
+        return rows
+
+    def _pad(self, rows: list[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows padded to one width (on the left for generation) and their attention mask."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, span] = torch.tensor(r, dtype=torch.long)
+            mask[i, span] = 1
+        return ids, mask
+
+
+def load_engine(model: str, adapters: str | Path | None, *, causal: bool,
+                max_adapters: int = 8, labels: Sequence[str] | None = None, num_labels: int = 2,
+                max_input_tokens: int | None = None, max_new_tokens: int = 256) -> Engine:
+    """An Engine for a model name (`smollm2`, `minilm`) or local model directory, serving the
+    adapters under `adapters`. Classification models get a head of `num_labels` outputs (the
+    length of `labels` when given), which each adapter's trained head replaces."""
+    from .. import adapt
+    from ..assets import load_model
+
+    if causal:
+        base, tokenizer = load_model(model, kind="causal-lm")
+    else:
+        base, tokenizer = load_model(model, kind="classification",
+                                     num_labels=len(labels) if labels else num_labels)
+    am = adapt(base)
+    bank = AdapterBank(am, adapters, max_adapters=max_adapters)
+    return Engine(am, tokenizer, bank, kind="causal-lm" if causal else "classification",
+                  model_name=model, labels=labels, max_input_tokens=max_input_tokens,
+                  max_new_tokens=max_new_tokens)
