@@ -43,7 +43,7 @@ from .errors import (
     PeftlabError,
     TargetNotFoundError,
 )
-from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies
+from .layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.adalink import AdaLinkConfig
 from .methods.balora import BALoraConfig
@@ -122,6 +122,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "MissingAssetError",
+    "MixedDeltas",
     "ModuleCopies",
     "PatchConfig",
     "PeftlabError",

@@ -564,6 +564,43 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare ---------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_command
+    return compare_command(args)
+
+
+# ---- serve -----------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PeftlabError(f"peftlab serve needs {' and '.join(missing)}: pip install 'peftlab[serve]'")
+    import transformers
+
+    from .serve import load_engine, serve
+
+    transformers.logging.set_verbosity_error()
+    for name in ("max_adapters", "max_batch_size", "max_new_tokens_limit", "max_input_tokens", "num_labels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PeftlabError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_wait_ms < 0:
+        raise PeftlabError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    engine = load_engine(args.model, args.adapters, causal=_is_causal(args.model),
+                         max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
+                         max_input_tokens=args.max_input_tokens,
+                         max_new_tokens=args.max_new_tokens_limit)
+    found = engine.bank.available()
+    print(f"serving {args.model} ({engine.kind}) with {len(found)} adapters from {args.adapters} "
+          f"({', '.join(list(found)[:10]) or 'none yet'}{' ...' if len(found) > 10 else ''}) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    serve(engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms)
+    return 0
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2, minilm or a local model directory")
     p.add_argument("--task", default=None,
@@ -654,6 +691,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("compare", help="train methods and baselines side by side: JSON, table and plots")
+    p.add_argument("--model", default="minilm", help="smollm2, minilm or a local model directory")
+    p.add_argument("--task", default="sentiment", help="sentiment, imdb, shakespeare, sts, chat, or a .csv/.jsonl file")
+    p.add_argument("--methods", default="lora,ia3,bitfit,adapter,prompt", help="comma-separated registered methods")
+    p.add_argument("--baselines", default="probe,full",
+                   help="probe (frozen model, head trained alone), full (every weight, when it fits in "
+                        "memory), or none")
+    p.add_argument("--steps", type=int, default=None, help="training steps per cell (default: as train)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None, help="rank of the methods that have one")
+    p.add_argument("--data-sizes", default="all",
+                   help="training examples per cell, drawn with the seed, e.g. 100,1000,all")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean ± std")
+    p.add_argument("--eval-size", type=int, default=500, help="held-out test rows scored")
+    p.add_argument("--evals", type=int, default=4, help="held-out evaluations during training (learning curve)")
+    p.add_argument("--max-length", type=int, default=96, help="tokens kept per text")
+    p.add_argument("--out", default=None, help="output directory (default runs/compare-MODEL-TASK); "
+                                               "rerun with the same settings to resume")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("serve", help="serve saved adapters over HTTP, batching requests across adapters")
+    p.add_argument("--model", required=True, help="smollm2, minilm or a local model directory")
+    p.add_argument("--adapters", required=True, metavar="DIR",
+                   help="folder of adapters: DIR/NAME/ (am.save_adapter) or DIR/NAME/last (peftlab train --out)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory (LRU eviction)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests run together at most")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the oldest waiting request waits for others to join its batch")
+    p.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="longest input in tokens (default: the model's context length)")
+    p.add_argument("--num-labels", type=int, default=2, help="classification models: outputs of the head")
+    p.add_argument("--labels", default=None, help="classification models: comma-separated label names")
+    p.set_defaults(run=cmd_serve)
     return parser
 
 
