@@ -297,6 +297,7 @@ def forward_ms(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int =
 
 
 def directory_bytes(directory: Path) -> int:
+    """Bytes of every file under `directory`."""
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
