@@ -322,7 +322,11 @@ def near_tied_classifier(data: list[dict]) -> BertForSequenceClassification:
     with torch.no_grad():
         batch = TOK([r["text"] for r in data], padding=True, return_tensors="pt")
         logits = model(**batch).logits
-        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+        # the boundary halfway between the two middle margins: not on any text's margin, where
+        # padded and unpadded forwards (equal up to rounding) could disagree about the argmax
+        margins = (logits[:, 1] - logits[:, 0]).sort().values
+        k = len(margins) // 2
+        model.classifier.bias[1] -= (margins[k - 1] + margins[k]) / 2
     return model
 
 
