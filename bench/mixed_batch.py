@@ -67,6 +67,7 @@ def build(device: str, dtype: torch.dtype, tmp: str):
     base = base.to(device=device, dtype=dtype).eval()
     am = peftlab.adapt(copy.deepcopy(base))
     names = [f"u{i}" for i in range(N_ADAPTERS)]
+    torch.manual_seed(SEED)     # LoRA's A initialisation
     for i, name in enumerate(names):
         am.add_adapter(name, peftlab.LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear"))
         g = torch.Generator().manual_seed(SEED + 1 + i)

@@ -163,15 +163,21 @@ class MixedLowRank(MixedDeltas):
                 x = x * torch.bernoulli(keep.expand_as(x)) / keep
             x3 = x.reshape(n, -1, x.shape[-1]).to(self.dtype)                    # (B, T, d_in)
             h = torch.bmm(x3, self.rows(A, index).transpose(1, 2))              # (B, T, r_max)
-        out3 = out.reshape(n, -1, out.shape[-1])                                # (B, T, d_out)
-        acc = torch.baddbmm(out3.to(self.dtype), h, self.rows(Bt, index))
+        dora = None
         if row_scale is not None:    # DoRA: (scale − 1) · W x, W x without the bias
             if self.keep is not None and layer.training:
                 plain = F.linear(x, layer.weight_out_in())
             else:
                 bias = layer.base_layer.bias
                 plain = base_out - bias if bias is not None else base_out
-            acc = acc + per_example(self.rows(row_scale, index) - 1, acc) * plain.reshape(acc.shape)
+            dora = per_example(self.rows(row_scale, index) - 1, plain) * plain
+        acc = out.reshape(n, -1, out.shape[-1]).to(self.dtype)                 # (B, T, d_out)
+        if dora is None:
+            # In place (a copy of the output less): what produced `out` (the base Linear / Conv1D /
+            # Embedding, or an earlier scaling or bias) does not keep it for its backward.
+            acc.baddbmm_(h, self.rows(Bt, index))
+        else:        # the DoRA term keeps the base output for its backward
+            acc = torch.baddbmm(acc, h, self.rows(Bt, index)) + dora.reshape(acc.shape)
         return acc.to(out.dtype).view(out.shape)
 
 
