@@ -48,7 +48,7 @@ def run_one(weight: float, args) -> dict:
             term.schedule = delayed_ramp(args.start, 0.1)
         am.add_loss_term(term)
     result = train(am, "lora", task, data.train, None, TrainConfig(
-        steps=args.steps, batch_size=16, lr=args.lr, seed=args.seed,
+        steps=args.steps, batch_size=16, lr=args.lr, seed=args.seed, max_grad_norm=args.max_grad_norm,
         progress=not args.quiet))
     accuracy = task.evaluate(am.eval(), rows, 64)["accuracy"]
 
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--lambdas", default="0,1", help="density-loss weights; 0 = the reference run")
     ap.add_argument("--eps", type=float, default=1e-7, help="DEFT's ε")
     ap.add_argument("--lr", type=float, default=MODEL_DEFAULTS["minilm"]["lr"])
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping; 0 = none")
     ap.add_argument("--start", type=float, default=0.0,
                     help="fraction of training before the density loss starts (then a linear ramp)")
     ap.add_argument("--targets", default="attn.q,attn.v")
