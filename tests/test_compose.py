@@ -329,12 +329,17 @@ def test_dare_is_unbiased_over_seeds():
     assert not torch.equal(dare(tau, 0.5, torch.Generator().manual_seed(0)), tau)
 
 
-def test_ia3_ties_merge_matches_reference():
+def three_ia3_adapters(seed: int):
+    """Tiny Llama with IA3 adapters i, j, k (seeds seed, seed+1, seed+2) and their vectors."""
     am = peftlab.adapt(tiny_llama(0))
     names = ["i", "j", "k"]
     for s, n in enumerate(names):
-        add_ia3(am, n, 30 + s)
-    vectors = {n: ia3_vectors(am, n) for n in names}
+        add_ia3(am, n, seed + s)
+    return am, names, {n: ia3_vectors(am, n) for n in names}
+
+
+def test_ia3_ties_merge_matches_reference():
+    am, names, vectors = three_ia3_adapters(30)
     out = peftlab.merge_adapters(am, names, how="ties", density=0.5, name="m")
     assert out.provenance["merge"] == "ties" and out.provenance["density"] == 0.5
     assert out.provenance["seed"] is None
@@ -346,11 +351,7 @@ def test_ia3_ties_merge_matches_reference():
 
 
 def test_ia3_dare_merge_draws_masks_site_by_site_input_by_input():
-    am = peftlab.adapt(tiny_llama(0))
-    names = ["i", "j", "k"]
-    for s, n in enumerate(names):
-        add_ia3(am, n, 40 + s)
-    vectors = {n: ia3_vectors(am, n) for n in names}
+    am, names, vectors = three_ia3_adapters(40)
     weights = (0.2, 0.5, 0.3)
     peftlab.merge_adapters(am, names, how="dare", density=0.6, seed=5, weights=weights, name="d")
     g = torch.Generator().manual_seed(5)
