@@ -115,6 +115,35 @@ def test_generate_passes_through():
     assert out.shape == (1, 7) and torch.equal(out, ref)
 
 
+def test_frozen_head_gets_a_contiguous_input_until_unload():
+    """generate hands the head the prompt's last position (a strided view); with the base frozen,
+    torch would expand the head's weight per example for it, so adapt() makes that input
+    contiguous, the logits staying the same, and unload() takes the hook away again."""
+    model = tiny_llama()
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    seen = []
+
+    def record(module, args):
+        seen.append(args[0].is_contiguous())
+
+    watch = model.lm_head.register_forward_pre_hook(record)
+    with torch.no_grad():
+        plain = model.generate(prompt, **settings, output_logits=True, return_dict_in_generate=True)
+        assert seen[0] is False                          # the prefill's input as transformers slices it
+        seen.clear()
+        watch.remove()
+        am = peftlab.adapt(model)
+        watch = model.lm_head.register_forward_pre_hook(record)     # after adapt's own hook
+        adapted = am.generate(prompt, **settings, output_logits=True, return_dict_in_generate=True)
+    assert seen and all(seen)
+    assert torch.equal(adapted.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(adapted.logits), torch.stack(plain.logits), atol=1e-6, rtol=0)
+    watch.remove()
+    am.unload()
+    assert not model.lm_head._forward_pre_hooks
+
+
 def test_bad_input_errors():
     am = peftlab.adapt(tiny_llama())
     with pytest.raises(peftlab.TargetNotFoundError, match="close candidates"):
