@@ -153,10 +153,11 @@ class MixedDeltas:
     def __init__(self, layer: AdaptedLayer, slots: list[Delta | None]) -> None:
         self.slots = slots
         self.grad = any(p.requires_grad for d in slots if d is not None for p in d.parameters())
-        self._stacks: Any = None
+        self._stacks: dict[tuple, Any] = {}
 
-    def stack(self, layer: AdaptedLayer) -> Any:
-        """The slots' tensors stacked along a new first dimension (S, ...)."""
+    def stack(self, layer: AdaptedLayer, *key: Any) -> Any:
+        """The slots' tensors stacked along a new first dimension (S, ...); `key` is what
+        `stacks` got besides the layer (LoRA: the dtype to compute in)."""
         raise NotImplementedError
 
     @staticmethod
@@ -166,14 +167,15 @@ class MixedDeltas:
         slot b and the stack is used as it is, without a gathered copy."""
         return stacked if stacked.shape[0] == index.shape[0] else stacked.index_select(0, index)
 
-    def stacks(self, layer: AdaptedLayer) -> Any:
+    def stacks(self, layer: AdaptedLayer, *key: Any) -> Any:
         if self.grad and torch.is_grad_enabled():
-            return self.stack(layer)
-        if self._stacks is None:
+            return self.stack(layer, *key)
+        cached = self._stacks.get(key)
+        if cached is None:
             # ordinary tensors even under inference_mode, so a later no-grad forward may reuse them
             with torch.no_grad(), torch.inference_mode(False):
-                self._stacks = self.stack(layer)
-        return self._stacks
+                cached = self._stacks[key] = self.stack(layer, *key)
+        return cached
 
     def transform_input(self, layer: AdaptedLayer, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """stage "input": every row's input as its own delta rewrites it."""
