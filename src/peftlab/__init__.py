@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .activations import ActivationTaps
 from .assets import Dataset, load_dataset, load_model
+from .bank import AdapterBank, BankFullError, UnknownAdapterError
 from .compose import (
     CompositionWarning,
     add,
@@ -94,9 +95,11 @@ __all__ = [
     "AdaptedLayer",
     "AdaptedModel",
     "Adapter",
+    "AdapterBank",
     "AdapterConfig",
     "AdapterError",
     "BALoraConfig",
+    "BankFullError",
     "BitFitConfig",
     "CapabilityError",
     "CausalLMTask",
@@ -138,6 +141,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Typology",
+    "UnknownAdapterError",
     "WordPairs",
     "__version__",
     "activation_density",
