@@ -72,7 +72,7 @@ def logits_of(am, task, rows: list[dict], adapter_ids: list[str] | None, batch_s
         batch = task.collate(rows[i:i + batch_size])
         batch.pop("labels")
         ids = None if adapter_ids is None else adapter_ids[i:i + batch_size]
-        out.append(am(**batch, adapter_ids=ids).logits if ids else am(**batch).logits)
+        out.append(am(**batch, adapter_ids=ids).logits)
     return torch.cat(out).float()
 
 
@@ -138,12 +138,15 @@ def main() -> None:
     own = torch.stack([single[u][i] for i, u in enumerate(owner)])
     max_diff = float((mixed - own).abs().max())
     same_predictions = bool((mixed.argmax(-1) == own.argmax(-1)).all())
-    mixed_pred = mixed.argmax(-1)
-    mixed_accuracy = {u: float(sum(int(mixed_pred[i]) == test_labels[u][i] for i in range(len(test)) if owner[i] == u)
-                               / owner.count(u)) for u in USERS}
-    shared_pred = single[SHARED].argmax(-1)
-    shared_on_owner = {u: float(sum(int(shared_pred[i]) == test_labels[u][i] for i in range(len(test)) if owner[i] == u)
-                                / owner.count(u)) for u in USERS}
+
+    def on_own_reviews(logits: torch.Tensor) -> dict[str, float]:
+        """Each user's accuracy on the reviews sent for them (owner), under their own labels."""
+        pred = logits.argmax(-1).tolist()
+        return {u: sum(pred[i] == test_labels[u][i] for i in range(len(test)) if owner[i] == u)
+                / owner.count(u) for u in USERS}
+
+    mixed_accuracy = on_own_reviews(mixed)
+    shared_on_owner = on_own_reviews(single[SHARED])
 
     # --- report ---
     head = ("adapter \\ user's labels", *USERS, "mean")
