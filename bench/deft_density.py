@@ -6,11 +6,14 @@ Density is DEFT's exact metric over the non-padding tokens of the held-out revie
 fraction of FFN activations (the GELU output that feeds each layer's down projection) with
 |z| > τ, for several τ: GELU is exactly 0 only far in its negative tail (x < -5.5 in fp32), so
 τ = 0 counts those and a small τ counts the near-zero units that DEFT's surrogate ρ̃_ε creates.
-The headline τ is `peftlab train`'s default, 1e-2. The drop is relative to the run without
-the loss.
+`peftlab train`'s default τ is 1e-2. The drop is relative to the run without the loss. Each
+run also reports its accuracy with every activation |z| <= τ set to exactly 0 before the down
+projection: where that equals the plain accuracy, the activations under τ are functionally zero
+and the density at τ is sparsity a kernel could skip.
 
 Usage: python bench/deft_density.py [--steps 300] [--lambdas 0,1] [--targets attn.q,attn.v]
-                                    [--out docs/results/deft_minilm]      (~3 min a run)
+                                    [--rank 8] [--eps 1e-7] [--start 0] [--lr 2e-3]
+                                    [--out docs/results/deft_minilm]      (~3.5 min a run)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 import peftlab
+from peftlab.activations import _tap_modules
 from peftlab.cli import DEFAULT_DENSITY_THRESHOLD, MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
 from peftlab.objectives import activation_density, delayed_ramp, density_term
@@ -35,11 +39,25 @@ from common import print_columns  # noqa: E402  (bench/common.py)
 THRESHOLDS = (0.0, 1e-3, DEFAULT_DENSITY_THRESHOLD, 1e-1)
 
 
+def thresholded_accuracy(am, task, rows, tau: float) -> float:
+    """Accuracy with the FFN activations |z| <= tau replaced by 0 (what a sparse kernel skips)."""
+    def zero_small(module, args):
+        z = args[0]
+        return (z.masked_fill(z.abs() <= tau, 0.0), *args[1:])
+    handles = [m.register_forward_pre_hook(zero_small) for m in _tap_modules(am, "ffn.act")]
+    try:
+        with torch.no_grad():
+            return task.evaluate(am.eval(), rows, 64)["accuracy"]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_one(weight: float, args) -> dict:
     model, _, task, data = build_job("minilm", "sentiment", seed=args.seed, max_length=96)
     rows = data.test[: args.eval_size]
     am = peftlab.adapt(model)
-    am.add_adapter("lora", method_config(get_method("lora"), args.targets, 8, train_head=True))
+    am.add_adapter("lora", method_config(get_method("lora"), args.targets, args.rank, train_head=True))
     am.set_active(["lora"])
     am.set_trainable("lora")
     if weight:
@@ -57,8 +75,14 @@ def run_one(weight: float, args) -> dict:
             batch = task.collate(rows[i:i + 64])
             yield {k: v for k, v in batch.items() if k != "labels"}
 
-    density = {tau: activation_density(am, batches(), threshold=tau)["density"] for tau in THRESHOLDS}
-    return {"lambda": weight, "accuracy": accuracy, "density": density,
+    measured = {tau: activation_density(am, batches(), threshold=tau) for tau in THRESHOLDS}
+    density = {tau: m["density"] for tau, m in measured.items()}
+    per_layer = measured[DEFAULT_DENSITY_THRESHOLD]["per_layer"]
+    # The zeros are usable only if the model does not need what they drop: accuracy again with
+    # every activation |z| <= τ set to exactly 0 before the down projection (sparse inference).
+    sparse_accuracy = {tau: thresholded_accuracy(am, task, rows, tau) for tau in THRESHOLDS[2:]}
+    return {"lambda": weight, "accuracy": accuracy, "density": density, "sparse_accuracy": sparse_accuracy,
+            "per_layer_density": per_layer,
             "step_ms": 1e3 * result.seconds / max(result.steps_done, 1)}
 
 
@@ -73,6 +97,7 @@ def main() -> None:
     ap.add_argument("--start", type=float, default=0.0,
                     help="fraction of training before the density loss starts (then a linear ramp)")
     ap.add_argument("--targets", default="attn.q,attn.v")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2·rank)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/deft_minilm")
     ap.add_argument("--quiet", action="store_true")
@@ -83,10 +108,13 @@ def main() -> None:
         results.append(run_one(weight, args))
         r = results[-1]
         densities = ", ".join(f"τ={tau:g}: {d:.4f}" for tau, d in r["density"].items())
-        print(f"λ={weight:g}: accuracy {r['accuracy']:.4f}, density {densities}  "
+        sparse = ", ".join(f"τ={tau:g}: {a:.4f}" for tau, a in r["sparse_accuracy"].items())
+        print(f"λ={weight:g}: accuracy {r['accuracy']:.4f} (zeroing |z| <= τ: {sparse}), density {densities}  "
+              f"per layer at τ={DEFAULT_DENSITY_THRESHOLD:g}: {' '.join(f'{d:.3f}' for d in r['per_layer_density'])}  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     ref = next((r for r in results if r["lambda"] == 0), results[0])
-    head = ("λ", "accuracy", "Δ acc (pt)", *(f"density τ={t:g}" for t in THRESHOLDS), "step (ms)")
+    head = ("λ", "accuracy", "Δ acc (pt)", *(f"acc, |z|≤{t:g} zeroed" for t in THRESHOLDS[2:]),
+            *(f"density τ={t:g}" for t in THRESHOLDS), "step (ms)")
     body = []
     for r in results:
         cells = []
@@ -95,12 +123,12 @@ def main() -> None:
             cells.append(f"{d:.4f}" + ("" if r is ref else f" ({100 * (d - d0) / d0:+.1f}%)"))
         body.append((f"{r['lambda']:g}", f"{r['accuracy']:.4f}",
                      "-" if r is ref else f"{100 * (r['accuracy'] - ref['accuracy']):+.1f}",
-                     *cells, f"{r['step_ms']:.0f}"))
+                     *(f"{r['sparse_accuracy'][t]:.4f}" for t in THRESHOLDS[2:]), *cells, f"{r['step_ms']:.0f}"))
     print()
     print_columns(head, body)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"DEFT density loss (ε = {args.eps:g}) with LoRA r=8 on {args.targets} + the head, MiniLM-L6 + "
+    lines = [f"DEFT density loss (ε = {args.eps:g}) with LoRA r={args.rank} on {args.targets} + the head, MiniLM-L6 + "
              f"Rotten Tomatoes, {args.steps} steps, batch 16, lr {args.lr:g}, seed "
              f"{args.seed}; accuracy and FFN activation density (fraction of |z| > τ over non-padding tokens) "
              f"on {args.eval_size} held-out reviews (`python bench/deft_density.py`; torch {torch.__version__}, "
