@@ -78,8 +78,6 @@ def run_one(weight: float, args) -> dict:
     measured = {tau: activation_density(am, batches(), threshold=tau) for tau in THRESHOLDS}
     density = {tau: m["density"] for tau, m in measured.items()}
     per_layer = measured[DEFAULT_DENSITY_THRESHOLD]["per_layer"]
-    # The zeros are usable only if the model does not need what they drop: accuracy again with
-    # every activation |z| <= τ set to exactly 0 before the down projection (sparse inference).
     sparse_accuracy = {tau: thresholded_accuracy(am, task, rows, tau) for tau in THRESHOLDS[2:]}
     return {"lambda": weight, "accuracy": accuracy, "density": density, "sparse_accuracy": sparse_accuracy,
             "per_layer_density": per_layer,
