@@ -147,11 +147,12 @@ def main() -> None:
              f"{torch.get_num_threads()} threads). Percentages: change relative to λ = 0."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
+    md, js = (out.parent / f"{out.name}{ext}" for ext in (".md", ".json"))   # names may hold dots: run_2.9
+    md.write_text("\n".join(lines) + "\n")
+    js.write_text(json.dumps(
         {"args": vars(args), "rows": [{**r, "density": {str(k): v for k, v in r["density"].items()}}
                                       for r in results]}, indent=2) + "\n")
-    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    print(f"\nwrote {md} and {js}")
 
 
 if __name__ == "__main__":
