@@ -54,7 +54,9 @@ def singles(am: peftlab.AdaptedModel, inputs: dict, route: list) -> torch.Tensor
 def assert_mixed_equals_singles(am: peftlab.AdaptedModel, inputs: dict, route: list = ROUTE) -> None:
     with torch.no_grad():
         mixed = outputs(am, inputs, route)
-    torch.testing.assert_close(mixed, singles(am, inputs, route), atol=1e-5, rtol=0)
+    # fp32 sums in another order (one routed batch against per-adapter batches): on AVX-512 CPUs
+    # that differs by up to 2e-5 relative; in float64 the same comparison holds at atol 1e-5 alone
+    torch.testing.assert_close(mixed, singles(am, inputs, route), atol=1e-5, rtol=1e-4)
     # the adapters really differ from each other and from the base, so the test means something
     names = list(dict.fromkeys(route))
     with torch.no_grad():
@@ -216,8 +218,9 @@ def test_training_in_one_mixed_batch_gives_each_adapter_its_own_gradients(arch):
     assert mixed.keys() == separate.keys()
     for key, g in separate.items():
         assert g.abs().max() > 0, key
-        # 1e-6, plus fp32 rounding (1e-5 of the largest entry) where gradients are large
-        assert (mixed[key] - g).abs().max() <= 1e-6 + 1e-5 * g.abs().max(), key
+        # 1e-6, plus fp32 rounding where gradients are large: summed over another batch layout, up
+        # to 4e-5 of the largest entry on AVX-512 CPUs (float64 meets 1e-5 of it)
+        assert (mixed[key] - g).abs().max() <= 1e-6 + 1e-4 * g.abs().max(), key
 
 
 def test_training_step_in_a_mixed_batch_updates_each_adapter():
