@@ -59,7 +59,13 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
 from .model import AdaptedModel, Adapter, LayerStatus, adapt
-from .objectives import LossContext, LossTerm, activation_density, density_term
+from .objectives import (
+    LossContext,
+    LossTerm,
+    activation_density,
+    delayed_ramp,
+    density_term,
+)
 from .optim import OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes
 from .peft_format import export_peft, import_peft
 from .pruning import (
@@ -152,6 +158,7 @@ __all__ = [
     "card",
     "counterfactual_augment",
     "counterfactual_flip_rate",
+    "delayed_ramp",
     "density_term",
     "describe_sites",
     "export_peft",
