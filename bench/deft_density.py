@@ -83,7 +83,7 @@ def run_one(weight: float, args) -> dict:
             yield {k: v for k, v in batch.items() if k != "labels"}
 
     measured = {tau: activation_density(am, batches(rows), threshold=tau) for tau in THRESHOLDS}
-    # The validation split is for choosing λ, so that the test numbers are not tuned on.
+    # A second held-out measure, and the split to choose λ on without touching the test reviews.
     validation = {"accuracy": task.evaluate(am.eval(), data.validation, 64)["accuracy"],
                   "density": activation_density(am, batches(data.validation), threshold=STATED_TAU)["density"]}
     density = {tau: m["density"] for tau, m in measured.items()}

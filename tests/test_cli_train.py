@@ -91,7 +91,7 @@ def test_density_loss_reports_density_and_eval_reproduces_it(tiny_dir, reviews, 
     assert f"ffn_density {after:.4f}" in capsys.readouterr().out
 
 
-def test_density_loss_can_start_after_the_task_is_learned(tiny_dir, reviews, tmp_path, capsys):
+def test_density_loss_can_start_after_the_task_is_learned(tiny_dir, reviews, capsys):
     args = build_parser().parse_args(["train", "--density-loss", "3", "--density-start", "0.2"])
     term = _density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
     factors = [term.factor(step, 300) for step in (0, 59, 75, 90, 299)]
