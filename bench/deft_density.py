@@ -68,10 +68,9 @@ def run_one(weight: float, args) -> dict:
     am.set_active(["lora"])
     am.set_trainable("lora")
     if weight:
-        term = density_term(weight, eps=args.eps)
-        if args.start > 0:   # the task learns first; the penalty then ramps up linearly
-            term.schedule = delayed_ramp(args.start, args.ramp)
-        am.add_loss_term(term)
+        # with --start the task learns first; the penalty then ramps up linearly
+        schedule = delayed_ramp(args.start, args.ramp) if args.start > 0 else None
+        am.add_loss_term(density_term(weight, eps=args.eps, schedule=schedule))
     result = train(am, "lora", task, data.train, None, TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_grad_norm=args.max_grad_norm,
         progress=not args.quiet))

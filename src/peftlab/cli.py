@@ -287,10 +287,8 @@ def _density_loss(args: argparse.Namespace):
         raise PeftlabError(f"--density-start must be a fraction of the run in [0, 1), got {args.density_start}")
     if not 0.0 <= args.density_ramp <= 1.0:
         raise PeftlabError(f"--density-ramp must be a fraction of the run in [0, 1], got {args.density_ramp}")
-    term = density_term(args.density_loss, eps=args.density_eps)
-    if args.density_start > 0:
-        term.schedule = delayed_ramp(args.density_start, args.density_ramp)
-    return term
+    schedule = delayed_ramp(args.density_start, args.density_ramp) if args.density_start > 0 else None
+    return density_term(args.density_loss, eps=args.density_eps, schedule=schedule)
 
 
 def _optimizer_options(args: argparse.Namespace) -> dict:

@@ -81,11 +81,13 @@ def _per_example_density(z: torch.Tensor, weights: torch.Tensor, values: torch.T
 
 
 def density_term(weight: float = 1.0, *, eps: float = 1e-7, point: str = "ffn.act",
-                 layer_weights: list[float] | None = None, name: str = "density") -> LossTerm:
+                 layer_weights: list[float] | None = None, name: str = "density",
+                 schedule: Callable[[float], float] | None = None) -> LossTerm:
     """DEFT's density loss: weight · mean over examples and layers of the smooth ℓ0 surrogate
     ρ̃_ε(Z) = mean_{t,j} z²/(z² + ε) of the FFN activations (non-padding tokens only; DEFT's
     code also counts padding). Works with any method. `layer_weights` multiply the per-layer
-    terms (ADA-DEFT's learned layer weights plug in here)."""
+    terms (ADA-DEFT's learned layer weights plug in here); `schedule` scales the weight over
+    training (e.g. `delayed_ramp(0.2, 0.1)`: on once the task is learned)."""
     if not eps > 0:
         raise ConfigError(f"density eps must be > 0, got {eps!r} (DEFT uses 1e-7)")
 
@@ -106,7 +108,7 @@ def density_term(weight: float = 1.0, *, eps: float = 1e-7, point: str = "ffn.ac
             total = rho if total is None else total + rho
         return total / len(acts)
 
-    return LossTerm(name, weight, compute, activations=(point,))
+    return LossTerm(name, weight, compute, schedule=schedule, activations=(point,))
 
 
 def activation_density(model: AdaptedModel, batches, *, threshold: float = 0.0,
