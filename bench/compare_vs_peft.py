@@ -37,10 +37,10 @@ import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
 import peftlab
-from peftlab.cli import MODEL_DEFAULTS, build_job, method_config
-from peftlab.compare import PeakRSS, environment, warm_up
+from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.compare import PeakRSS, environment, warm_up
 from peftlab.methods import get_method
-from peftlab.train import index_stream, make_scheduler
+from peftlab.training.loop import index_stream, make_scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # noqa: E402  (bench/common.py)

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 import peftlab
 from peftlab.assets import load_dataset, load_model
-from peftlab.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
-from peftlab.tasks import CausalLMTask, ClassificationTask
-from peftlab.train import TrainConfig, train
+from peftlab.training.tasks import CausalLMTask, ClassificationTask
+from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.cli import MODEL_DEFAULTS, build_job, method_config
-from peftlab.debias import (
+from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.training.debias import (
     PatchConfig,
     counterfactual_flip_rate,
     load_word_pairs,
@@ -37,7 +37,7 @@ from peftlab.debias import (
     train_task_on_patch,
 )
 from peftlab.methods import get_method
-from peftlab.train import TrainConfig, train
+from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.activations import _tap_modules
-from peftlab.cli import (
+from peftlab.core.taps import _tap_modules
+from peftlab.apps.cli import (
     DEFAULT_DENSITY_THRESHOLD,
     MODEL_DEFAULTS,
     build_job,
     method_config,
 )
 from peftlab.methods import get_method
-from peftlab.objectives import activation_density, delayed_ramp, density_term
-from peftlab.train import TrainConfig, train
+from peftlab.core.terms import delayed_ramp
+from peftlab.training.objectives import activation_density, density_term
+from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns

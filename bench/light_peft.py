@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
-from peftlab.pruning import EarlyPruning, parse_prune_spec
-from peftlab.train import TrainConfig, train
+from peftlab.training.pruning import EarlyPruning, parse_prune_spec
+from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

@@ -68,7 +68,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 import peft  # noqa: E402
 import peftlab  # noqa: E402
 from common import print_columns, smollm2_config  # noqa: E402  (bench/common.py)
-from peftlab.layer import AdaptedLayer  # noqa: E402
+from peftlab.core.layer import AdaptedLayer  # noqa: E402
 
 now = time.perf_counter
 median = statistics.median
@@ -327,9 +327,9 @@ def profile_components(base, dir_pl: str) -> None:
     fresh copy holding one adapter. Uses peftlab internals."""
     from pathlib import Path
 
-    from peftlab.io import TENSORS_FILE, parse_tensor_key, read_tensors
+    from peftlab.core.io import TENSORS_FILE, parse_tensor_key, read_tensors
     from peftlab.methods.lora import METHOD, _build
-    from peftlab.sites import resolve_sites, site_roles, sites_at
+    from peftlab.core.sites import resolve_sites, site_roles, sites_at
 
     def ms(fn, n=7):
         ts = []

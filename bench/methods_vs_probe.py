@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from peftlab.compare import Cell, Settings, environment, run_cell
+from peftlab.apps.compare import Cell, Settings, environment, run_cell
 from peftlab.methods import METHODS
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -48,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import peft  # noqa: E402
 import peftlab  # noqa: E402
 from common import print_columns  # noqa: E402  (bench/common.py)
-from peftlab.layer import AdaptedLayer  # noqa: E402
+from peftlab.core.layer import AdaptedLayer  # noqa: E402
 
 now = time.perf_counter
 median = statistics.median

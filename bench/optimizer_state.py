@@ -49,9 +49,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from common import print_columns  # bench/common.py
 from transformers import BertConfig, BertForSequenceClassification
 
-from peftlab.errors import MissingAssetError
-from peftlab.optim import build_optimizer, optimizer_state_bytes
-from peftlab.sites import site_roles
+from peftlab.core.errors import MissingAssetError
+from peftlab.training.optim import build_optimizer, optimizer_state_bytes
+from peftlab.core.sites import site_roles
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")
 UPDATE_GAP = 200

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.cli import MODEL_DEFAULTS, build_job
-from peftlab.train import TrainConfig, train
+from peftlab.apps.cli import MODEL_DEFAULTS, build_job
+from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

@@ -28,7 +28,7 @@ import torch
 from transformers import BertConfig, BertModel, LlamaForCausalLM
 
 import peftlab
-from peftlab.objectives import density_term
+from peftlab.training.objectives import density_term
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns, smollm2_config  # noqa: E402  (bench/common.py)

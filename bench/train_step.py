@@ -74,7 +74,7 @@ from transformers import LlamaForCausalLM
 
 import peftlab
 from common import print_columns, smollm2_config  # bench/common.py
-from peftlab.layer import AdaptedLayer
+from peftlab.core.layer import AdaptedLayer
 
 now = time.perf_counter
 median = statistics.median

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from peftlab.train import train
+from peftlab.training.loop import train
 
 from test_train import EVAL, TRAIN, LMTask, cfg, make_am   # this script's folder is on sys.path
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.errors import AdapterError, ConfigError
-from peftlab.objectives import LossTerm
+from peftlab.core.errors import AdapterError, ConfigError
+from peftlab.core.terms import LossTerm
 
 from conftest import tiny_bert, tiny_llama
 

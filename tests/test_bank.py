@@ -10,14 +10,14 @@ import torch
 from conftest import logits, tiny_gpt2, tiny_llama
 
 import peftlab
-from peftlab.bank import (
+from peftlab.core.bank import (
     AdapterBank,
     BankFullError,
     UnknownAdapterError,
     adapter_directory,
 )
-from peftlab.errors import AdapterError, CheckpointError
-from peftlab.layer import AdaptedLayer
+from peftlab.core.errors import AdapterError, CheckpointError
+from peftlab.core.layer import AdaptedLayer
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from peftlab.cli import main
+from peftlab.apps.cli import main
 
 from conftest import tiny_gpt2, tiny_llama
 
@@ -38,5 +38,5 @@ def test_inspect_bad_path_is_a_clear_error(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run(["peftlab", "--help"], capture_output=True, text=True, check=True).stdout
     assert "inspect" in out
-    out = subprocess.run([sys.executable, "-m", "peftlab.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "peftlab.apps.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "inspect" in out

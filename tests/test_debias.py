@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import peftlab
-from peftlab.debias import (
+from peftlab.training.debias import (
     PATCH_FILE,
     MaskedLMHead,
     PatchConfig,
@@ -30,9 +30,9 @@ from peftlab.debias import (
     train_patch,
     train_task_on_patch,
 )
-from peftlab.errors import AdapterError, CheckpointError, ConfigError, DataError
-from peftlab.tasks import IGNORE, ClassificationTask
-from peftlab.train import TrainConfig
+from peftlab.core.errors import AdapterError, CheckpointError, ConfigError, DataError
+from peftlab.training.tasks import IGNORE, ClassificationTask
+from peftlab.training.loop import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -216,7 +216,7 @@ def test_mlm_patch_uses_a_models_own_head():
 
 def pair_gap(am, texts: list[dict]) -> float:
     """Mean relative distance between the pooled states of each text and its counterfactual."""
-    from peftlab.debias import _pooled
+    from peftlab.training.debias import _pooled
     batch = PatchTask(TOK, PatchConfig(objective="invariance")).collate(texts)
     with torch.no_grad():
         h = _pooled(am(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"])

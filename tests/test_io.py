@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftlab
-import peftlab.io
+import peftlab.core.io
 
 from conftest import logits, tiny_bert, tiny_llama
 
@@ -117,7 +117,7 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, ids, monkeypatch):
         for p in am.adapter_parameters("a"):
             p.mul_(2)
 
-    real_save = peftlab.io.save_file
+    real_save = peftlab.core.io.save_file
 
     def crash_midway(tensors, path, metadata=None):   # write half the file, then fail
         real_save(tensors, path, metadata)
@@ -125,7 +125,7 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, ids, monkeypatch):
             fh.truncate(fh.seek(0, 2) // 2)
         raise OSError("disk full")
 
-    monkeypatch.setattr(peftlab.io, "save_file", crash_midway)
+    monkeypatch.setattr(peftlab.core.io, "save_file", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         am.save_adapter(tmp_path / "ad", "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before   # no temp left

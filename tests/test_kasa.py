@@ -11,7 +11,7 @@ from conftest import BUILDERS, logits, tiny_llama
 from method_checks import hidden, labels_for, rand_ids, snapshot_adapter
 
 import peftlab
-from peftlab.layer import AdaptedLayer
+from peftlab.core.layer import AdaptedLayer
 from peftlab.methods.kasa import (
     KasaConfig,
     KasaDelta,

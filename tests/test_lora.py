@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import peftlab
-from peftlab.layer import AdaptedLayer
+from peftlab.core.layer import AdaptedLayer
 
 from conftest import BUILDERS, logits, tiny_gpt2, tiny_llama
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.errors import AdapterError, ConfigError
-from peftlab.objectives import LossTerm, cosine_decay, delayed_ramp
-from peftlab.train import TrainConfig, train
+from peftlab.core.errors import AdapterError, ConfigError
+from peftlab.core.terms import LossTerm, cosine_decay, delayed_ramp
+from peftlab.training.loop import TrainConfig, train
 
 from conftest import tiny_llama
 from test_train import EVAL, TRAIN, LMTask
@@ -121,7 +121,7 @@ def intermediate_outputs(model):
 
 
 def test_density_term_is_the_smooth_l0_surrogate_over_real_tokens():
-    from peftlab.objectives import density_term
+    from peftlab.training.objectives import density_term
     am = peftlab.adapt(relu_bert())
     am.add_adapter("a", peftlab.LoraConfig(targets=["ffn.up"], r=2, init="random"))
     am.set_active(["a"])
@@ -153,7 +153,7 @@ def test_density_term_is_the_smooth_l0_surrogate_over_real_tokens():
 
 
 def test_activation_density_counts_nonzeros_of_real_tokens():
-    from peftlab.objectives import activation_density
+    from peftlab.training.objectives import activation_density
     am = peftlab.adapt(relu_bert())
     ids, mask = padded_batch()
     seen, handles = intermediate_outputs(am.model)
@@ -177,7 +177,7 @@ def test_density_loss_makes_ffn_activations_sparser():
     """Same seed, same data: the run with DEFT's loss ends with fewer active FFN units (|z| > 1e-2;
     the tiny model's SiLU-gated activations are small, so ε = 1e-4 instead of DEFT's 1e-7;
     measured 0.101 -> 0.031)."""
-    from peftlab.objectives import activation_density, density_term
+    from peftlab.training.objectives import activation_density, density_term
     rows = [{"input_ids": r["input_ids"]} for r in EVAL]
     density, losses = {}, {}
     for weight in (0.0, 1.0):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab.errors import ConfigError
+from peftlab.core.errors import ConfigError
 from peftlab.methods.adalink import AdaLinkConfig
-from peftlab.optim import (OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes,
+from peftlab.training.optim import (OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes,
                            projected_side)
 
 from conftest import VOCAB, tiny_llama

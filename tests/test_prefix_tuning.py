@@ -11,7 +11,7 @@ from method_checks import (QUIET, adapted_with, assert_changes_outputs_and_disab
                            peft_load, rand_ids)
 
 import peftlab
-from peftlab.errors import CapabilityError, ConfigError
+from peftlab.core.errors import CapabilityError, ConfigError
 from peftlab.methods.prefix_tuning import PrefixTuningConfig
 
 peft = pytest.importorskip("peft")

@@ -10,7 +10,7 @@ from method_checks import (QUIET, adapted_with, assert_changes_outputs_and_disab
                            assert_save_load_bit_exact, check_training, forward_logits, peft_load, rand_ids)
 
 import peftlab
-from peftlab.errors import CapabilityError, ConfigError
+from peftlab.core.errors import CapabilityError, ConfigError
 from peftlab.methods.prompt_tuning import PromptTuningConfig
 
 peft = pytest.importorskip("peft")

@@ -14,14 +14,14 @@ from test_train import TRAIN, LMTask, cfg
 from torch import nn
 
 import peftlab
-from peftlab.errors import (
+from peftlab.core.errors import (
     AdapterError,
     CapabilityError,
     CheckpointError,
     ConfigError,
     PeftlabError,
 )
-from peftlab.pruning import (
+from peftlab.training.pruning import (
     L1_TERM,
     MASK_GLOB,
     EarlyPruning,
@@ -34,7 +34,7 @@ from peftlab.pruning import (
     prune_adapter,
     save_plan,
 )
-from peftlab.train import train
+from peftlab.training.loop import train
 
 TARGETS = {
     "bert": ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"],
@@ -236,7 +236,7 @@ def test_grouped_query_attention_is_pruned_by_whole_groups():
     blocks = find_blocks(model)
     # mean of the group's masks decides: group 1 (heads 2, 3) has the lower mean
     masks = {b.layer: torch.tensor([0.9, 0.1, 0.4, 0.5]) for b in blocks}
-    from peftlab.pruning import plan_from_masks
+    from peftlab.training.pruning import plan_from_masks
     plan = plan_from_masks(blocks, masks, {}, PruneRatios(heads=0.4, neurons=0.0, ranks=0.0))
     assert plan.heads == {b.layer: [2, 3] for b in blocks}
 

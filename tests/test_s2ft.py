@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from peftlab.errors import ConfigError
+from peftlab.core.errors import ConfigError
 from peftlab.methods.s2ft import (S2FTConfig, SliceDelta, _ColumnSlice, _RowSlice, s2ft_to_lora,
                                   select_by_gradient)
 

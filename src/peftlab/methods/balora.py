@@ -55,10 +55,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, PeftlabError
-from ..objectives import LossContext, LossTerm, cosine_decay, delayed_ramp
+from ..core.errors import ConfigError, PeftlabError
+from ..core.terms import LossContext, LossTerm, cosine_decay, delayed_ramp
 from . import lora
-from .base import Method
+from ..core.method import Method
 from .lora import LoraConfig
 
 FORMS = ("auto", "nlu", "nlg", "nlg-refined")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CapabilityError
-from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import CapabilityError
+from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 
 @dataclass

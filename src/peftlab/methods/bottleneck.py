@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta
-from ..sites import Site, layer_index, unwrap
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import ConfigError
+from ..core.layer import AdaptedLayer, Delta
+from ..core.sites import Site, layer_index, unwrap
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}

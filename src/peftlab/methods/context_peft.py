@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdapterError, CapabilityError, ConfigError, PeftlabError
-from ..layer import AdaptedLayer, Delta, InputHook
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabError
+from ..core.layer import AdaptedLayer, Delta, InputHook
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 from .bitfit import BiasDelta, bias_slot
 from .ia3 import IA3Config, IA3Delta, _feedforward_list
 from .lora import LowRankDelta

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import AdapterError, CheckpointError, ConfigError
-from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..sites import Site, match_targets, sites_at
-from ..typology import Typology
-from .base import Method, MethodConfig, pattern_value
+from ..core.errors import AdapterError, CheckpointError, ConfigError
+from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.sites import Site, match_targets, sites_at
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig, pattern_value
 
 if TYPE_CHECKING:
-    from ..model import AdaptedModel, Adapter
+    from ..core.model import AdaptedModel, Adapter
 
 PREFIX = "base_model.model."
 TENSOR = "ia3_l"

@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from ..layer import AdaptedLayer, Delta
-from ..objectives import LossContext, LossTerm
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import CheckpointError, ConfigError
+from ..core.layer import AdaptedLayer, Delta
+from ..core.terms import LossContext, LossTerm
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 
 @dataclass

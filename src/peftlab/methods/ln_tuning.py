@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta, MixedDeltas
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import ConfigError
+from ..core.layer import AdaptedLayer, Delta, MixedDeltas
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 
 @dataclass

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..sites import Site
-from ..typology import Typology
-from .base import Method, MethodConfig, pattern_value
+from ..core.errors import ConfigError
+from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.sites import Site
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig, pattern_value
 
 INITS = ("zero", "gaussian", "random", "pissa")
 

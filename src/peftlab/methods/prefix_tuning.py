@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CapabilityError, ConfigError
-from ..layer import InputHook
-from ..sites import Site, resolve_sites
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import CapabilityError, ConfigError
+from ..core.layer import InputHook
+from ..core.sites import Site, resolve_sites
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 from .prompt_tuning import (
     _batch_and_length,
     _check_generates,
@@ -301,7 +301,7 @@ def _build_hook(model: nn.Module, config: PrefixTuningConfig, parts: dict[str, n
 
 
 def _layer_index(path: str) -> int:
-    from ..sites import layer_index
+    from ..core.sites import layer_index
     idx = layer_index(path)
     if idx is None:
         raise ConfigError(f"{path!r} is not inside a numbered transformer layer; prefix tuning "

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CapabilityError, CheckpointError, ConfigError
-from ..layer import InputHook, layer_kind
-from ..sites import Site, resolve_sites, unwrap
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import CapabilityError, CheckpointError, ConfigError
+from ..core.layer import InputHook, layer_kind
+from ..core.sites import Site, resolve_sites, unwrap
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 
 INITS = ("random", "vocab", "text")
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
@@ -232,7 +232,7 @@ def _describe(config: PromptTuningConfig) -> str:
 # ---- peft format ---------------------------------------------------------------------------------
 def peft_task(model: nn.Module) -> str:
     """peft's task type for prompt learning: it needs a task model (CAUSAL_LM or SEQ_CLS)."""
-    from ..peft_format import _task_type
+    from ..interop.peft_format import _task_type
     task = _task_type(model, ["head"])
     if task not in PEFT_TASKS:
         raise CapabilityError(f"peft's prompt learning needs a causal LM or a sequence classifier; "
@@ -323,7 +323,7 @@ def split_copies(am: Any, tensors: dict[str, torch.Tensor], copy_paths: list[str
 def copy_paths_of(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """The modules_to_save paths that the file actually carries (peft lists 'classifier' and
     'score' for SEQ_CLS whether they exist or not)."""
-    from ..sites import match_targets
+    from ..core.sites import match_targets
     found = match_targets(am.model, cfg.get("modules_to_save") or [])
     paths = sorted(set().union(set(), *found.values()))
     keys = [k.removeprefix("base_model.model.").removeprefix("base_model.") for k in tensors]

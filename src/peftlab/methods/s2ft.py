@@ -63,11 +63,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterError, ConfigError
-from ..layer import AdaptedLayer, Delta
-from ..sites import Site, resolve_sites, unwrap
-from ..typology import Typology
-from .base import Method, MethodConfig
+from ..core.errors import AdapterError, ConfigError
+from ..core.layer import AdaptedLayer, Delta
+from ..core.sites import Site, resolve_sites, unwrap
+from ..core.typology import Typology
+from ..core.method import Method, MethodConfig
 from .lora import LoraConfig
 
 SELECTIONS = ("random", "weight", "gradient")

@@ -8,7 +8,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from .errors import PeftlabError
+from ..core.errors import PeftlabError
 
 # The optimiser names of peftlab.optim, listed here so that `--help` does not import torch.
 OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
@@ -38,7 +38,7 @@ def load_model_skeleton(path: str):
 
 def _compress(paths: list[str]) -> list[str]:
     """'model.layers.{0-29}.self_attn.q_proj' for a run of paths that differ in the layer index."""
-    from .sites import layer_index
+    from ..core.sites import layer_index
     groups: dict[str, list[int]] = {}
     singles = []
     for p in paths:
@@ -59,7 +59,7 @@ def _compress(paths: list[str]) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .sites import describe_sites, model_family
+    from ..core.sites import describe_sites, model_family
     model = load_model_skeleton(args.model)
     print(f"{type(model).__name__}  (architecture map: {model_family(model)})")
     for role, paths in describe_sites(model).items():
@@ -71,8 +71,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
-    from .typology import render_table
+    from ..methods import METHODS
+    from ..core.typology import render_table
     print(render_table(((name, m.typology) for name, m in METHODS.items()), args.format))
     return 0
 
@@ -108,12 +108,12 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
     import torch
     import transformers
 
-    from .assets import load_dataset, load_model
+    from ..assets import load_dataset, load_model
 
     # Our own progress bar and messages say what happens; silence transformers' load reports.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from .tasks import (
+    from ..training.tasks import (
         CausalLMTask,
         ClassificationTask,
         InstructionClassificationTask,
@@ -169,9 +169,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import adapt, card
-    from .methods import get_method
-    from .train import TrainConfig, train
+    from .. import adapt, card
+    from ..methods import get_method
+    from ..training.loop import TrainConfig, train
 
     method = get_method(args.method)
     density = _density_loss(args) if args.density_loss is not None else None   # bad flags fail here
@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     before = report.measure("before training", base=True)
     optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
     if args.prune:
-        from .pruning import save_plan
+        from ..training.pruning import save_plan
         plan = _early_prune(am, args, task, data.train, optimizer)
         if plan is None:
             return 130
@@ -242,7 +242,7 @@ class _Report:
 
     def measure(self, when: str, *, base: bool = False) -> dict[str, float]:
         """Score the model (`base`: with the adapters disabled) and print the metrics."""
-        from .tasks import format_metrics
+        from ..training.tasks import format_metrics
         with self.am.disabled() if base else nullcontext():
             metrics = self.task.evaluate(self.am.eval(), self.rows, self.batch_size)
             if self.threshold is not None:
@@ -251,7 +251,7 @@ class _Report:
         return metrics
 
     def density(self) -> float:
-        from .objectives import activation_density
+        from ..training.objectives import activation_density
         batches = ({k: v for k, v in self.task.collate(self.rows[i:i + self.batch_size]).items()
                     if k != "labels"} for i in range(0, len(self.rows), self.batch_size))
         return activation_density(self.am, batches, threshold=self.threshold)["density"]
@@ -261,8 +261,8 @@ def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
     """Light-PEFT: train the adapter with head / neuron masks for --estimate-steps, prune the
     model and the adapter structurally, and return the plan (None if interrupted). Training then
     continues from the estimation weights."""
-    from .pruning import EarlyPruning, parse_prune_spec
-    from .train import TrainConfig, train
+    from ..training.pruning import EarlyPruning, parse_prune_spec
+    from ..training.loop import TrainConfig, train
     ratios = parse_prune_spec(args.prune)
     steps = args.estimate_steps or max(1, args.steps // 3)
     pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps)
@@ -282,7 +282,8 @@ def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
 
 def _density_loss(args: argparse.Namespace):
     """DEFT's density term from --density-loss/-eps/-start/-ramp (a LossTerm)."""
-    from .objectives import delayed_ramp, density_term
+    from ..core.terms import delayed_ramp
+    from ..training.objectives import density_term
     if not 0.0 <= args.density_start < 1.0:
         raise PeftlabError(f"--density-start must be a fraction of the run in [0, 1), got {args.density_start}")
     if not 0.0 <= args.density_ramp <= 1.0:
@@ -327,7 +328,7 @@ def _run_record(adapter_dir: Path) -> dict:
 
 def _prune_plan(adapter_dir: Path):
     """The Light-PEFT plan saved with an adapter (in its directory or the run directory), or None."""
-    from .pruning import load_plan
+    from ..training.pruning import load_plan
     return load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
 
 
@@ -337,7 +338,7 @@ def _base_for_run(run: dict, adapter_dir: Path, *, model: str | None = None, tas
     task (unless `model` / `task` are given), its seed (which draws a new classification head)
     and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`.
     Returns (am, tokenizer, task, data)."""
-    from . import adapt
+    from .. import adapt
     model_name, task_name = model or run["model"], task or run["task"]
     base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
                                           max_length=run.get("max_length", max_length))
@@ -359,7 +360,7 @@ def _load_for_adapter(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .tasks import format_metrics
+    from ..training.tasks import format_metrics
     am, _, task, data, run = _load_for_adapter(args)
     rows = data.test[: args.eval_size or run.get("eval_size", 300)]
     report = _Report(am, task, rows, args)
@@ -450,7 +451,7 @@ def _check_compose_request(args: argparse.Namespace) -> list[float] | None:
 def _compose_input(text: str) -> tuple[Path, Path]:
     """(adapter directory, its run.json) for an ADAPTER_DIR argument; a run directory stands for
     the adapter train saved in it (RUN/last)."""
-    from .io import CONFIG_FILE
+    from ..core.io import CONFIG_FILE
     directory = Path(text)
     if not directory.is_dir():
         raise PeftlabError(f"{text} {'is not a directory' if directory.exists() else 'does not exist'}; "
@@ -495,7 +496,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     import json
     import warnings
 
-    from .compose import add, analogy, merge_adapters, negate, scale, subtract
+    from ..compose import add, analogy, merge_adapters, negate, scale, subtract
 
     weights = _check_compose_request(args)
     inputs = [_compose_input(a) for a in args.adapters]
@@ -556,7 +557,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
     am.save_adapter(out, name)
     if plans[0] is not None:
-        from .pruning import save_plan
+        from ..training.pruning import save_plan
         save_plan(out, plans[0])
     p = adapter.provenance
     run = {k: v for k, v in first.items() if k not in ("after", "steps", "seconds", "composed")}

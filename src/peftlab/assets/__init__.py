@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError, DataError, MissingAssetError
+from ..core.errors import CheckpointError, ConfigError, DataError, MissingAssetError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,6 +1,6 @@
 """A plain-PyTorch training loop for one adapter, on one process or many (torchrun + DDP).
 
-    from peftlab.train import TrainConfig, train
+    from peftlab.training.loop import TrainConfig, train
     am.set_active(["a"]); am.set_trainable("a")
     result = train(am, "a", task, train_rows, eval_rows, TrainConfig(steps=200, out="runs/a"))
 
@@ -55,11 +55,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError, ConfigError, PeftlabError
+from ..core.errors import AdapterError, ConfigError, PeftlabError
 from .tasks import format_metrics
 
 if TYPE_CHECKING:
-    from .model import AdaptedModel
+    from ..core.model import AdaptedModel
 
 
 @runtime_checkable

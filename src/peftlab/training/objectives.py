@@ -1,76 +1,19 @@
-"""Auxiliary loss terms: named, weighted extra objectives the training loop adds to the task loss.
-
-Methods register terms when their adapter is added (KaSA's singular-value and orthogonality
-penalties, BA-LoRA's consistency / diversity / SVD regularisers) and users may add their own
-(`AdaptedModel.add_loss_term`). A term belonging to an adapter counts only while that adapter is
-active and trainable. Terms that read the model's outputs set `needs_outputs`: the AdaptedModel
-then keeps the keyword inputs and outputs of its last training forward for them (and only then),
-and drops them once the terms are computed.
-"""
+"""DEFT's objectives (Runwal, Pedapati & Chen, 2024): the smooth ℓ0 density loss on the FFN
+activations and the exact density metric."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.taps import token_weights
+from ..core.terms import LossContext, LossTerm
 
 if TYPE_CHECKING:
-    from .model import AdaptedModel
-
-
-@dataclass
-class LossContext:
-    """What a loss term may read: the model, the last training forward, the training progress."""
-
-    model: AdaptedModel
-    inputs: dict[str, Any] | None     # keyword arguments of the last forward (needs_outputs terms)
-    outputs: Any | None               # what that forward returned (e.g. a ModelOutput with logits)
-    step: int                         # 0-based optimisation step
-    total_steps: int | None
-
-
-@dataclass
-class LossTerm:
-    """weight · schedule(progress) · compute(context), added to the training loss.
-
-    `schedule` maps training progress in [0, 1] to a factor (default 1); `adapter` names the
-    adapter the term belongs to (None: always on); `activations` names the intermediate tensors
-    the term reads from `context.model.taps` (they are recorded for training forwards only while
-    such a term is active)."""
-
-    name: str
-    weight: float
-    compute: Callable[[LossContext], torch.Tensor]
-    adapter: str | None = None
-    needs_outputs: bool = False
-    schedule: Callable[[float], float] | None = None
-    activations: tuple[str, ...] = ()    # activation points it reads (peftlab.activations.POINTS)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) \
-                or not math.isfinite(self.weight):
-            raise ConfigError(f"loss term {self.name!r}: weight must be a finite number, got {self.weight!r}")
-
-    def factor(self, step: int, total_steps: int | None) -> float:
-        if self.schedule is None:
-            return float(self.weight)
-        progress = step / max(total_steps - 1, 1) if total_steps else 0.0
-        return float(self.weight) * float(self.schedule(progress))
-
-
-def cosine_decay(to: float) -> Callable[[float], float]:
-    """A schedule from 1 at the start to `to` at the end along a half cosine."""
-    return lambda p: to + (1 - to) * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
-
-
-def delayed_ramp(start: float, ramp: float) -> Callable[[float], float]:
-    """0 until progress `start`, then a linear ramp to 1 over `ramp`, then 1."""
-    return lambda p: 0.0 if p < start else min(1.0, (p - start) / ramp) if ramp > 0 else 1.0
+    from ..core.model import AdaptedModel
 
 
 # ---- DEFT: activation density (Runwal, Pedapati & Chen, 2024) ----------------------------------
@@ -92,7 +35,6 @@ def density_term(weight: float = 1.0, *, eps: float = 1e-7, point: str = "ffn.ac
         raise ConfigError(f"density eps must be > 0, got {eps!r} (DEFT uses 1e-7)")
 
     def compute(ctx: LossContext) -> torch.Tensor:
-        from .activations import token_weights
         acts = ctx.model.taps.get(point)
         if layer_weights is not None and len(layer_weights) != len(acts):
             raise ConfigError(f"density layer_weights has {len(layer_weights)} entries for "
@@ -119,7 +61,6 @@ def activation_density(model: AdaptedModel, batches, *, threshold: float = 0.0,
 
     `batches` yields keyword-argument dicts for the model's forward (no gradients are taken).
     Returns {"density": overall mean, "per_layer": [...], "examples": n}."""
-    from .activations import token_weights
     sums: list[float] = []
     examples = 0
     modes = [(m, m.training) for m in model.modules()]   # restored exactly afterwards

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import CapabilityError, CheckpointError, PeftlabError
-from .io import commit_files, read_json, read_tensors, write_json, write_tensors
-from .methods import METHODS, get_method
-from .methods.lora import LoraConfig
-from .sites import match_targets, sites_at
+from ..core.errors import CapabilityError, CheckpointError, PeftlabError
+from ..core.io import commit_files, read_json, read_tensors, write_json, write_tensors
+from ..core.method import METHODS, get_method
+from ..methods.lora import LoraConfig
+from ..core.sites import match_targets, sites_at
 
 if TYPE_CHECKING:
-    from .model import AdaptedModel, Adapter
+    from ..core.model import AdaptedModel, Adapter
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"   # the peft release whose format this writes and is tested against

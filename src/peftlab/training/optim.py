@@ -1,6 +1,6 @@
 """Optimisers for full-weight and adapter training: GaLore, Natural GaLore and LoRA+.
 
-    from peftlab.optim import build_optimizer, optimizer_state_bytes
+    from peftlab.training.optim import build_optimizer, optimizer_state_bytes
     opt = build_optimizer(list(model.named_parameters()), "natural-galore", lr=1e-3, rank=8)
 
 **GaLore** (Zhao et al., 2024) trains full weights with low-rank optimiser state. For a 2-D weight
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, close_matches
+from ..core.errors import ConfigError, close_matches
 
 OPTIMIZERS = ("adamw", "galore", "natural-galore", "loraplus")
 PROJ_SIDES = ("auto", "left", "right")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .activations import ActivationTaps
+from .taps import ActivationTaps
 from .errors import (
     AdapterError,
     CapabilityError,
@@ -32,8 +32,8 @@ from .layer import (
     forwarding_getattr,
     layer_kind,
 )
-from .methods import METHODS, Method, MethodConfig, method_of
-from .objectives import LossContext, LossTerm
+from .method import METHODS, Method, MethodConfig, method_of
+from .terms import LossContext, LossTerm
 from .sites import Site, iter_modules, resolve_sites, site_roles
 from .typology import describe_provenance, render_card, summarise_sites
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..bank import AdapterBank
-from ..errors import CapabilityError, PeftlabError
-from ..model import AdaptedModel
+from ...core.bank import AdapterBank
+from ...core.errors import CapabilityError, PeftlabError
+from ...core.model import AdaptedModel
 
 KINDS = ("causal-lm", "classification")
 DEFAULT_MAX_INPUT_TOKENS = 2048   # when neither the caller nor the model's config sets one
@@ -225,8 +225,8 @@ def load_engine(model: str, adapters: str | Path | None, *, causal: bool,
     """An Engine for a model name (`smollm2`, `minilm`) or local model directory, serving the
     adapters under `adapters`. Classification models get a head of `num_labels` outputs (the
     length of `labels` when given), which each adapter's trained head replaces."""
-    from .. import adapt
-    from ..assets import load_model
+    from ... import adapt
+    from ...assets import load_model
 
     if causal:
         base, tokenizer = load_model(model, kind="causal-lm")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 IGNORE = -100   # label value the loss skips (transformers' convention)
 

@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..bank import UnknownAdapterError
-from ..errors import PeftlabError
+from ...core.bank import UnknownAdapterError
+from ...core.errors import PeftlabError
 from .batcher import Batcher, ServerClosing
 from .engine import Engine, Job, RequestError, Sampling
 

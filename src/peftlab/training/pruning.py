@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import (
+from ..core.errors import (
     AdapterError,
     CapabilityError,
     CheckpointError,
@@ -55,13 +55,13 @@ from .errors import (
     PeftlabError,
     close_matches,
 )
-from .layer import AdaptedLayer, ModuleCopies
-from .objectives import LossTerm
-from .sites import iter_modules, layer_index, model_family, model_layout, site_roles
+from ..core.layer import AdaptedLayer, ModuleCopies
+from ..core.terms import LossTerm
+from ..core.sites import iter_modules, layer_index, model_family, model_layout, site_roles
 
 if TYPE_CHECKING:
-    from .methods.lora import LowRankDelta
-    from .model import AdaptedModel
+    from ..methods.lora import LowRankDelta
+    from ..core.model import AdaptedModel
 
 MASK_MODULE = "pruning_masks"          # attribute of the AdaptedModel holding the masks
 MASK_GLOB = f"{MASK_MODULE}.*"         # their names in am.named_parameters(), for TrainConfig.lr_scale
@@ -226,7 +226,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
 
 
 def _is_adapted(model: nn.Module) -> bool:
-    from .model import AdaptedModel
+    from ..core.model import AdaptedModel
     return isinstance(model, AdaptedModel)
 
 
@@ -506,7 +506,7 @@ def _check_sliceable(module: nn.Module, path: str) -> None:
 
 
 def _check_deltas(layer: AdaptedLayer, path: str) -> None:
-    from .methods.lora import LowRankDelta
+    from ..methods.lora import LowRankDelta
     for name, delta in layer.deltas.items():
         if not isinstance(delta, LowRankDelta):
             raise CapabilityError(f"adapter {name!r} at {path!r} is a {type(delta).__name__}; Light-PEFT "
@@ -605,7 +605,7 @@ def prune_adapter(am: AdaptedModel, adapter: str, *, keep_ranks: Mapping[str, Se
     scaling: the config gets per-site `rank_pattern` / `alpha_pattern` entries (alpha' = s·r',
     or s·√r' with rsLoRA) and dropped sites join `exclude`, so the adapter saves and re-loads.
     """
-    from .methods.lora import LoraConfig
+    from ..methods.lora import LoraConfig
     ad = am._get(adapter)
     if not isinstance(ad.config, LoraConfig) or ad.method.name != "lora":
         raise CapabilityError(f"adapter {adapter!r} is {ad.method.title}; rank and module pruning "
@@ -838,7 +838,7 @@ class EarlyPruning:
     def __init__(self, am: AdaptedModel, adapter: str, ratios: PruneRatios | None = None, *,
                  l1: float = 1e-4, mask_lr_scale: float = 1.0, estimate_steps: int,
                  grad_accum: int = 1) -> None:
-        from .methods.lora import LoraConfig
+        from ..methods.lora import LoraConfig
         ad = am._get(adapter)
         if not isinstance(ad.config, LoraConfig) or ad.method.name != "lora" or ad.config.dora:
             raise CapabilityError(f"Light-PEFT early pruning needs a LoRA adapter without DoRA; "
@@ -942,7 +942,7 @@ class EarlyPruning:
 # ---- saving the plan -----------------------------------------------------------------------------
 def save_plan(directory: str | Path, plan: PrunePlan) -> Path:
     """Write `prune_plan.json` into `directory` atomically; returns its path."""
-    from .io import commit_files, write_json
+    from ..core.io import commit_files, write_json
     directory = Path(directory)
     commit_files(directory, {PLAN_FILE: write_json(plan.to_dict())})
     return directory / PLAN_FILE

@@ -1,4 +1,6 @@
-"""What a method file declares: its config class, typology, capabilities and how it builds a delta."""
+"""The contract between a method file and the shared machinery: the config every method extends,
+the `Method` record a method file declares, and the registry the machinery looks methods up in
+(filled by `peftlab.methods`, which imports every method file)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..layer import AdaptedLayer, Delta, InputHook
-from ..objectives import LossTerm
-from ..sites import Site
-from ..typology import Typology
+from .errors import ConfigError
+from .layer import AdaptedLayer, Delta, InputHook
+from .terms import LossTerm
+from .sites import Site
+from .typology import Typology
 
 CAPABILITIES = ("merge", "mixed-batch", "train-in-mixed-batch", "quantised-base")
 
@@ -104,3 +106,27 @@ class Method:
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities
 
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method record to the registry (a method file's `METHOD`)."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; ConfigError lists close names when there is none."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        hint = close_matches(name, METHODS)
+        raise ConfigError(f"no method {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                          + f" Registered: {', '.join(METHODS)}") from None
+
+
+def method_of(config: MethodConfig) -> Method:
+    """The method a config belongs to."""
+    return get_method(config.method)

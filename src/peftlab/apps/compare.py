@@ -58,12 +58,12 @@ import torch
 from torch import nn
 
 from .cli import MODEL_DEFAULTS, build_job, method_config
-from .errors import ConfigError, PeftlabError, close_matches
-from .methods import METHODS, get_method
-from .model import AdaptedModel, adapt
-from .tasks import ClassificationTask, RegressionTask
-from .train import TrainConfig, train
-from .typology import summarise_sites
+from ..core.errors import ConfigError, PeftlabError, close_matches
+from ..methods import METHODS, get_method
+from ..core.model import AdaptedModel, adapt
+from ..training.tasks import ClassificationTask, RegressionTask
+from ..training.loop import TrainConfig, train
+from ..core.typology import summarise_sites
 
 BASELINES = ("probe", "full")
 PROBE_LR = 1e-2   # the best of 2e-3 / 1e-2 / 3e-2 for the MiniLM probe (bench/methods_vs_probe.py)
@@ -557,7 +557,7 @@ def _cpu_model() -> str:
 
 def _git() -> dict[str, Any] | None:
     """The commit of the checkout peftlab runs from, and whether tracked files differ from it."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
@@ -573,7 +573,7 @@ def environment() -> dict[str, Any]:
     """Versions, hardware and commit the numbers were measured with."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
     return {
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peftlab": __version__,
@@ -596,7 +596,7 @@ def _resolved(name: str, builtin: tuple[str, ...]) -> str:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from `peftlab compare`'s options, unset ones from `peftlab train`'s per-model
     defaults."""
-    from .assets import DATASETS, MODELS
+    from ..assets import DATASETS, MODELS
     defaults = model_defaults(args.model)
 
     def pick(value: int | None, key: str) -> int:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, PeftlabError
-from .methods import get_method
+from .method import get_method
 from .sites import sites_at
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def base_identity(am: AdaptedModel, adapter: Adapter) -> dict[str, Any]:
 # ---- save / load --------------------------------------------------------------------------------
 def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
     """Save adapter `name` of `am` to `directory` (created if needed); returns the directory."""
-    from . import __version__
+    from .. import __version__
     adapter = am._get(name)
     directory = Path(directory)
     tensors = {tensor_key(p, n): t for (p, n), t in am.adapter_tensors(name).items()}

@@ -10,7 +10,7 @@ upstream on counterfactually augmented text and frozen under a downstream task a
                         train_rows, None, TrainConfig(steps=300))
     counterfactual_flip_rate(am, task, test_rows, pairs)      # the bias measure
 
-**Counterfactual data augmentation (CDA).** A word-pair list (`data/gender_pairs.txt`, one
+**Counterfactual data augmentation (CDA).** A word-pair list (`assets/data/gender_pairs.txt`, one
 "male female" pair per line) maps every listed word to its counterpart in both directions.
 `swap_words` swaps whole words, keeping their case and the punctuation around them. As the
 official code does, augmentation keeps only texts holding at least one listed word and emits both
@@ -62,15 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, DataError
-from .io import commit_files, read_json, write_json
-from .methods.base import MethodConfig
-from .methods.lora import LoraConfig
+from ..core.errors import CheckpointError, ConfigError, DataError
+from ..core.io import commit_files, read_json, write_json
+from ..core.method import MethodConfig
+from ..methods.lora import LoraConfig
 from .tasks import IGNORE
-from .train import TaskLike, TrainConfig, TrainResult, train
+from .loop import TaskLike, TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
-    from .model import AdaptedModel
+    from ..core.model import AdaptedModel
 
 __all__ = [
     "OBJECTIVES",
@@ -96,7 +96,7 @@ __all__ = [
 OBJECTIVES = ("mlm", "invariance", "mlm+invariance")
 PATCH_FILE = "debias_patch.json"     # the patch's axis metadata, beside adapter_config.json
 PATCH_FORMAT = "peftlab-debias-patch"
-DEFAULT_PAIRS = "gender_pairs.txt"   # package data under peftlab/data/
+DEFAULT_PAIRS = "gender_pairs.txt"   # package data under peftlab/assets/data/
 CF_KEY = "counterfactual"            # the swapped text in counterfactual_pairs() rows
 
 # A word: letters, optionally joined by hyphens ("spider-man" is one word, so its "man" stays).
@@ -127,7 +127,7 @@ def load_word_pairs(path: str | os.PathLike[str] | None = None, *, axis: str = "
     resolved by line order (the shipped list maps "her" to "his", not "him"). A malformed line
     raises DataError naming the file and the line."""
     if path is None:
-        resource = importlib.resources.files("peftlab").joinpath("data", DEFAULT_PAIRS)
+        resource = importlib.resources.files("peftlab.assets").joinpath("data", DEFAULT_PAIRS)
         raw, source = resource.read_bytes(), f"peftlab:data/{DEFAULT_PAIRS}"
     else:
         source = os.fspath(path)
