@@ -52,7 +52,6 @@ import torch
 
 from .core.errors import AdapterError, CapabilityError, ConfigError
 from .methods import METHODS
-from .core.sites import sites_at
 
 if TYPE_CHECKING:
     from .core.model import AdaptedModel, Adapter
@@ -114,9 +113,7 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
             density: float | None = None, seed: int | None = None) -> Adapter:
     """Combine adapters `names` with `weights` by merge rule `how` in `mode` space into a new
     adapter `name`; `op` is the operator's name recorded in the provenance."""
-    am._check_usable()
-    am._check_new_name(name)
-    inputs = [am._get(n) for n in names]
+    inputs = [am.adapter(n) for n in names]
     weights = _check_request(inputs, weights, how, mode, rank, density)
     first = inputs[0]
     form = first.method.composition
@@ -127,19 +124,14 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
     else:
         tensors = _compose_elementwise(inputs, weights, IDENTITY[form], merge)
         config, info = copy.deepcopy(first.config), {"form": "elementwise"}
-    copy_tensors = _compose_copies(inputs, weights, merge)
-
-    roles = am.site_roles()
-    copy_sites = sites_at(am.model, list(first.copies), roles)
-    adapter = am._attach(name, config, first.method, list(first.sites), copy_sites, tensors,
-                         copy_tensors, trainable=False)
-    adapter.provenance = {
+    provenance = {
         "op": op, "mode": mode, "merge": how,
         "inputs": [{"name": a.name, "weight": w, **({"provenance": a.provenance} if a.provenance else {})}
                    for a, w in zip(inputs, weights, strict=True)],
         "density": density, "seed": seed, **info,
     }
-    return adapter
+    return am.install(name, config, sites=[s.path for s in first.sites], tensors=tensors,
+                      copies=_compose_copies(inputs, weights, merge), provenance=provenance)
 
 
 def _check_request(inputs: list[Adapter], weights: Sequence[float] | None, how: str, mode: str,
@@ -210,11 +202,8 @@ def _check_same_places(first: Adapter, other: Adapter) -> None:
 # ---- low-rank (LoRA) ------------------------------------------------------------------------------
 def _factors(delta: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(s·B, A) in fp32 with ΔW = (s·B) A; PiSSA's frozen start enters as a second block."""
-    B, A = delta.lora_B.detach().float() * delta.scaling, delta.lora_A.detach().float()
-    if delta.pissa:
-        B = torch.cat([B, -delta.scaling * delta.pissa_B0.float()], dim=1)
-        A = torch.cat([A, delta.pissa_A0.float()])
-    return B, A
+    B, A = delta.factors()
+    return B.detach().float() * delta.scaling, A.detach().float()
 
 
 def _compose_lowrank(inputs: list[Adapter], weights: list[float], mode: str, how: str,
@@ -311,18 +300,21 @@ def _compose_elementwise(inputs: list[Adapter], weights: list[float], identity: 
     return tensors
 
 
-def _compose_copies(inputs: list[Adapter], weights: list[float], merge: Callable):
-    tensors = {}
+def _compose_copies(inputs: list[Adapter], weights: list[float], merge: Callable
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """modules_to_save path -> the merged copy's state."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
     for path, wrapper in inputs[0].copies.items():
         base = wrapper.original_module.state_dict()
         copies = [a.copies[path].copies[a.name].state_dict() for a in inputs]
+        state = states[path] = {}
         for tname, b in base.items():
             if not b.is_floating_point():     # integer buffers (position ids) are not learned
-                tensors[(path, tname)] = copies[0][tname].clone()
+                state[tname] = copies[0][tname].clone()
                 continue
             taus = [c[tname].float() - b.float() for c in copies]
-            tensors[(path, tname)] = (b.float() + merge(taus, weights, f"{path}.{tname}")).to(b.dtype)
-    return tensors
+            state[tname] = (b.float() + merge(taus, weights, f"{path}.{tname}")).to(b.dtype)
+    return states
 
 
 # ---- merge rules on task vectors ----------------------------------------------------------------

@@ -17,9 +17,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, PeftlabError
+from .errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
 from .method import get_method
-from .sites import sites_at
 
 if TYPE_CHECKING:
     from .model import AdaptedModel, Adapter
@@ -116,7 +115,7 @@ def base_identity(am: AdaptedModel, adapter: Adapter) -> dict[str, Any]:
 def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
     """Save adapter `name` of `am` to `directory` (created if needed); returns the directory."""
     from .. import __version__
-    adapter = am._get(name)
+    adapter = am.adapter(name)
     directory = Path(directory)
     tensors = {tensor_key(p, n): t for (p, n), t in am.adapter_tensors(name).items()}
     meta = {
@@ -140,8 +139,6 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
     """Load a peftlab adapter directory into `am` as `name` (inactive). Every check runs before
     the model changes, so a failed load leaves it as it was."""
     directory = Path(directory)
-    am._check_usable()
-    am._check_new_name(name)
     meta = read_json(directory / CONFIG_FILE)
     if meta.get("format") != FORMAT:
         if "peft_type" in meta:
@@ -152,28 +149,31 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
         raise CheckpointError(f"{directory} was written by a newer peftlab (format "
                               f"{meta['format_version']}); upgrade peftlab to load it")
     try:
-        method = get_method(meta["method"])
-        config = method.config_cls.from_dict(meta["config"])
-        config.validate()
-        sites = sites_at(am.model, meta["sites"], am.site_roles())
-        copy_sites = sites_at(am.model, meta.get("modules_to_save", []), am.site_roles())
+        config = get_method(meta["method"]).config_cls.from_dict(meta["config"])
+        sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
     except KeyError as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} lacks the field {e}") from None
     except PeftlabError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     tensors = read_tensors(directory / TENSORS_FILE)
-    copy_paths = {s.path for s in copy_sites}
-    site_tensors, copy_tensors = {}, {}
+    site_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    copies: dict[str, dict[str, torch.Tensor]] = {path: {} for path in copy_paths}
     for key, t in tensors.items():
         path, tname = parse_tensor_key(key, directory / TENSORS_FILE)
-        (copy_tensors if path in copy_paths else site_tensors)[(path, tname)] = t
+        if path in copies:
+            copies[path][tname] = t
+        else:
+            site_tensors[(path, tname)] = t
     try:
-        adapter = am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors, trainable)
-        adapter.provenance = meta.get("provenance")
-        return adapter
+        return am.install(name, config, sites=sites, tensors=site_tensors, copies=copies,
+                          trainable=trainable, provenance=meta.get("provenance"))
+    except (AdapterError, CapabilityError):
+        raise        # the name or the model, not the checkpoint
     except CheckpointError as e:
         base = meta.get("base_model", {})
         raise CheckpointError(
             f"{directory}: {e}. Checkpoint base: {base.get('class')} with "
             f"{base.get('num_parameters', 0):,} parameters; this model: {type(am.model).__name__} "
             f"with {am.base_parameters():,}") from None
+    except PeftlabError as e:     # its config or sites do not fit this model
+        raise CheckpointError(f"{directory}: {e}") from None

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 from .layer import AdaptedLayer, Delta, InputHook
 from .terms import LossTerm
 from .sites import Site

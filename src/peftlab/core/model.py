@@ -34,7 +34,7 @@ from .layer import (
 )
 from .method import METHODS, Method, MethodConfig, method_of
 from .terms import LossContext, LossTerm
-from .sites import Site, iter_modules, resolve_sites, site_roles
+from .sites import Site, iter_modules, resolve_sites, site_roles, sites_at
 from .typology import describe_provenance, render_card, summarise_sites
 
 _KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding", "norm": "a norm"}
@@ -232,7 +232,7 @@ class AdaptedModel(nn.Module):
                 continue
             if not isinstance(n, str):
                 raise AdapterError(f"adapter_ids holds {n!r}; each entry is an adapter name or None")
-            adapter = self._get(n)
+            adapter = self.adapter(n)
             if adapter.hook is not None:
                 raise CapabilityError(
                     f"adapter {n!r} is a {adapter.method.title} adapter, which rewrites the model's "
@@ -280,17 +280,44 @@ class AdaptedModel(nn.Module):
     # ---- adding and removing ------------------------------------------------------------------
     def add_adapter(self, name: str, config: MethodConfig) -> Adapter:
         """Attach a new adapter (inactive, frozen) at the sites `config.targets` name."""
+        return self.install(name, config)
+
+    def install(self, name: str, config: MethodConfig, *, sites: Sequence[str] | None = None,
+                tensors: Mapping[tuple[str, str], torch.Tensor] | None = None,
+                copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                trainable: bool = False, provenance: dict | None = None) -> Adapter:
+        """Attach adapter `name` of `config`'s method (inactive) and return it; every check runs
+        before the model changes, so a refused install leaves it as it was.
+
+        `sites`: the module paths it attaches to (None: resolved from config.targets, layers and
+        exclude). `tensors`: (site path, tensor name) -> the values of its deltas (None: freshly
+        initialised); every tensor the method expects must be there with its shape, and nothing
+        else. `copies`: the state of its modules_to_save copies, module path -> state dict (None:
+        copies of config.modules_to_save as they are now); needs `tensors`. `trainable` gives its
+        parameters gradients; `provenance` records how a composed adapter was made."""
         self._check_usable()
         self._check_new_name(name)
         config.validate()
         method = method_of(config)
         roles = self.site_roles()
-        sites = resolve_sites(self.model, config.targets, layers=config.layers,
-                              exclude=config.exclude, roles=roles)
-        copy_sites = (resolve_sites(self.model, config.modules_to_save, roles=roles)
-                      if config.modules_to_save else [])
-        return self._attach(name, config, method, sites, copy_sites, tensors=None,
-                            copy_tensors=None, trainable=False)
+        if sites is None:
+            found = resolve_sites(self.model, config.targets, layers=config.layers,
+                                  exclude=config.exclude, roles=roles)
+        else:
+            found = sites_at(self.model, sites, roles)
+        if copies is None:
+            copy_sites = (resolve_sites(self.model, config.modules_to_save, roles=roles)
+                          if config.modules_to_save else [])
+        else:
+            copy_sites = sites_at(self.model, list(copies), roles)
+        if copies is not None and tensors is None:
+            raise ConfigError("install got modules_to_save copies without the adapter's tensors; "
+                              "give both (a checkpoint) or neither (a fresh adapter)")
+        copy_tensors = None if copies is None else {
+            (path, pname): t for path, state in copies.items() for pname, t in state.items()}
+        adapter = self._attach(name, config, method, found, copy_sites, tensors, copy_tensors, trainable)
+        adapter.provenance = provenance
+        return adapter
 
     def _attach(self, name: str, config: MethodConfig, method: Method, sites: list[Site],
                 copy_sites: list[Site], tensors: Mapping[tuple[str, str], torch.Tensor] | None,
@@ -428,7 +455,7 @@ class AdaptedModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; layers left with no deltas become their plain base layer again."""
-        adapter = self._get(name)
+        adapter = self.adapter(name)
         if adapter.merged:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; "
                                f"call unmerge({name!r}) before deleting it")
@@ -464,7 +491,7 @@ class AdaptedModel(nn.Module):
         rescaling vectors (None: all 1). Does not touch requires_grad."""
         names = _name_list(names)
         for n in names:
-            self._get(n)
+            self.adapter(n)
         if len(set(names)) != len(names):
             raise AdapterError(f"set_active got a name twice: {list(names)}")
         scaled = self._check_weights(names, weights)
@@ -520,7 +547,7 @@ class AdaptedModel(nn.Module):
         Does not change which adapters are active, nor the base model's parameters."""
         names = _name_list(names)
         for n in names:
-            self._get(n)
+            self.adapter(n)
         for adapter in self.adapters.values():
             self._set_requires_grad(adapter, adapter.name in names)
 
@@ -534,7 +561,7 @@ class AdaptedModel(nn.Module):
         """Register an auxiliary loss term (replacing one of the same name); the activation
         points it reads are tapped from now on."""
         if term.adapter is not None:
-            self._get(term.adapter)
+            self.adapter(term.adapter)
         for point in term.activations:
             self.taps.require(point)
         if term.name in self.loss_terms:
@@ -588,7 +615,7 @@ class AdaptedModel(nn.Module):
     def adapter_tensors(self, name: str) -> dict[tuple[str, str], torch.Tensor]:
         """(site path, tensor name) -> tensor: every saved tensor of the adapter (deltas'
         parameters and buffers, then the modules_to_save copies' state)."""
-        adapter = self._get(name)
+        adapter = self.adapter(name)
         out: dict[tuple[str, str], torch.Tensor] = {}
         for path, part in adapter.parts().items():
             for tname, t in part.state_dict().items():
@@ -599,7 +626,7 @@ class AdaptedModel(nn.Module):
         return out
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        adapter = self._get(name)
+        adapter = self.adapter(name)
         for part in adapter.parts().values():
             yield from part.parameters()
         for wrapper in adapter.copies.values():
@@ -626,7 +653,7 @@ class AdaptedModel(nn.Module):
             names = tuple(n for n in self.state.active if not self.adapters[n].merged)
         names = _name_list(names)
         for n in names:
-            adapter = self._get(n)
+            adapter = self.adapter(n)
             if not adapter.method.supports("merge"):
                 raise CapabilityError(f"{adapter.method.title} adapter {n!r} cannot be merged: "
                                       "the method does not declare the 'merge' capability")
@@ -690,7 +717,7 @@ class AdaptedModel(nn.Module):
         self._check_usable()
         wanted = _name_list(names) if names is not None else tuple(self.adapters)
         for n in wanted:
-            if names is not None and not self._get(n).merged:
+            if names is not None and not self.adapter(n).merged:
                 raise AdapterError(f"adapter {n!r} is not merged")
         layers = {id(layer): layer for n in wanted for layer in self.adapters[n].layers.values()}
         for layer in layers.values():   # a delta merged after one unmerged must commute with it
@@ -775,7 +802,7 @@ class AdaptedModel(nn.Module):
 
     def card(self, name: str) -> str:
         """The adapter's PEFT-Ref typology card with its actual sites and parameter count."""
-        a = self._get(name)
+        a = self.adapter(name)
         facts = [
             ("adapter", name),
             ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
@@ -791,7 +818,8 @@ class AdaptedModel(nn.Module):
         return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
 
     # ---- checks -------------------------------------------------------------------------------
-    def _get(self, name: str) -> Adapter:
+    def adapter(self, name: str) -> Adapter:
+        """The adapter called `name`; AdapterError names the close ones when there is none."""
         try:
             return self.adapters[name]
         except KeyError:

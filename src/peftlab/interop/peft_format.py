@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import CapabilityError, CheckpointError, PeftlabError
+from ..core.errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
 from ..core.io import commit_files, read_json, read_tensors, write_json, write_tensors
-from ..core.method import METHODS, get_method
+from ..core.method import METHODS
 from ..methods.lora import LoraConfig
 from ..core.sites import match_targets, sites_at
 
@@ -63,7 +63,7 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
     A PiSSA adapter is written as the rank-2r LoRA s·[B, −B0]·[A; A0], which equals its delta on
     the untouched base weight, so peft needs no residual model.
     """
-    adapter = am._get(name)
+    adapter = am.adapter(name)
     method = adapter.method
     if method.name == "lora":
         peft_type, (fields, tensors) = "LORA", _lora_to_peft(am, adapter)
@@ -102,9 +102,7 @@ def _lora_to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], d
         layer = adapter.layers[site.path]
         delta = layer.deltas[name]
         kind = "embedding" if layer.kind == "embedding" else "linear"
-        A, B = delta.lora_A.detach(), delta.lora_B.detach()
-        if delta.pissa:
-            A, B = torch.cat([A, delta.pissa_A0]), torch.cat([B, -delta.pissa_B0], dim=1)
+        B, A = (t.detach() for t in delta.factors())
         r = A.shape[0]
         # Keep the site's scaling s at the exported rank: α' = s·r' (rsLoRA: s·√r').
         alpha = delta.scaling * (math.sqrt(r) if config.rslora else r)
@@ -149,8 +147,6 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
                 trainable: bool = False) -> Adapter:
     """Load a peft adapter directory into `am` as adapter `name` (inactive)."""
     directory = Path(directory)
-    am._check_usable()
-    am._check_new_name(name)
     cfg = read_json(directory / CONFIG_FILE)
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
@@ -165,12 +161,15 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
             config.validate()
             # from_peft may return modules_to_save tensors too, keyed by the copied module's path
             held = {path for path, _ in site_tensors}
-            copy_sites = sites_at(am.model, [p for p in config.modules_to_save or [] if p in held])
-            copy_paths = {s.path for s in copy_sites}
-            copy_tensors = {k: t for k, t in site_tensors.items() if k[0] in copy_paths}
-            site_tensors = {k: t for k, t in site_tensors.items() if k[0] not in copy_paths}
-            return am._attach(name, config, method, sites, copy_sites, site_tensors, copy_tensors,
-                              trainable)
+            copies: dict[str, dict[str, torch.Tensor]] = {
+                p: {} for p in config.modules_to_save or [] if p in held}
+            for (path, tname), t in list(site_tensors.items()):
+                if path in copies:
+                    copies[path][tname] = site_tensors.pop((path, tname))
+            return am.install(name, config, sites=[s.path for s in sites], tensors=site_tensors,
+                              copies=copies, trainable=trainable)
+        except (AdapterError, CapabilityError):
+            raise        # the name or the model, not the checkpoint
         except PeftlabError as e:
             raise CheckpointError(f"{directory}: {e}") from None
     if cfg.get("bias", "none") != "none":
@@ -182,7 +181,7 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
     copy_sites = sites_at(am.model, sorted(set().union(set(), *found.values())))
     copy_paths = sorted({s.path for s in copy_sites}, key=len, reverse=True)
     site_tensors: dict[tuple[str, str], torch.Tensor] = {}
-    copy_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    copies = {path: {} for path in copy_paths}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise CheckpointError(f"{directory / TENSORS_FILE}: tensor {key!r} lacks the "
@@ -193,7 +192,7 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
             continue
         owner = next((p for p in copy_paths if rest.startswith(p + ".")), None)
         if owner is not None:
-            copy_tensors[(owner, rest[len(owner) + 1:])] = t
+            copies[owner][rest[len(owner) + 1:]] = t
             continue
         for peft_name, ours in _FROM_PEFT.items():
             if rest.endswith("." + peft_name):
@@ -203,10 +202,6 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
             raise CheckpointError(f"{directory / TENSORS_FILE}: tensor {key!r} is neither a LoRA "
                                   "tensor nor part of modules_to_save")
     paths = list(dict.fromkeys(p for p, _ in site_tensors))
-    try:
-        sites = sites_at(am.model, paths)
-    except PeftlabError as e:
-        raise CheckpointError(f"{directory}: {e}") from None
 
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     rank_pattern, alpha_pattern = {}, {}
@@ -223,9 +218,11 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
                         modules_to_save=[s.path for s in copy_sites] or None)
     config.validate()
     try:
-        return am._attach(name, config, get_method("lora"), sites, copy_sites, site_tensors,
-                          copy_tensors, trainable)
-    except CheckpointError as e:
+        return am.install(name, config, sites=paths, tensors=site_tensors, copies=copies,
+                          trainable=trainable)
+    except (AdapterError, CapabilityError):
+        raise        # the name or the model, not the checkpoint
+    except PeftlabError as e:
         raise CheckpointError(f"{directory}: {e}") from None
 
 

@@ -133,12 +133,10 @@ class MixedLowRank(MixedDeltas):
             if d is None:
                 As.append(torch.zeros(0, d_in, dtype=dtype, device=self.scales.device))
                 Bs.append(torch.zeros(0, d_out, dtype=dtype, device=self.scales.device))
-            elif d.pissa:    # s·(B A − B0 A0) = [s·B, −s·B0] [A; A0]
-                As.append(torch.cat([d.lora_A, d.pissa_A0]).to(dtype))
-                Bs.append(torch.cat([d.lora_B, -d.pissa_B0], dim=1).t().to(dtype))
             else:
-                As.append(d.lora_A.to(dtype))
-                Bs.append(d.lora_B.t().to(dtype))
+                B, A = d.factors()
+                As.append(A.to(dtype))
+                Bs.append(B.t().to(dtype))
         A = pad_sequence(As, batch_first=True)                                   # (S, r_max, d_in)
         Bt = pad_sequence(Bs, batch_first=True) * self.scales.to(dtype)[:, None, None]   # (S, r_max, d_out)
         row_scale = None
@@ -247,6 +245,15 @@ class LowRankDelta(Delta):
         self.lora_B.copy_(U[:, : self.r] * root[None, :])
         self.pissa_A0.copy_(self.lora_A)
         self.pissa_B0.copy_(self.lora_B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with s · B A = ΔW (before DoRA's normalisation), in the weights' dtype and with
+        their gradients: (d_out, r) and (r, d_in), or with PiSSA's frozen start folded in as
+        extra ranks, s·(B A − B0 A0) = s·[B, −B0] [A; A0]: (d_out, 2r) and (2r, d_in)."""
+        if self.pissa:
+            return (torch.cat([self.lora_B, -self.pissa_B0], dim=1),
+                    torch.cat([self.lora_A, self.pissa_A0]))
+        return self.lora_B, self.lora_A
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""

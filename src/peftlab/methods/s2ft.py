@@ -495,7 +495,7 @@ def s2ft_to_lora(am: Any, name: str, new_name: str) -> Any:
     B = E_sel (one-hot d_out×n_sel), A = S; row type B = S, A = E_selᵀ. Sites where nothing was
     selected get no LoRA. Returns the new Adapter; save it, export it to peft or merge it as any
     LoRA adapter."""
-    adapter = am._get(name)
+    adapter = am.adapter(name)
     if adapter.method.name != "s2ft":
         raise AdapterError(f"adapter {name!r} is {adapter.method.title}, not S2FT")
     parts = {p: d for p, d in adapter.parts().items() if d.n_sel > 0}

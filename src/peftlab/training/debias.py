@@ -539,7 +539,7 @@ def train_task_on_patch(am: AdaptedModel, patch: str, task_adapter: str, task_co
     """Downstream phase: add `task_adapter` and train it with the patch active but frozen (the
     paper fine-tunes the whole base here; we keep the base frozen and train an adapter). Both
     stay active afterwards, the patch first."""
-    am._get(patch)   # AdapterError naming the adapters when the patch is missing
+    am.adapter(patch)   # AdapterError naming the adapters when the patch is missing
     am.add_adapter(task_adapter, task_config)
     am.set_active([patch, task_adapter])
     am.set_trainable(task_adapter)   # freezes the patch: only the task adapter gets gradients

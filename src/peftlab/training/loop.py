@@ -205,7 +205,7 @@ def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 # ---- the loop ----------------------------------------------------------------------------------
 def _check_trainable(am: AdaptedModel, adapter: str) -> list[nn.Parameter]:
-    ad = am._get(adapter)   # AdapterError with "did you mean" for a wrong name
+    ad = am.adapter(adapter)   # AdapterError with "did you mean" for a wrong name
     params = [p for p in am.parameters() if p.requires_grad]
     if not params:
         raise PeftlabError(f"nothing to train: no parameter requires gradients. Call "

@@ -606,7 +606,7 @@ def prune_adapter(am: AdaptedModel, adapter: str, *, keep_ranks: Mapping[str, Se
     or s·√r' with rsLoRA) and dropped sites join `exclude`, so the adapter saves and re-loads.
     """
     from ..methods.lora import LoraConfig
-    ad = am._get(adapter)
+    ad = am.adapter(adapter)
     if not isinstance(ad.config, LoraConfig) or ad.method.name != "lora":
         raise CapabilityError(f"adapter {adapter!r} is {ad.method.title}; rank and module pruning "
                               "supports LoRA adapters")
@@ -750,7 +750,7 @@ class ModuleImportance:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self._handles = []
-        for path, layer in am._get(adapter).layers.items():
+        for path, layer in am.adapter(adapter).layers.items():
             self.sums[path], self.counts[path] = 0.0, 0
             self._handles.append(layer.base_layer.register_forward_hook(
                 self._recorder(path, layer, layer.deltas[adapter])))
@@ -787,9 +787,9 @@ class RankImportance:
         self.window = window
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self.counts: dict[tuple[str, str], int] = {}
-        self.paths = list(am._get(adapter).layers)
+        self.paths = list(am.adapter(adapter).layers)
         self._handles = []
-        for path, layer in am._get(adapter).layers.items():
+        for path, layer in am.adapter(adapter).layers.items():
             delta = layer.deltas[adapter]
             for name, rank_dim in (("lora_A", 0), ("lora_B", 1)):
                 key = (path, name)
@@ -839,7 +839,7 @@ class EarlyPruning:
                  l1: float = 1e-4, mask_lr_scale: float = 1.0, estimate_steps: int,
                  grad_accum: int = 1) -> None:
         from ..methods.lora import LoraConfig
-        ad = am._get(adapter)
+        ad = am.adapter(adapter)
         if not isinstance(ad.config, LoraConfig) or ad.method.name != "lora" or ad.config.dora:
             raise CapabilityError(f"Light-PEFT early pruning needs a LoRA adapter without DoRA; "
                                   f"{adapter!r} is {ad.method.title}"
@@ -878,7 +878,7 @@ class EarlyPruning:
         if self.window is not None:
             raise AdapterError("EarlyPruning.start() was already called; call finish() first")
         am = self.am
-        if self.ratios.ranks > 0 and not am._get(self.adapter).trainable:
+        if self.ratios.ranks > 0 and not am.adapter(self.adapter).trainable:
             raise AdapterError(f"rank importance reads the gradients of adapter {self.adapter!r}, which is "
                                f"frozen; call am.set_trainable({self.adapter!r}) before start()")
         # an unsupported model or adapter fails here, before the estimation run
