@@ -3,6 +3,9 @@
 An architecture map turns roles (``attn.q``, ``ffn.down``, ...) into module paths for one model
 family; a generic map guesses from common leaf names for everything else. Users target sites by
 role, exact name or dotted suffix, glob (``*.q_proj``), regex (``re:...``) or ``"all-linear"``.
+
+The geometry section at the end reads sizes one way for every caller: a layer's (in, out)
+features and (out, in) weight whatever its type stores, and the attention heads a config declares.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
+import torch
 from torch import nn
 
-from .errors import TargetNotFoundError, close_matches
+from .errors import CapabilityError, TargetNotFoundError, close_matches
 
 # PEFT-Ref components (shared/DESIGN.md, "Vocabulary"). Module-backed roles name a layer whose
 # weight or output a method touches; position roles (attn.out, ffn.out, ffn.act, attn.kv) name the
@@ -166,7 +172,8 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The original module behind a peftlab wrapper (or the module itself)."""
-    return module.original_module if getattr(module, "is_peftlab_wrapper", False) else module
+    # a class attribute: read from the type, a miss skips nn.Module.__getattr__'s exception
+    return module.original_module if getattr(type(module), "is_peftlab_wrapper", False) else module
 
 
 def layer_index(path: str) -> int | None:
@@ -196,7 +203,7 @@ def site_roles(model: nn.Module) -> dict[str, str]:
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or the transposed GPT-2 Conv1D."""
     module = unwrap(module)
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def _matches(target: str, path: str) -> bool:
@@ -310,3 +317,91 @@ def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | Non
             + f" ({len(missing)} of {len(paths)} recorded sites are missing: a different base model?)")
     wanted = set(paths)
     return [Site(p, roles.get(p), layer_index(p), unwrap(m)) for p, m in modules.items() if p in wanted]
+
+
+# ---- geometry: the sizes of layers and of attention, read in this one place ----------------------
+# Layers follow nn.Linear's (out, in) convention; an embedding's "input" is its vocabulary.
+_HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "num_heads")
+_HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+_HEAD_DIM_KEYS = ("head_dim", "d_kv")          # d_kv: T5's head width, not d_model / heads
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D, matched by name: importing it would tie the core to transformers
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_axes(module: nn.Module) -> tuple[int, int]:
+    """(output axis, input axis) of the stored weight of a Linear — (0, 1) — or of a GPT-2
+    Conv1D or an Embedding — (1, 0), as they store it transposed; a peftlab wrapper answers for
+    the layer it holds."""
+    module = unwrap(module)
+    if isinstance(module, nn.Linear):
+        return 0, 1
+    if isinstance(module, nn.Embedding) or _is_conv1d(module):
+        return 1, 0
+    raise CapabilityError(f"a {type(module).__name__} is not a Linear, GPT-2 Conv1D or Embedding "
+                          "layer, so its weight has no (out, in) reading; target one of those")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear, GPT-2 Conv1D, Embedding or norm (or of the layer a peftlab wrapper
+    holds) as an (out, in) view; a norm's elementwise (d,) weight is returned as it is."""
+    module = unwrap(module)
+    if isinstance(module, nn.Linear):    # first: layers read this in their forward
+        return module.weight
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise CapabilityError(f"a {type(module).__name__} has no weight tensor to read sizes from; "
+                              "target a Linear, GPT-2 Conv1D, Embedding or norm layer")
+    if weight.dim() == 1:
+        return weight
+    out_axis, _ = weight_axes(module)
+    return weight if out_axis == 0 else weight.t()
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, GPT-2 Conv1D, Embedding (vocabulary, width) or
+    norm (width, width), read from its current weight; a peftlab wrapper answers for its layer."""
+    weight = weight_out_in(module)
+    return weight.shape[-1], weight.shape[0]
+
+
+def text_config(source: nn.Module) -> Any | None:
+    """The config `source` carries (a transformers model, or one of its attention modules, which
+    keep a reference to it); a multimodal model's text config. None without one."""
+    config = getattr(source, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _declared(config: Any, keys: Sequence[str]) -> int | None:
+    """The first positive integer the config holds under one of `keys`."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def attention_heads(source: nn.Module) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head width) as the config of `source` (a model, or one of
+    its attention modules) declares them: key/value heads default to the query heads (no
+    grouped-query attention), the head width to hidden size / heads. None when there is no
+    config or it declares no head count. These are the sizes the model was built with; a
+    structurally pruned model's current sizes are in its weights (`dims`)."""
+    config = text_config(source)
+    heads = _declared(config, _HEAD_COUNT_KEYS) if config is not None else None
+    if heads is None:
+        return None
+    kv_heads = _declared(config, ("num_key_value_heads",)) or heads
+    head_dim = _declared(config, _HEAD_DIM_KEYS)
+    if head_dim is None:
+        hidden = _declared(config, _HIDDEN_SIZE_KEYS)
+        if hidden is None:
+            raise CapabilityError(f"the config of {type(source).__name__} declares {heads} attention "
+                                  f"heads but neither a head width ({' / '.join(_HEAD_DIM_KEYS)}) nor a "
+                                  f"hidden size ({' / '.join(_HIDDEN_SIZE_KEYS)}); set one of them")
+        head_dim = hidden // heads
+    return heads, kv_heads, head_dim
