@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import AdapterError, CapabilityError
+from .sites import dims, weight_out_in
 
 LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
 
@@ -222,18 +223,22 @@ class AdaptedLayer(nn.Module):
     # Shapes in the (out, in) convention of nn.Linear; an embedding reads token ids as "in".
     @property
     def in_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[0] if self.kind != "linear" else w.shape[-1]
+        return dims(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight   # a norm's weight is 1-D: in = out = its size
-        return w.shape[-1] if self.kind != "linear" else w.shape[0]
+        return dims(self.base_layer)[1]
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as an (out, in) view: Conv1D and Embedding store it transposed."""
-        w = self.base_layer.weight
-        return w if self.kind == "linear" else w.t()
+        return weight_out_in(self.base_layer)
+
+    def remove_delta(self, name: str) -> None:
+        """Take adapter `name`'s delta off this layer (its `release` runs); the caller puts the
+        base layer back in the model when no delta is left."""
+        self.__dict__["_mixed_memo"] = (None, None)   # a routed batch's stacks hold the delta
+        self.deltas[name].release()
+        del self.deltas[name]
 
     # Model code reads attributes of the layer it built (weight, padding_idx, nf ...).
     __getattr__ = forwarding_getattr("base_layer")
