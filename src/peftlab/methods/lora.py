@@ -255,6 +255,41 @@ class LowRankDelta(Delta):
                     torch.cat([self.lora_A, self.pissa_A0]))
         return self.lora_B, self.lora_A
 
+    @torch.no_grad()
+    def keep_ranks(self, index: torch.Tensor) -> None:
+        """Keep only the rank units `index` (rows of A, columns of B, and of PiSSA's frozen
+        start), in place; `r` follows and the scaling stays. Changed factors become new
+        Parameters with the same requires_grad (an optimiser built before must be rebuilt)."""
+        self._keep(rank=index)
+
+    @torch.no_grad()
+    def slice_features(self, in_index: torch.Tensor | None = None,
+                       out_index: torch.Tensor | None = None) -> None:
+        """Keep only these input features (columns of A and A0; an embedding's vocabulary entries)
+        and output features (rows of B and B0, entries of DoRA's magnitude), in place: the delta's
+        side of structurally pruning the layer it is on. None keeps every feature of that side."""
+        self._keep(in_index=in_index, out_index=out_index)
+
+    def _keep(self, *, rank: torch.Tensor | None = None, in_index: torch.Tensor | None = None,
+              out_index: torch.Tensor | None = None) -> None:
+        def take(t: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
+            return t if index is None else t.index_select(dim, index.to(t.device))
+
+        params, buffers = self._parameters, self._buffers
+        new = {"lora_A": take(take(params["lora_A"], 0, rank), 1, in_index),      # (r', d_in')
+               "lora_B": take(take(params["lora_B"], 1, rank), 0, out_index)}     # (d_out', r')
+        if params["magnitude"] is not None:
+            new["magnitude"] = take(params["magnitude"], 0, out_index)
+        for name, value in new.items():
+            old = params[name]
+            if value is not old:
+                params[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        if self.pissa:
+            buffers["pissa_A0"] = take(take(buffers["pissa_A0"], 0, rank), 1, in_index)
+            buffers["pissa_B0"] = take(take(buffers["pissa_B0"], 1, rank), 0, out_index)
+        # plain __dict__ writes, as __init__; the cast cache is keyed on the old tensors
+        self.__dict__.update(r=params["lora_A"].shape[0], _cast=())
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""
         dw = self.lora_B.float() @ self.lora_A.float()
