@@ -1,0 +1,158 @@
+"""Light-PEFT's plug-in importance estimators, recorded during the estimation run without any
+change to the training loop: the output ratio ‖ΔW x‖ / ‖W x + b‖ of every LoRA module (forward
+hooks) and the first-order Taylor score of every rank unit (post-accumulate-grad hooks), both
+averaged over the second half of the estimation steps (`StepWindow`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.layer import AdaptedLayer
+from ...core.model import AdaptedModel
+from ...methods.lora import LowRankDelta
+
+
+class StepWindow:
+    """Counts the training forwards of an AdaptedModel (a forward pre-hook: no change to the
+    training loop) and keeps each one's attention mask. `recording` is true from micro-step
+    `total // 2` on: the importance estimators average over the second half of estimation."""
+
+    def __init__(self, am: AdaptedModel, total_steps: int) -> None:
+        self.total = total_steps
+        self.step = -1                           # index of the current training forward
+        self.token_mask: torch.Tensor | None = None   # (B, T) bool of the current forward
+        self._handle = am.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.step += 1
+            mask = kwargs.get("attention_mask")
+            self.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current forward is in the second half of estimation."""
+        return self.step >= self.total // 2
+
+    def remove(self) -> None:
+        """Remove the forward pre-hook."""
+        self._handle.remove()
+
+
+def lora_branch(delta: LowRankDelta, x: torch.Tensor) -> torch.Tensor:
+    """ΔW x without dropout, from the delta's factors (PiSSA's frozen start folded in):
+    (..., d_in) -> (..., d_out); token ids (...) for an embedding delta."""
+    B, A = delta.factors()
+    down = F.embedding(x, A.t()) if delta.embedding else F.linear(x.to(A.dtype), A)
+    return F.linear(down, B) * delta.scaling
+
+
+def output_ratio(branch: torch.Tensor, base: torch.Tensor, token_mask: torch.Tensor | None) -> float:
+    """Mean over real tokens of ‖ΔW x‖₂ / ‖W x + b‖₂ (NaN/Inf per token count as 0); all
+    tokens count when there is no mask of the tokens' shape."""
+    ratio = branch.float().norm(dim=-1) / base.float().norm(dim=-1)           # (B, T) or (N,)
+    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=0.0, neginf=0.0)
+    if token_mask is not None and token_mask.shape == ratio.shape:
+        weights = token_mask.to(ratio.dtype)
+        return float((ratio * weights).sum() / weights.sum().clamp_min(1.0))
+    return float(ratio.mean())
+
+
+def taylor_rank_scores(param: torch.Tensor, grad: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """|mean over the other dimension of param ⊙ grad| per rank unit: A (r, d_in) has rank_dim
+    0, B (d_out, r) rank_dim 1. NaN/Inf count as 0."""
+    other = 1 - rank_dim
+    score = (param.detach().float() * grad.detach().float()).mean(dim=other).abs()     # (r,)
+    return torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class ModuleImportance:
+    """Output-ratio importance of each LoRA module of an adapter: a forward hook on each wrapped
+    base projection recomputes the LoRA branch from its input, per recorded training forward."""
+
+    def __init__(self, am: AdaptedModel, adapter: str, window: StepWindow) -> None:
+        self.window = window
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._handles = []
+        for path, layer in am.adapter(adapter).layers.items():
+            self.sums[path], self.counts[path] = 0.0, 0
+            self._handles.append(layer.base_layer.register_forward_hook(
+                self._recorder(path, layer, layer.deltas[adapter])))
+
+    def _recorder(self, path: str, layer: AdaptedLayer, delta: LowRankDelta) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            w = self.window
+            if not (w.recording and layer.training and torch.is_grad_enabled()):
+                return
+            with torch.no_grad():
+                value = output_ratio(lora_branch(delta, args[0]), output, w.token_mask)
+            self.sums[path] += value if math.isfinite(value) else 0.0
+            self.counts[path] += 1
+        return hook
+
+    def scores(self) -> dict[str, float]:
+        """Site path -> the average over the recorded forwards."""
+        return {p: self.sums[p] / self.counts[p] if self.counts[p] else 0.0 for p in self.sums}
+
+    @property
+    def recorded(self) -> bool:
+        """Whether any forward was recorded."""
+        return any(self.counts.values())
+
+    def remove(self) -> None:
+        """Remove the forward hooks."""
+        for h in self._handles:
+            h.remove()
+
+
+class RankImportance:
+    """First-order Taylor importance of each rank unit, from post-accumulate-grad hooks on every
+    lora_A / lora_B of the adapter: I[i] = |mean_j A_ij ∂L/∂A_ij| + |mean_k B_ki ∂L/∂B_ki|."""
+
+    def __init__(self, am: AdaptedModel, adapter: str, window: StepWindow) -> None:
+        self.window = window
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+        self.paths = list(am.adapter(adapter).layers)
+        self._handles = []
+        for path, layer in am.adapter(adapter).layers.items():
+            delta = layer.deltas[adapter]
+            for name, rank_dim in (("lora_A", 0), ("lora_B", 1)):
+                key = (path, name)
+                self.sums[key] = torch.zeros(delta.r)
+                self.counts[key] = 0
+                self._handles.append(getattr(delta, name).register_post_accumulate_grad_hook(
+                    self._recorder(key, rank_dim)))
+
+    def _recorder(self, key: tuple[str, str], rank_dim: int) -> Callable:
+        def hook(param: torch.Tensor) -> None:
+            if not self.window.recording or param.grad is None:
+                return
+            self.sums[key] += taylor_rank_scores(param, param.grad, rank_dim).cpu()
+            self.counts[key] += 1
+        return hook
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Site path -> (r,) average A-part plus average B-part over the recorded backwards."""
+        out = {}
+        for p in self.paths:
+            parts = [self.sums[(p, n)] / self.counts[(p, n)] for n in ("lora_A", "lora_B")
+                     if self.counts[(p, n)]]
+            out[p] = sum(parts) if parts else torch.zeros_like(self.sums[(p, "lora_A")])
+        return out
+
+    @property
+    def recorded(self) -> bool:
+        """Whether any backward was recorded."""
+        return any(self.counts.values())
+
+    def remove(self) -> None:
+        """Remove the gradient hooks."""
+        for h in self._handles:
+            h.remove()
