@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.sites import Site, layer_index, unwrap
+from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
 
@@ -191,22 +191,13 @@ def _reader_for(site: Site, model: Any) -> tuple[str, nn.Module]:
                       "use a serial placement (pfeiffer/houlsby) for this model")
 
 
-def _in_features(module: nn.Module) -> int | None:
-    w = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if type(module).__name__ == "Conv1D" and w is not None:
-        return w.shape[0]
-    return None
-
-
 def _build(site: Site, layer: AdaptedLayer, config: AdapterConfig, initialise: bool = True, *,
            model: Any = None) -> BottleneckDelta:
     parallel = config.placement == "parallel"
     d = layer.out_features
     if parallel:
         reader_path, reader = _reader_for(site, model)
-        d_in = _in_features(reader)
+        d_in = dims(reader)[0] if is_linear_like(reader) else None
         if d_in != d:
             raise ConfigError(f"a parallel adapter at {site.path!r} reads the input of {reader_path!r} "
                               f"({d_in} features) and adds to an output of {d}; they must match")

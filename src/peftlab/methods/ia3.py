@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.errors import AdapterError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..core.sites import Site, match_targets, sites_at
+from ..core.sites import Site, dims, match_targets, sites_at
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig, pattern_value
 
@@ -203,12 +203,6 @@ def _peft_is_feedforward(feedforward: Any, path: str) -> bool:
     return any(path.endswith(key) for key in feedforward or [])
 
 
-def _io(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a plain Linear or Conv1D (which stores its weight as (in, out))."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
-
-
 def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory
                ) -> tuple[IA3Config, list[Site], dict[tuple[str, str], torch.Tensor]]:
     """IA3 sites from the `ia3_l` tensors; a site is input-scaled when peft's rule puts it in
@@ -237,7 +231,7 @@ def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.T
     for site in sites:
         t = raw[site.path]
         is_ff = _peft_is_feedforward(cfg.get("feedforward_modules"), site.path)
-        d_in, d_out = _io(site.module) if hasattr(site.module, "weight") else (None, None)
+        d_in, d_out = dims(site.module) if hasattr(site.module, "weight") else (None, None)
         expected = (1, d_in) if is_ff else (d_out, 1)
         if tuple(t.shape) != expected:
             raise CheckpointError(

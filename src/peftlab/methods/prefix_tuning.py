@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
-from ..core.sites import Site, resolve_sites
+from ..core.sites import Site, attention_heads, resolve_sites, text_config
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
 from .prompt_tuning import (
@@ -82,9 +82,7 @@ class PrefixTuningConfig(MethodConfig):
 
 def kv_layout(model: nn.Module) -> tuple[int, int, int]:
     """(num_layers, kv_heads, head_dim) as peft computes them (GQA: num_key_value_heads)."""
-    cfg = model.config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    cfg = text_config(model)
     if getattr(cfg, "is_encoder_decoder", False):
         raise CapabilityError("prefix tuning supports decoder-only models; encoder-decoder "
                               f"{type(model).__name__} is not supported")
@@ -93,11 +91,9 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
             f"prefix tuning is not supported on the encoder {type(model).__name__}: transformers 5 "
             "encoders take no prefix cache (peft 0.21 fails there too). Use prompt tuning, LoRA or "
             "IA3 for encoders")
-    layers, heads = model_shape(model)
-    hidden = next(getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, k))
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return layers, int(kv_heads), int(head_dim)
+    layers, _ = model_shape(model)
+    _, kv_heads, head_dim = attention_heads(model)    # model_shape has checked the head count
+    return layers, kv_heads, head_dim
 
 
 class Projection(nn.Module):

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import InputHook, layer_kind
-from ..core.sites import Site, resolve_sites, unwrap
+from ..core.sites import Site, attention_heads, resolve_sites, unwrap
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
 
@@ -244,8 +244,12 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
     """(num_layers, num_attention_heads) from the model config, as peft reads them."""
     cfg = model.config
     layers = next(getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, k))
-    heads = next(getattr(cfg, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(cfg, k))
-    return int(layers), int(heads)
+    heads = attention_heads(model)
+    if heads is None:
+        raise CapabilityError(f"the config of {type(model).__name__} declares no attention head count "
+                              "(num_attention_heads / n_head / num_heads), which peft's prompt-learning "
+                              "format records; set it in the config")
+    return int(layers), heads[0]
 
 
 def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

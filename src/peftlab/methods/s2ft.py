@@ -65,7 +65,7 @@ from torch import nn
 
 from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.sites import Site, resolve_sites, unwrap
+from ..core.sites import Site, attention_heads, resolve_sites, unwrap, weight_axes, weight_out_in
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
 from .lora import LoraConfig
@@ -155,28 +155,6 @@ def _block_key(path: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _out_in(module: nn.Module) -> torch.Tensor:
-    """The (out, in) view of a Linear's or GPT-2 Conv1D's weight."""
-    module = unwrap(module)
-    w = module.weight
-    return w if isinstance(module, nn.Linear) else w.t()
-
-
-def _head_counts(model: nn.Module) -> tuple[int, int] | None:
-    """(query heads, key/value heads) from the model's config, or None when it does not say."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    n_q = next((getattr(cfg, a) for a in ("num_attention_heads", "n_head", "num_heads")
-                if isinstance(getattr(cfg, a, None), int)), None)
-    if n_q is None:
-        return None
-    n_kv = getattr(cfg, "num_key_value_heads", None)
-    return n_q, n_kv if isinstance(n_kv, int) and n_kv > 0 else n_q
-
-
 @dataclass
 class _Group:
     """One block's part of one pool: `n_units` units of `width` rows/columns each, and the
@@ -200,7 +178,7 @@ def _pools(am: Any, config: S2FTConfig) -> dict[str, list[_Group]]:
             raise ConfigError(f"S2FT attaches to attn.v, attn.o, ffn.up, ffn.gate and ffn.down; "
                               f"{site.path!r} has role {site.role!r}{hint}. Narrow the targets")
         by_block.setdefault((ROLE_KIND[site.role][0], _block_key(site.path)), []).append(site)
-    heads = _head_counts(am.model)
+    heads = attention_heads(am.model)          # (query heads, kv heads, head width)
     pools: dict[str, list[_Group]] = {k: [] for k in KINDS}
     for (kind, block), group in by_block.items():
         roles = [s.role for s in group]
@@ -209,7 +187,7 @@ def _pools(am: Any, config: S2FTConfig) -> dict[str, list[_Group]]:
                               f"({[s.path for s in group]}); restrict targets or exclude to one each")
         sizes = set()
         for s in group:
-            w = _out_in(s.module)
+            w = weight_out_in(s.module)
             sizes.add(w.shape[0] if ROLE_KIND[s.role][1] == "column" else w.shape[1])
         if len(sizes) != 1:
             raise ConfigError(f"the FFN projections of block {block!r} disagree on the channel count "
@@ -283,7 +261,7 @@ def select(am: Any, config: S2FTConfig,
     (unit kind -> per-block score vectors in pool order) overrides both."""
     pools = _pools(am, config)
     if scores is None and config.selection == "weight":
-        scores = {kind: [_unit_scores(g, lambda s: _out_in(s.module)) for g in groups]
+        scores = {kind: [_unit_scores(g, lambda s: weight_out_in(s.module)) for g in groups]
                   for kind, groups in pools.items()}
     elif scores is None and config.selection == "gradient":
         raise ConfigError("S2FT gradient selection needs a batch: call "
@@ -321,8 +299,8 @@ def select_by_gradient(am: Any, config: S2FTConfig, batches: Iterable[Mapping[st
             module = unwrap(site.module)
             g = module.weight.grad
             if g is None:
-                return torch.zeros_like(_out_in(site.module))
-            return g if isinstance(module, nn.Linear) else g.t()
+                return torch.zeros_like(weight_out_in(module))
+            return g if weight_axes(module)[0] == 0 else g.t()    # as the weight: (out, in)
 
         scores = {kind: [_unit_scores(g, grad_of) for g in groups] for kind, groups in pools.items()}
     finally:
