@@ -71,15 +71,32 @@ def taylor_rank_scores(param: torch.Tensor, grad: torch.Tensor, rank_dim: int) -
     return torch.nan_to_num(score, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class ModuleImportance:
+class _Recorder:
+    """What both estimators share: the step window, hook handles and per-key record counts."""
+
+    def __init__(self, window: StepWindow) -> None:
+        self.window = window
+        self.counts: dict = {}
+        self._handles: list = []
+
+    @property
+    def recorded(self) -> bool:
+        """Whether anything was recorded."""
+        return any(self.counts.values())
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+
+
+class ModuleImportance(_Recorder):
     """Output-ratio importance of each LoRA module of an adapter: a forward hook on each wrapped
     base projection recomputes the LoRA branch from its input, per recorded training forward."""
 
     def __init__(self, am: AdaptedModel, adapter: str, window: StepWindow) -> None:
-        self.window = window
+        super().__init__(window)
         self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self._handles = []
         for path, layer in am.adapter(adapter).layers.items():
             self.sums[path], self.counts[path] = 0.0, 0
             self._handles.append(layer.base_layer.register_forward_hook(
@@ -100,27 +117,15 @@ class ModuleImportance:
         """Site path -> the average over the recorded forwards."""
         return {p: self.sums[p] / self.counts[p] if self.counts[p] else 0.0 for p in self.sums}
 
-    @property
-    def recorded(self) -> bool:
-        """Whether any forward was recorded."""
-        return any(self.counts.values())
 
-    def remove(self) -> None:
-        """Remove the forward hooks."""
-        for h in self._handles:
-            h.remove()
-
-
-class RankImportance:
+class RankImportance(_Recorder):
     """First-order Taylor importance of each rank unit, from post-accumulate-grad hooks on every
     lora_A / lora_B of the adapter: I[i] = |mean_j A_ij ∂L/∂A_ij| + |mean_k B_ki ∂L/∂B_ki|."""
 
     def __init__(self, am: AdaptedModel, adapter: str, window: StepWindow) -> None:
-        self.window = window
+        super().__init__(window)
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
-        self.counts: dict[tuple[str, str], int] = {}
         self.paths = list(am.adapter(adapter).layers)
-        self._handles = []
         for path, layer in am.adapter(adapter).layers.items():
             delta = layer.deltas[adapter]
             for name, rank_dim in (("lora_A", 0), ("lora_B", 1)):
@@ -146,13 +151,3 @@ class RankImportance:
                      if self.counts[(p, n)]]
             out[p] = sum(parts) if parts else torch.zeros_like(self.sums[(p, "lora_A")])
         return out
-
-    @property
-    def recorded(self) -> bool:
-        """Whether any backward was recorded."""
-        return any(self.counts.values())
-
-    def remove(self) -> None:
-        """Remove the gradient hooks."""
-        for h in self._handles:
-            h.remove()

@@ -119,11 +119,7 @@ class PrunePlan:
         attention = None
         pruned = sorted(set(self.heads.get(layer, [])))
         if pruned:
-            expected = self.n_heads.get(layer)
-            if expected is not None and expected != b.n_heads:
-                raise CheckpointError(f"the prune plan was made for {expected} heads in layer {layer}, "
-                                      f"but this model has {b.n_heads} there (already pruned, or another "
-                                      "model?)")
+            _check_made_for("{} heads", self.n_heads.get(layer), b.n_heads, layer)
             kept, kept_groups = _kept_heads(b, pruned)
             d = b.head_dim
             q_rows = _channels(kept, d)
@@ -137,11 +133,7 @@ class PrunePlan:
             attention = (b.attention, len(kept), len(kept_groups), d)
         neurons = sorted(set(self.neurons.get(layer, [])))
         if neurons:
-            expected = self.d_ff.get(layer)
-            if expected is not None and expected != b.d_ff:
-                raise CheckpointError(f"the prune plan was made for an FFN width of {expected} in layer "
-                                      f"{layer}, but this model has {b.d_ff} there (already pruned, or "
-                                      "another model?)")
+            _check_made_for("an FFN width of {}", self.d_ff.get(layer), b.d_ff, layer)
             if neurons[0] < 0 or neurons[-1] >= b.d_ff:
                 raise CheckpointError(f"the prune plan names FFN neuron {neurons[-1]} of layer {layer}, "
                                       f"which has {b.d_ff}")
@@ -150,6 +142,14 @@ class PrunePlan:
             keep = _complement(b.d_ff, neurons)
             linears += [(b.up, keep, None)] + ([(b.gate, keep, None)] if b.gate else []) + [(b.down, None, keep)]
         return {"linears": linears, "attention": attention}
+
+
+def _check_made_for(size: str, expected: int | None, actual: int, layer: int) -> None:
+    """Raise when the plan was made for another size of this layer (`size` formats the expected
+    one: "{} heads") than the model has now."""
+    if expected is not None and expected != actual:
+        raise CheckpointError(f"the prune plan was made for {size.format(expected)} in layer {layer}, "
+                              f"but this model has {actual} there (already pruned, or another model?)")
 
 
 def _kept_heads(b: Block, pruned: Sequence[int]) -> tuple[list[int], list[int]]:
