@@ -49,7 +49,8 @@ class PeakRSS:
         gc.collect()
         _malloc_trim()
         try:
-            Path("/proc/self/clear_refs").write_text("5")   # 5: reset VmHWM to the current RSS
+            # 5: reset VmHWM to the current RSS (a kernel switch, not a file: no atomic writer)
+            Path("/proc/self/clear_refs").write_text("5")
             self.start: int | None = _status_kib("VmRSS")
         except OSError:
             self.start = None
