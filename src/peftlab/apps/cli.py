@@ -432,6 +432,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; each sets `run` to its `cmd_<name>`."""
     parser = argparse.ArgumentParser(
         prog="peftlab", description="Parameter-efficient fine-tuning on one reference architecture.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -571,6 +572,7 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv); the exit status, 2 for a PeftlabError."""
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "run", None):

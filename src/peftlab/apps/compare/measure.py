@@ -99,6 +99,7 @@ class TokenCounter:
         return getattr(self.task, name)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The task's batch, its input tokens counted."""
         batch = self.task.collate(rows)
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()

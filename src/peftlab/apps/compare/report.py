@@ -120,6 +120,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary rows as a Markdown table."""
     head, body = table_rows(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
@@ -287,6 +288,8 @@ def _notes(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
 
 def markdown_report(settings: Settings, grid: dict[str, Any], records: list[dict[str, Any]],
                     env: dict[str, Any], *, seconds: float, command: str, plots: list[str]) -> str:
+    """results.md: the command, the settings and environment, the table, what its columns
+    measure, the cells that did not run and the plots."""
     rows = summarise(records)
     seeds = len(grid["seeds"])
     git = env["git"] or {}

@@ -57,6 +57,7 @@ class Cell:
 
     @property
     def label(self) -> str:
+        """'lora seed 0 n=all', for progress lines."""
         return f"{self.method} seed {self.seed} n={self.size or 'all'}"
 
 
