@@ -37,7 +37,7 @@ import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
 import peftlab
-from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.apps.compare import PeakRSS, environment, warm_up
 from peftlab.methods import get_method
 from peftlab.training.loop import index_stream, make_scheduler

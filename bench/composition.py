@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 import peftlab
 from peftlab.assets import load_dataset, load_model
-from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
 from peftlab.training.tasks import CausalLMTask, ClassificationTask
 from peftlab.training.loop import TrainConfig, train

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.training.debias import (
     PatchConfig,
     counterfactual_flip_rate,

@@ -29,7 +29,7 @@ import torch
 
 import peftlab
 from peftlab.core.taps import _tap_modules
-from peftlab.apps.cli import (
+from peftlab.apps.recipes import (
     DEFAULT_DENSITY_THRESHOLD,
     MODEL_DEFAULTS,
     build_job,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.apps.cli import MODEL_DEFAULTS, build_job, method_config
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
 from peftlab.training.pruning import EarlyPruning, parse_prune_spec
 from peftlab.training.loop import TrainConfig, train

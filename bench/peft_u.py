@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.apps.cli import MODEL_DEFAULTS, build_job
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job
 from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.assets import (ASSET_PACKAGES, DATASETS, DataError, MissingAssetError, _package_dir,
-                            load_dataset, load_model)
+from peftlab.assets import (ASSET_PACKAGES, DATASETS, DataError, MissingAssetError, load_dataset,
+                            load_model)
+from peftlab.assets.packages import _package_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -95,7 +95,7 @@ def test_config_defaults_registry_and_validation():
                 {"svd_solver": "x"}):
         with pytest.raises(ConfigError):
             BALoraConfig(**bad).validate()
-    from peftlab.apps.cli import method_config  # what `peftlab train --method balora` builds
+    from peftlab.apps.recipes import method_config  # what `peftlab train --method balora` builds
     cli = method_config(m, None, 4, train_head=False)
     assert isinstance(cli, BALoraConfig) and cli.r == 4 and cli.init == "pissa"
 

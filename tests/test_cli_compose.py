@@ -16,11 +16,11 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from peftlab.apps.cli import (
     _adapter_name,
-    _base_for_run,
     _load_for_adapter,
-    _run_record,
     main,
 )
+from peftlab.apps.recipes import base_for_run as _base_for_run
+from peftlab.apps.recipes import run_record as _run_record
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--lr", "5e-3", "--eval-size", "12"]
 

@@ -11,10 +11,12 @@ from matplotlib.image import imread
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import peftlab
-from peftlab.apps import compare
-from peftlab.apps.cli import build_job, main, method_config
-from peftlab.apps.compare import Cell, Settings, cell_key, run_cell, run_grid
-from peftlab.apps.compare_report import figures, summarise
+from peftlab.apps.cli import main
+from peftlab.apps.compare import grid as compare
+from peftlab.apps.compare.grid import run_cell, run_grid
+from peftlab.apps.compare.report import figures, summarise
+from peftlab.apps.compare.settings import Cell, Settings, cell_key
+from peftlab.apps.recipes import build_job, method_config
 from peftlab.core.errors import ConfigError, PeftlabError
 from peftlab.methods import get_method
 

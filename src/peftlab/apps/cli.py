@@ -1,39 +1,34 @@
-"""The `peftlab` command. Each subcommand is a function `cmd_<name>(args)` registered in `main`."""
+"""The `peftlab` command: it parses the arguments and calls the recipes (`peftlab.apps.recipes`)
+and the library. Each subcommand is a function `cmd_<name>(args)` registered in `main`."""
 
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from ..core.errors import PeftlabError
+from .recipes import (
+    CHECKPOINT_NAMES,
+    DEFAULT_DENSITY_THRESHOLD,
+    HeldOutReport,
+    base_for_run,
+    build_job,
+    find_adapter,
+    is_causal,
+    load_model_skeleton,
+    load_run_adapter,
+    method_config,
+    model_defaults,
+    prune_plan,
+    read_run_record,
+    same_model,
+    write_run_record,
+)
 
 # The optimiser names of peftlab.optim, listed here so that `--help` does not import torch.
 OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
-# |z| above which an FFN activation counts as active in the reported density: GELU and SiLU are
-# never exactly 0 (except far in their negative tail), so an exact count says little for them.
-DEFAULT_DENSITY_THRESHOLD = 1e-2
-
-
-def load_model_skeleton(path: str):
-    """The model class a local transformers directory declares, built on the meta device: the
-    module tree without reading or allocating any weights."""
-    import torch
-    import transformers
-
-    if not Path(path).is_dir():
-        raise PeftlabError(f"--model {path!r} is not a directory; give a local transformers model "
-                           "directory (with config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise PeftlabError(f"cannot read a transformers config in {path}: {e}") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
 
 
 def _compress(paths: list[str]) -> list[str]:
@@ -71,100 +66,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from ..methods import METHODS
     from ..core.typology import render_table
+    from ..methods import METHODS
     print(render_table(((name, m.typology) for name, m in METHODS.items()), args.format))
     return 0
 
 
 # ---- train / eval / generate ----------------------------------------------------------------------
-# Per-model defaults for the main job: small, fast, and known to learn within the step budget.
-# Targets default to the method's own (LoRA: attn.q, attn.v).
-MODEL_DEFAULTS = {
-    "smollm2": {"steps": 40, "batch_size": 8, "lr": 2e-3, "rank": 8},
-    "minilm": {"steps": 200, "batch_size": 16, "lr": 2e-3, "rank": 8},
-    "path": {"steps": 100, "batch_size": 8, "lr": 1e-3, "rank": 8},
-}
-
-
-def _is_causal(model_name: str) -> bool:
-    if model_name == "smollm2":
-        return True
-    if model_name == "minilm":
-        return False
-    import json
-    config = Path(model_name) / "config.json"
-    try:
-        archs = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError) as e:
-        raise PeftlabError(f"--model {model_name!r}: cannot read {config} ({e}); give 'smollm2', "
-                           "'minilm' or a local transformers model directory") from None
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-
-
-def build_job(model_name: str, task_name: str, *, seed: int, max_length: int):
-    """(model, tokenizer, task, dataset) for a model name and a task name, as `train` and
-    `eval` both need them."""
-    import torch
-    import transformers
-
-    from ..assets import load_dataset, load_model
-
-    # Our own progress bar and messages say what happens; silence transformers' load reports.
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    from ..training.tasks import (
-        CausalLMTask,
-        ClassificationTask,
-        InstructionClassificationTask,
-        RegressionTask,
-    )
-
-    data = load_dataset(task_name, seed=seed)
-    causal = _is_causal(model_name)
-    torch.manual_seed(seed)   # a new classification head is drawn here
-    if data.kind in ("lm", "chat"):
-        if not causal:
-            raise PeftlabError(f"task {task_name!r} is language modelling; it needs a causal LM "
-                               "(--model smollm2 or a causal model directory)")
-        model, tok = load_model(model_name, kind="causal-lm")
-        task = CausalLMTask(tok, max_length=max_length)
-    elif data.kind == "regression":
-        if causal:
-            raise PeftlabError(f"task {task_name!r} is regression; use an encoder (--model minilm)")
-        model, tok = load_model(model_name, kind="classification", num_labels=1)
-        task = RegressionTask(tok, max_length=max_length)
-    elif causal:
-        model, tok = load_model(model_name, kind="causal-lm")
-        task = InstructionClassificationTask(tok, labels=list(data.labels), max_text_tokens=max_length)
-    else:
-        model, tok = load_model(model_name, kind="classification", num_labels=len(data.labels))
-        task = ClassificationTask(tok, max_length=max_length)
-    return model, tok, task, data
-
-
-
-def method_config(method, targets: str | None, rank: int, *, train_head: bool):
-    """The method's config for `peftlab train`: its own default targets unless --targets is
-    given, --rank where the method has a rank (alpha keeps the method's default alpha/r: 2 for
-    LoRA, 1 for BA-LoRA's PiSSA start), and the classification head trained with the adapter
-    when the model gets a new one."""
-    default = method.config_cls()
-    fields = {"r": rank}
-    if getattr(default, "alpha", None) and getattr(default, "r", None):
-        fields["alpha"] = rank * default.alpha / default.r
-    if targets:
-        fields["targets"] = targets.split(",")
-    if train_head:
-        fields["modules_to_save"] = ["head"]
-    known = method.config_cls.__dataclass_fields__
-    config = method.config_cls(**{k: v for k, v in fields.items() if k in known})
-    config.validate()
-    return config
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    import json
     import time
 
     import torch
@@ -175,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     density = _density_loss(args) if args.density_loss is not None else None   # bad flags fail here
-    defaults = dict(MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["path"]))
+    defaults = dict(model_defaults(args.model))
     if method.train_lr is not None:
         defaults["lr"] = method.train_lr
     for key, value in defaults.items():
@@ -188,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model {args.model} ({type(model).__name__}), task {args.task} ({data.kind}): "
           f"{len(data.train):,} train rows, scoring on {len(eval_rows):,} held-out test rows")
     config = method_config(method, args.targets, args.rank,
-                           train_head=not _is_causal(args.model) and data.kind != "lm")
+                           train_head=not is_causal(args.model) and data.kind != "lm")
     torch.manual_seed(args.seed)
     am = adapt(model)
     am.add_adapter(args.method, config)
@@ -196,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     am.set_trainable(args.method)
     if density is not None:
         am.add_loss_term(density)
-    report = _Report(am, task, eval_rows, args)
+    report = _held_out_report(am, task, eval_rows, args)
     before = report.measure("before training", base=True)
     optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
     if args.prune:
@@ -222,47 +131,28 @@ def cmd_train(args: argparse.Namespace) -> int:
                                "start": args.density_start, "ramp": args.density_ramp}
     if args.prune:
         run["prune"] = {"spec": args.prune, "estimate_steps": args.estimate_steps}
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    record = write_run_record(out, run)
     print(card(am, args.method))
-    print(f"adapter saved: {result.saved['last']}  (run record: {out / 'run.json'}; "
+    print(f"adapter saved: {result.saved['last']}  (run record: {record}; "
           f"total {run['seconds']:.0f} s)")
     return 0
 
 
-class _Report:
-    """Held-out metrics printed before and after training; with --density-loss (or
-    --density-threshold) also DEFT's exact FFN activation density on the same rows."""
-
-    def __init__(self, am, task, rows, args: argparse.Namespace) -> None:
-        self.am, self.task, self.rows = am, task, rows
-        self.batch_size = args.eval_batch_size
-        self.threshold = args.density_threshold
-        if self.threshold is None and getattr(args, "density_loss", None) is not None:
-            self.threshold = DEFAULT_DENSITY_THRESHOLD
-
-    def measure(self, when: str, *, base: bool = False) -> dict[str, float]:
-        """Score the model (`base`: with the adapters disabled) and print the metrics."""
-        from ..training.tasks import format_metrics
-        with self.am.disabled() if base else nullcontext():
-            metrics = self.task.evaluate(self.am.eval(), self.rows, self.batch_size)
-            if self.threshold is not None:
-                metrics["ffn_density"] = self.density()
-        print(f"{when}: {format_metrics(metrics)}")
-        return metrics
-
-    def density(self) -> float:
-        from ..training.objectives import activation_density
-        batches = ({k: v for k, v in self.task.collate(self.rows[i:i + self.batch_size]).items()
-                    if k != "labels"} for i in range(0, len(self.rows), self.batch_size))
-        return activation_density(self.am, batches, threshold=self.threshold)["density"]
+def _held_out_report(am, task, rows, args: argparse.Namespace) -> HeldOutReport:
+    """The held-out report of train and eval: the density too with --density-threshold, or at
+    the default threshold with --density-loss."""
+    threshold = args.density_threshold
+    if threshold is None and getattr(args, "density_loss", None) is not None:
+        threshold = DEFAULT_DENSITY_THRESHOLD
+    return HeldOutReport(am, task, rows, batch_size=args.eval_batch_size, threshold=threshold)
 
 
 def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
     """Light-PEFT: train the adapter with head / neuron masks for --estimate-steps, prune the
     model and the adapter structurally, and return the plan (None if interrupted). Training then
     continues from the estimation weights."""
-    from ..training.pruning import EarlyPruning, parse_prune_spec
     from ..training.loop import TrainConfig, train
+    from ..training.pruning import EarlyPruning, parse_prune_spec
     ratios = parse_prune_spec(args.prune)
     steps = args.estimate_steps or max(1, args.steps // 3)
     pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps)
@@ -300,70 +190,18 @@ def _optimizer_options(args: argparse.Namespace) -> dict:
     return {}
 
 
-def _run_record_path(adapter_dir: Path) -> Path | None:
-    """The run.json that describes an adapter directory: in it, or in the run directory above."""
-    for candidate in (adapter_dir / "run.json", adapter_dir.parent / "run.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _read_run_record(path: Path) -> dict:
-    import json
-    try:
-        run = json.loads(path.read_text())
-    except ValueError as e:
-        raise PeftlabError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(run, dict):
-        raise PeftlabError(f"{path} is not a peftlab run record (a JSON object)")
-    return run
-
-
-def _run_record(adapter_dir: Path) -> dict:
-    path = _run_record_path(adapter_dir)
-    if path is None:
-        raise PeftlabError(f"no run.json beside {adapter_dir}: pass --model and --task")
-    return _read_run_record(path)
-
-
-def _prune_plan(adapter_dir: Path):
-    """The Light-PEFT plan saved with an adapter (in its directory or the run directory), or None."""
-    from ..training.pruning import load_plan
-    return load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
-
-
-def _base_for_run(run: dict, adapter_dir: Path, *, model: str | None = None, task: str | None = None,
-                  seed: int = 0, max_length: int = 96):
-    """The fresh base model a run record describes, wrapped for adapters: the run's model and
-    task (unless `model` / `task` are given), its seed (which draws a new classification head)
-    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`.
-    Returns (am, tokenizer, task, data)."""
-    from .. import adapt
-    model_name, task_name = model or run["model"], task or run["task"]
-    base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
-                                          max_length=run.get("max_length", max_length))
-    # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
-    plan = _prune_plan(adapter_dir)
-    if plan is not None:
-        plan.apply(base)
-    return adapt(base), tok, task_obj, data
-
-
 def _load_for_adapter(args: argparse.Namespace):
-    adapter_dir = Path(args.adapter)
-    run = _run_record(adapter_dir) if not (args.model and args.task) else {}
-    am, tok, task, data = _base_for_run(run, adapter_dir, model=args.model, task=args.task,
-                                        seed=args.seed, max_length=args.max_length)
-    am.load_adapter(adapter_dir, "adapter")
-    am.set_active(["adapter"])
-    return am.eval(), tok, task, data, run
+    """(am, tokenizer, task, data, run record) for --adapter, --model, --task, --seed and
+    --max-length."""
+    return load_run_adapter(Path(args.adapter), model=args.model, task=args.task, seed=args.seed,
+                            max_length=args.max_length)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.tasks import format_metrics
     am, _, task, data, run = _load_for_adapter(args)
     rows = data.test[: args.eval_size or run.get("eval_size", 300)]
-    report = _Report(am, task, rows, args)
+    report = _held_out_report(am, task, rows, args)
     metrics = task.evaluate(am, rows, args.eval_batch_size)
     if report.threshold is not None:
         metrics["ffn_density"] = report.density()
@@ -394,7 +232,6 @@ COMPOSE_MERGES = ("linear", "ties", "dare", "dare_ties", "magnitude")
 COMPOSE_ARITY = {"negate": (1, "negate ADAPTER"), "scale": (1, "scale ADAPTER --weights FACTOR"),
                  "subtract": (2, "subtract A B (A − B)"),
                  "analogy": (3, "analogy A B C [--weights L1,L2] (L1·A + L2·(B − C))")}
-CHECKPOINT_NAMES = ("last", "best")   # train's adapter directories inside a run directory
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -448,27 +285,6 @@ def _check_compose_request(args: argparse.Namespace) -> list[float] | None:
     return weights
 
 
-def _compose_input(text: str) -> tuple[Path, Path]:
-    """(adapter directory, its run.json) for an ADAPTER_DIR argument; a run directory stands for
-    the adapter train saved in it (RUN/last)."""
-    from ..core.io import CONFIG_FILE
-    directory = Path(text)
-    if not directory.is_dir():
-        raise PeftlabError(f"{text} {'is not a directory' if directory.exists() else 'does not exist'}; "
-                           "give adapter directories written by peftlab train (RUN/last) or compose")
-    if not (directory / CONFIG_FILE).is_file():
-        inner = next((directory / c for c in CHECKPOINT_NAMES if (directory / c / CONFIG_FILE).is_file()), None)
-        if inner is None:
-            raise PeftlabError(f"{text} is not an adapter directory (no {CONFIG_FILE}); give one "
-                               "written by peftlab train (RUN/last) or compose")
-        directory = inner
-    record = _run_record_path(directory)
-    if record is None:
-        raise PeftlabError(f"no run.json in or beside {directory}: compose needs the run record "
-                           "peftlab train (or compose) writes, to rebuild the base model")
-    return directory, record
-
-
 def _adapter_name(directory: Path, taken: set[str]) -> str:
     """A valid, unused adapter name from a directory name (RUN/last -> RUN)."""
     import torch
@@ -485,32 +301,24 @@ def _adapter_name(directory: Path, taken: set[str]) -> str:
     return unique
 
 
-def _same_model(a: str, b: str) -> bool:
-    """Whether two run records' --model values name one model (paths compared resolved)."""
-    def key(m: str) -> str:
-        return str(Path(m).resolve()) if Path(m).is_dir() else m
-    return key(a) == key(b)
-
-
 def cmd_compose(args: argparse.Namespace) -> int:
-    import json
     import warnings
 
     from ..compose import add, analogy, merge_adapters, negate, scale, subtract
 
     weights = _check_compose_request(args)
-    inputs = [_compose_input(a) for a in args.adapters]
-    runs = [_read_run_record(record) for _, record in inputs]
+    inputs = [find_adapter(a) for a in args.adapters]
+    runs = [read_run_record(record) for _, record in inputs]
     for (_, record), run in zip(inputs, runs, strict=True):
         if "model" not in run or "task" not in run:
             raise PeftlabError(f"{record} names no model and task: it is not a run record of "
                                "peftlab train or compose")
     (first_dir, _), first = inputs[0], runs[0]
     for (d, _), run in zip(inputs[1:], runs[1:], strict=True):
-        if not _same_model(run["model"], first["model"]):
+        if not same_model(run["model"], first["model"]):
             raise PeftlabError(f"{d} was trained on model {run['model']!r} but {first_dir} on "
                                f"{first['model']!r}: composition needs adapters of one base model")
-    plans = [_prune_plan(d) for d, _ in inputs]
+    plans = [prune_plan(d) for d, _ in inputs]
     for (d, _), plan in zip(inputs[1:], plans[1:], strict=True):
         if (plan and plan.to_dict()) != (plans[0] and plans[0].to_dict()):
             raise PeftlabError(f"{d} and {first_dir} were trained on differently pruned bases (their "
@@ -521,7 +329,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
             raise PeftlabError(f"--out {out} would overwrite the input {d} (or its run record); "
                                "choose a new directory")
 
-    am, _, _, _ = _base_for_run(first, first_dir)
+    am, _, _, _ = base_for_run(first, first_dir)
     taken: set[str] = set()
     names = [_adapter_name(d, taken) for d, _ in inputs]
     for (d, _), name in zip(inputs, names, strict=True):
@@ -567,13 +375,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
         **{k: p[k] for k in ("density", "seed") if p.get(k) is not None},
         **({"rank": args.rank} if args.rank is not None else {}),
     }
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    record = write_run_record(out, run)
     print(am.card(name))
     if p.get("form") == "svd":
         err = p["svd_relative_error"]
         print(f"SVD truncation ({'rank ' + str(args.rank) if args.rank else 'sum of the input ranks'}): "
               f"relative error max {err['max']:.3e}, mean {err['mean']:.3e} over {len(err['per_site'])} sites")
-    print(f"adapter saved: {out}  (run record: {out / 'run.json'})")
+    print(f"adapter saved: {out}  (run record: {record})")
     return 0
 
 
@@ -601,7 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0:
         raise PeftlabError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    engine = load_engine(args.model, args.adapters, causal=_is_causal(args.model),
+    engine = load_engine(args.model, args.adapters, causal=is_causal(args.model),
                          max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
                          max_input_tokens=args.max_input_tokens,
                          max_new_tokens=args.max_new_tokens_limit)
@@ -624,6 +432,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; each sets `run` to its `cmd_<name>`."""
     parser = argparse.ArgumentParser(
         prog="peftlab", description="Parameter-efficient fine-tuning on one reference architecture.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -763,6 +572,7 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv); the exit status, 2 for a PeftlabError."""
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "run", None):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +72,47 @@ def write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] 
     def write(path: Path) -> None:
         save_file({k: t.detach().contiguous() for k, t in tensors.items()}, str(path), metadata)
     return write
+
+
+def write_text(text: str) -> Callable[[Path], None]:
+    """A writer of UTF-8 text (e.g. JSON whose layout the caller chooses). Any function of a
+    path is a writer too: a figure's savefig, given its format (the temporary name hides the
+    extension)."""
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+    return write
+
+
+def commit_directory(target: Path, build: Callable[[Path], None], *,
+                     keep_theirs: Callable[[Path], bool] = Path.is_dir) -> None:
+    """Build a whole folder with `build(folder)` and rename it into place at `target`.
+
+    For folders whose file names the caller does not choose (a model that `save_pretrained`
+    writes), where `commit_files` cannot name the files: the folder is built under a temporary
+    name beside `target`, so an interruption never leaves a half-written folder at `target`, and
+    a folder already there is replaced. When another process renames its own folder into place
+    first, theirs is kept if `keep_theirs(target)` says it is whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    old: Path | None = None
+    try:
+        build(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        if target.exists():   # move it aside first, delete it after the swap
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not keep_theirs(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:

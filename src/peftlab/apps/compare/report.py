@@ -3,20 +3,25 @@
 Cells of one method and training-set size are summarised over their seeds (mean and sample
 standard deviation). The plot functions return matplotlib Figures drawn on the Agg canvas (no
 pyplot, no display), so callers and tests can read their axes before they are saved.
+matplotlib is an extra (`pip install "peftlab[compare]"`), imported where a plot is drawn.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from ...core.errors import MissingAssetError
+from ...core.io import commit_files, write_text
+from .settings import Settings
 
-if TYPE_CHECKING:
-    from .compare import Settings
+if TYPE_CHECKING:   # matplotlib is imported when a plot is drawn (an extra)
+    from matplotlib.figure import Figure
 
 # The measurements summarised over seeds.
 NUMERIC = ("score", "trainable", "trainable_pct", "adapter_params", "head_params", "file_bytes",
@@ -115,13 +120,26 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary rows as a Markdown table."""
     head, body = table_rows(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
 
 # ---- plots ---------------------------------------------------------------------------------------------
+def require_matplotlib() -> None:
+    """Raise MissingAssetError with the install command when matplotlib is not installed."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        raise MissingAssetError('peftlab compare draws its plots with matplotlib, which is not '
+                                'installed; install the extra: pip install "peftlab[compare]"') from None
+
+
 def _figure(ncols: int = 1) -> tuple[Figure, Any]:
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(6.4 * ncols, 4.4))
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)
@@ -129,6 +147,7 @@ def _figure(ncols: int = 1) -> tuple[Figure, Any]:
 
 def _colours(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One colour per method, the same in every plot."""
+    require_matplotlib()
     from matplotlib import colormaps
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cmap = colormaps["tab10"]
@@ -269,6 +288,8 @@ def _notes(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[str]:
 
 def markdown_report(settings: Settings, grid: dict[str, Any], records: list[dict[str, Any]],
                     env: dict[str, Any], *, seconds: float, command: str, plots: list[str]) -> str:
+    """results.md: the command, the settings and environment, the table, what its columns
+    measure, the cells that did not run and the plots."""
     rows = summarise(records)
     seeds = len(grid["seeds"])
     git = env["git"] or {}
@@ -300,18 +321,22 @@ def markdown_report(settings: Settings, grid: dict[str, Any], records: list[dict
 def write_report(out: Path, settings: Settings, grid: dict[str, Any], records: list[dict[str, Any]],
                  env: dict[str, Any], *, seconds: float, command: str) -> list[Path]:
     """Write results.json, results.md and the plots into `out`; return their paths."""
-    from dataclasses import asdict
-
-    from .compare import write_atomic
     rows = summarise(records)
-    written = []
     figs = figures(rows)
-    for name, fig in figs.items():
-        fig.savefig(out / f"{name}.png", dpi=PLOT_DPI)
-        written.append(out / f"{name}.png")
     data = {"command": command, "settings": asdict(settings), "grid": grid, "environment": env,
             "wall_seconds": round(seconds, 1), "summary": rows, "cells": records}
-    write_atomic(out / "results.json", json.dumps(data, indent=1) + "\n")
-    write_atomic(out / "results.md", markdown_report(settings, grid, records, env, seconds=seconds,
-                                                     command=command, plots=list(figs)))
-    return [out / "results.json", out / "results.md", *written]
+    plots = {f"{name}.png": _png_writer(fig) for name, fig in figs.items()}
+    commit_files(out, {
+        **plots,
+        "results.json": write_text(json.dumps(data, indent=1) + "\n"),
+        "results.md": write_text(markdown_report(settings, grid, records, env, seconds=seconds,
+                                                 command=command, plots=list(figs))),
+    })
+    return [out / "results.json", out / "results.md", *(out / name for name in plots)]
+
+
+def _png_writer(fig: Figure) -> Callable[[Path], None]:
+    """A writer of the figure as PNG (the format named: the temporary file's name hides it)."""
+    def write(path: Path) -> None:
+        fig.savefig(path, dpi=PLOT_DPI, format="png")
+    return write

@@ -1,0 +1,267 @@
+"""The recipes behind `peftlab train`, `eval`, `compose` and `compare`, shared with the bench
+scripts: per-model defaults, the (model, tokenizer, task, dataset) job a model name and a task
+name stand for, a method's config for a run, and the run record (run.json) a run leaves beside
+its adapter, from which later commands rebuild the base model.
+
+Transformers and the assets are imported inside the functions: `peftlab --help` needs neither.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import PeftlabError
+from ..core.io import CONFIG_FILE, commit_files, write_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..assets import Dataset
+    from ..core.method import Method, MethodConfig
+    from ..core.model import AdaptedModel
+    from ..training.pruning import PrunePlan
+
+# Per-model defaults for the main job: small, fast, and known to learn within the step budget.
+# Targets default to the method's own (LoRA: attn.q, attn.v). "path": any local model directory.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smollm2": {"steps": 40, "batch_size": 8, "lr": 2e-3, "rank": 8},
+    "minilm": {"steps": 200, "batch_size": 16, "lr": 2e-3, "rank": 8},
+    "path": {"steps": 100, "batch_size": 8, "lr": 1e-3, "rank": 8},
+}
+# |z| above which an FFN activation counts as active in the reported density: GELU and SiLU are
+# never exactly 0 (except far in their negative tail), so an exact count says little for them.
+DEFAULT_DENSITY_THRESHOLD = 1e-2
+RUN_RECORD = "run.json"
+CHECKPOINT_NAMES = ("last", "best")   # train's adapter directories inside a run directory
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """`peftlab train`'s per-model defaults (steps, batch_size, lr, rank) for a model name or
+    directory."""
+    return MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["path"])
+
+
+# ---- models and jobs ------------------------------------------------------------------------------
+def is_causal(model_name: str) -> bool:
+    """Whether a model name or local model directory is a causal language model."""
+    if model_name == "smollm2":
+        return True
+    if model_name == "minilm":
+        return False
+    config = Path(model_name) / "config.json"
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"--model {model_name!r}: cannot read {config} ({e}); give 'smollm2', "
+                           "'minilm' or a local transformers model directory") from None
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_model_skeleton(path: str) -> nn.Module:
+    """The model class a local transformers directory declares, built on the meta device: the
+    module tree without reading or allocating any weights."""
+    import torch
+    import transformers
+
+    if not Path(path).is_dir():
+        raise PeftlabError(f"--model {path!r} is not a directory; give a local transformers model "
+                           "directory (with config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"cannot read a transformers config in {path}: {e}") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+
+
+def build_job(model_name: str, task_name: str, *, seed: int, max_length: int
+              ) -> tuple[nn.Module, Any, Any, Dataset]:
+    """(model, tokenizer, task, dataset) for a model name and a task name, as `train` and
+    `eval` both need them."""
+    import torch
+    import transformers
+
+    from ..assets import load_dataset, load_model
+
+    # Our own progress bar and messages say what happens; silence transformers' load reports.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    from ..training.tasks import (
+        CausalLMTask,
+        ClassificationTask,
+        InstructionClassificationTask,
+        RegressionTask,
+    )
+
+    data = load_dataset(task_name, seed=seed)
+    causal = is_causal(model_name)
+    torch.manual_seed(seed)   # a new classification head is drawn here
+    if data.kind in ("lm", "chat"):
+        if not causal:
+            raise PeftlabError(f"task {task_name!r} is language modelling; it needs a causal LM "
+                               "(--model smollm2 or a causal model directory)")
+        model, tok = load_model(model_name, kind="causal-lm")
+        task = CausalLMTask(tok, max_length=max_length)
+    elif data.kind == "regression":
+        if causal:
+            raise PeftlabError(f"task {task_name!r} is regression; use an encoder (--model minilm)")
+        model, tok = load_model(model_name, kind="classification", num_labels=1)
+        task = RegressionTask(tok, max_length=max_length)
+    elif causal:
+        model, tok = load_model(model_name, kind="causal-lm")
+        task = InstructionClassificationTask(tok, labels=list(data.labels), max_text_tokens=max_length)
+    else:
+        model, tok = load_model(model_name, kind="classification", num_labels=len(data.labels))
+        task = ClassificationTask(tok, max_length=max_length)
+    return model, tok, task, data
+
+
+def method_config(method: Method, targets: str | None, rank: int, *, train_head: bool) -> MethodConfig:
+    """The method's config for `peftlab train`: its own default targets unless --targets is
+    given, --rank where the method has a rank (alpha keeps the method's default alpha/r: 2 for
+    LoRA, 1 for BA-LoRA's PiSSA start), and the classification head trained with the adapter
+    when the model gets a new one."""
+    default = method.config_cls()
+    fields: dict[str, Any] = {"r": rank}
+    if getattr(default, "alpha", None) and getattr(default, "r", None):
+        fields["alpha"] = rank * default.alpha / default.r
+    if targets:
+        fields["targets"] = targets.split(",")
+    if train_head:
+        fields["modules_to_save"] = ["head"]
+    known = method.config_cls.__dataclass_fields__
+    config = method.config_cls(**{k: v for k, v in fields.items() if k in known})
+    config.validate()
+    return config
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two run records' --model values name one model (paths compared resolved)."""
+    def key(m: str) -> str:
+        return str(Path(m).resolve()) if Path(m).is_dir() else m
+    return key(a) == key(b)
+
+
+class HeldOutReport:
+    """Held-out metrics of an adapted model on fixed rows, printed as they are measured; with a
+    `threshold`, also DEFT's exact FFN activation density (the fraction of |z| > threshold)."""
+
+    def __init__(self, am: AdaptedModel, task: Any, rows: list[dict[str, Any]], *,
+                 batch_size: int, threshold: float | None = None) -> None:
+        self.am, self.task, self.rows = am, task, rows
+        self.batch_size = batch_size
+        self.threshold = threshold
+
+    def measure(self, when: str, *, base: bool = False) -> dict[str, float]:
+        """Score the model (`base`: with the adapters disabled) and print the metrics."""
+        from ..training.tasks import format_metrics
+        with self.am.disabled() if base else nullcontext():
+            metrics = self.task.evaluate(self.am.eval(), self.rows, self.batch_size)
+            if self.threshold is not None:
+                metrics["ffn_density"] = self.density()
+        print(f"{when}: {format_metrics(metrics)}")
+        return metrics
+
+    def density(self) -> float:
+        """The FFN activation density on the rows."""
+        from ..training.objectives import activation_density
+        batches = ({k: v for k, v in self.task.collate(self.rows[i:i + self.batch_size]).items()
+                    if k != "labels"} for i in range(0, len(self.rows), self.batch_size))
+        return activation_density(self.am, batches, threshold=self.threshold)["density"]
+
+
+# ---- run records --------------------------------------------------------------------------------
+def write_run_record(directory: Path, run: dict[str, Any]) -> Path:
+    """Write `run` as directory/run.json (atomically); return its path."""
+    commit_files(directory, {RUN_RECORD: write_text(json.dumps(run, indent=2) + "\n")})
+    return directory / RUN_RECORD
+
+
+def run_record_path(adapter_dir: Path) -> Path | None:
+    """The run.json that describes an adapter directory: in it, or in the run directory above."""
+    for candidate in (adapter_dir / RUN_RECORD, adapter_dir.parent / RUN_RECORD):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """The run record in the file `path`."""
+    try:
+        run = json.loads(path.read_text())
+    except ValueError as e:
+        raise PeftlabError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise PeftlabError(f"{path} is not a peftlab run record (a JSON object)")
+    return run
+
+
+def run_record(adapter_dir: Path) -> dict[str, Any]:
+    """The run record that describes an adapter directory (see `run_record_path`)."""
+    path = run_record_path(adapter_dir)
+    if path is None:
+        raise PeftlabError(f"no run.json beside {adapter_dir}: pass --model and --task")
+    return read_run_record(path)
+
+
+def find_adapter(text: str) -> tuple[Path, Path]:
+    """(adapter directory, its run.json) for an adapter directory given on the command line; a
+    run directory stands for the adapter train saved in it (RUN/last)."""
+    directory = Path(text)
+    if not directory.is_dir():
+        raise PeftlabError(f"{text} {'is not a directory' if directory.exists() else 'does not exist'}; "
+                           "give adapter directories written by peftlab train (RUN/last) or compose")
+    if not (directory / CONFIG_FILE).is_file():
+        inner = next((directory / c for c in CHECKPOINT_NAMES if (directory / c / CONFIG_FILE).is_file()), None)
+        if inner is None:
+            raise PeftlabError(f"{text} is not an adapter directory (no {CONFIG_FILE}); give one "
+                               "written by peftlab train (RUN/last) or compose")
+        directory = inner
+    record = run_record_path(directory)
+    if record is None:
+        raise PeftlabError(f"no run.json in or beside {directory}: compose needs the run record "
+                           "peftlab train (or compose) writes, to rebuild the base model")
+    return directory, record
+
+
+def prune_plan(adapter_dir: Path) -> PrunePlan | None:
+    """The Light-PEFT plan saved with an adapter (in its directory or the run directory), or None."""
+    from ..training.pruning import load_plan
+    return load_plan(adapter_dir, missing_ok=True) or load_plan(adapter_dir.parent, missing_ok=True)
+
+
+def base_for_run(run: dict[str, Any], adapter_dir: Path, *, model: str | None = None,
+                 task: str | None = None, seed: int = 0, max_length: int = 96
+                 ) -> tuple[AdaptedModel, Any, Any, Dataset]:
+    """The fresh base model a run record describes, wrapped for adapters: the run's model and
+    task (unless `model` / `task` are given), its seed (which draws a new classification head)
+    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`.
+    Returns (am, tokenizer, task, data)."""
+    from .. import adapt
+    model_name, task_name = model or run["model"], task or run["task"]
+    base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
+                                          max_length=run.get("max_length", max_length))
+    # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
+    plan = prune_plan(adapter_dir)
+    if plan is not None:
+        plan.apply(base)
+    return adapt(base), tok, task_obj, data
+
+
+def load_run_adapter(adapter_dir: Path, *, model: str | None = None, task: str | None = None,
+                     seed: int = 0, max_length: int = 96
+                     ) -> tuple[AdaptedModel, Any, Any, Dataset, dict[str, Any]]:
+    """A saved adapter on the base its run record describes (or on `model` and `task`, when both
+    are given: then no run record is needed), active as "adapter", in eval mode. Returns
+    (am, tokenizer, task, data, run record)."""
+    run = run_record(adapter_dir) if not (model and task) else {}
+    am, tok, task_obj, data = base_for_run(run, adapter_dir, model=model, task=task, seed=seed,
+                                           max_length=max_length)
+    am.load_adapter(adapter_dir, "adapter")
+    am.set_active(["adapter"])
+    return am.eval(), tok, task_obj, data, run

@@ -1,0 +1,184 @@
+"""User data files: the CSV / JSONL schema (the columns say the kind of data), read and checked
+row by row; a malformed file raises DataError naming the file and line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError, DataError
+
+Row = dict[str, Any]
+
+# Column sets a user file may have, checked in this order; extra columns are ignored.
+_SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("regression", ("text", "text_pair", "label")),
+    ("classification", ("text", "label")),
+    ("chat", ("prompt", "response")),
+    ("lm", ("text",)),
+)
+_SCHEMA_HELP = "; ".join(f"{','.join(cols)} ({kind})" for kind, cols in _SCHEMAS)
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as Excel writes
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); save the file as UTF-8") from e
+    if not text.strip():
+        raise DataError(f"{path}:1: the file is empty")
+    return text
+
+
+def _schema(path: Path, line: int, columns: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    found = set(columns)
+    for kind, needed in _SCHEMAS:
+        if found.issuperset(needed):
+            return kind, needed
+    raise DataError(f"{path}:{line}: missing columns: found {sorted(found) or 'none'}, needs one "
+                    f"of: {_SCHEMA_HELP}")
+
+
+def _read_csv(path: Path, text: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[tuple[int, dict[str, Any]]] = []
+    header: list[str] | None = None
+    kind = ""
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1  # first physical line of this record
+            if not row or not any(cell.strip() for cell in row):
+                continue  # blank lines
+            if header is None:
+                header = [c.strip().lower() for c in row]
+                duplicated = sorted({c for c in header if header.count(c) > 1})
+                if duplicated:
+                    raise DataError(f"{path}:{line}: duplicated columns {duplicated}")
+                kind, _ = _schema(path, line, header)
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: {len(row)} fields, but the header has "
+                                f"{len(header)} ({','.join(header)})")
+            records.append((line, dict(zip(header, row, strict=True))))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from e
+    return kind, records
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    kind = ""
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, and line numbers
+    # must match what an editor shows.
+    for line, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        obj = {str(k).strip().lower(): v for k, v in obj.items()}
+        if not records:
+            kind, _ = _schema(path, line, list(obj))
+        records.append((line, obj))
+    return kind, records
+
+
+def _text(path: Path, line: int, record: dict[str, Any], column: str) -> str:
+    if column not in record:
+        raise DataError(f"{path}:{line}: no {column!r} (found {sorted(record)})")
+    value = record[column]
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{line}: {column!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{path}:{line}: empty {column!r}")
+    return value
+
+
+def _label_key(value: str) -> tuple[int, float, str]:
+    # Integer labels sort numerically ('2' before '10'), everything else as text.
+    return (0, int(value), "") if re.fullmatch(r"[+-]?\d+", value) else (1, 0.0, value)
+
+
+def read_user_file(path: Path, labels: Sequence[str] | None = None
+                   ) -> tuple[str, list[Row], list[str] | None]:
+    """(kind, rows, label names) of a ``.csv`` or ``.jsonl`` file whose columns say the kind:
+    ``text,label`` (classification: labels become indices into the label names, the sorted
+    unique labels of the file, integers in numeric order, or `labels` if given),
+    ``text,text_pair,label`` (regression, numeric labels), ``prompt,response`` (chat) or
+    ``text`` (lm). Extra columns are ignored."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = _decode(path)
+    suffix = path.suffix.lower()
+    kind, records = (_read_csv if suffix == ".csv" else _read_jsonl)(path, text)
+    if not records:
+        raise DataError(f"{path}:1: no data rows")
+    rows: list[Row] = []
+    raw_labels: list[tuple[int, str]] = []
+    for line, record in records:
+        if kind == "chat":
+            rows.append({"prompt": _text(path, line, record, "prompt"),
+                         "response": _text(path, line, record, "response")})
+            continue
+        row: Row = {"text": _text(path, line, record, "text")}
+        if kind == "regression":
+            row["text_pair"] = _text(path, line, record, "text_pair")
+            value = record.get("label")
+            try:
+                if isinstance(value, bool) or value is None:
+                    raise ValueError
+                number = float(value)
+                if not math.isfinite(number):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{line}: label {value!r} is not a finite number (a file "
+                                "with a text_pair column holds regression scores)") from None
+            row["label"] = number
+        elif kind == "classification":
+            value = record.get("label")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise DataError(f"{path}:{line}: label {value!r} must be a string or an integer")
+            value = str(value).strip()
+            if not value:
+                raise DataError(f"{path}:{line}: empty 'label'")
+            raw_labels.append((line, value))
+        rows.append(row)
+    label_names: list[str] | None = None
+    if kind == "classification":
+        if labels is not None:
+            label_names = [str(x) for x in labels]
+            allowed = set(label_names)
+            for line, value in raw_labels:
+                if value not in allowed:
+                    raise DataError(f"{path}:{line}: label {value!r} is not one of the labels "
+                                    f"{label_names}")
+        else:
+            label_names = sorted({v for _, v in raw_labels}, key=_label_key)
+            if len(label_names) < 2:
+                raise DataError(f"{path}:{raw_labels[0][0]}: every row has the label "
+                                f"{label_names[0]!r}; classification needs at least two")
+        index = {name: i for i, name in enumerate(label_names)}
+        for row, (_, value) in zip(rows, raw_labels, strict=True):
+            row["label"] = index[value]
+    elif labels is not None:
+        raise ConfigError(f"labels= applies to classification files; {path} is {kind} data")
+    return kind, rows, label_names
