@@ -54,7 +54,6 @@ class AdapterConfig(MethodConfig):
     or "random" (both projections random: a non-zero adapter, for tests).
     """
 
-    method = "adapter"
     targets: Any = None
     placement: str = "pfeiffer"
     bottleneck: int = 64
@@ -95,7 +94,6 @@ class BottleneckDelta(Delta):
     or the sublayer input captured by a pre-hook on a sibling module (parallel)."""
 
     stage = "output"
-    mergeable = False
 
     def __init__(self, d: int, m: int, activation: str, scale: float, *, parallel: bool,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -250,7 +248,6 @@ METHOD = Method(
         insertion="sequential (parallel to the FFN with placement='parallel')",
         insertions_per_layer="1 (pfeiffer, parallel) or 2 (houlsby: after attention and after the FFN)",
         workspace="FFN output (pfeiffer, parallel); MHA output + FFN output (houlsby)",
-        mergeable=False,
         param_formula="2·m·d + m + d per site (m = bottleneck width)",
     ),
     layer_kinds=("linear", "conv1d"),

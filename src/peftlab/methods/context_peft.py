@@ -64,7 +64,7 @@ from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabErr
 from ..core.layer import AdaptedLayer, Delta, InputHook
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 from .bitfit import BiasDelta, bias_slot
 from .ia3 import IA3Config, IA3Delta, _feedforward_list
 from .lora import LowRankDelta
@@ -92,7 +92,6 @@ class ContextConfig(MethodConfig):
     The default `groups` is one all-token group, which makes the adapter plain LoRA / IA3 / bias.
     """
 
-    method = "context"
     targets: str | list[str] | None = None
     groups: dict[str, dict[str, Any]] = field(default_factory=lambda: {"all": {"all": True}})
     form: str = "lora"
@@ -645,12 +644,11 @@ METHOD = Method(
         insertion="parallel (lora, bias); in-place (ia3)",
         insertions_per_layer="1 fused delta per targeted projection, holding all G groups",
         workspace="the targeted projections (attention Q, V by default; (IA)³'s K, V, FFN for ia3)",
-        mergeable=False,
-        param_formula="G·r·(d_in + d_out) per site (lora); G·d (ia3); G·d_out (bias); "
-                      "mergeable only with a single all-token group",
+        param_formula="G·r·(d_in + d_out) per site (lora); G·d (ia3); G·d_out (bias)",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({Capability.MERGE}),
+    merge_condition="only a single all-token group ({'all': True}); bias form: not into an RMSNorm",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

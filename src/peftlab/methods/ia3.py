@@ -20,7 +20,7 @@ from ..core.errors import AdapterError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig, pattern_value
+from ..core.method import Capability, Method, MethodConfig, pattern_value
 
 if TYPE_CHECKING:
     from ..core.model import AdaptedModel, Adapter
@@ -47,7 +47,6 @@ class IA3Config(MethodConfig):
     projection, whose input is the FFN activation the paper rescales.
     """
 
-    method = "ia3"
     targets: str | list[str] = field(default_factory=lambda: ["attn.k", "attn.v", "ffn.down"])
     feedforward: list[str] = field(default_factory=lambda: ["ffn.down"])
 
@@ -95,7 +94,6 @@ class IA3Delta(Delta):
     """One learned vector `ia3_l`: it scales the output (stage "output") or the input (stage
     "input") of the wrapped layer."""
 
-    mergeable = True
 
     def __init__(self, size: int, scale_input: bool, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -267,11 +265,10 @@ METHOD = Method(
         insertion="in-place",
         insertions_per_layer="1 per targeted projection (3 per layer by default: k, v, ffn.down)",
         workspace="attention (K, V) and the FFN intermediate activation",
-        mergeable=True,
         param_formula="d_out per output-scaled site, d_in per feed-forward (input-scaled) site",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
     composition="scale",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -23,7 +23,7 @@ from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig, pattern_value
+from ..core.method import Capability, Method, MethodConfig, pattern_value
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
@@ -38,7 +38,6 @@ class LoraConfig(MethodConfig):
     module-path regex to a per-site rank / alpha. `dtype` defaults to the base weight's dtype.
     """
 
-    method = "lora"
     targets: str | list[str] = field(default_factory=lambda: ["attn.q", "attn.v"])
     r: int = 8
     alpha: float = 16.0
@@ -196,7 +195,6 @@ class LowRankDelta(Delta):
     weight updates, so inference pays them once).
     """
 
-    mergeable = True
     mixed = MixedLowRank
 
     def __init__(self, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float = 0.0,
@@ -399,11 +397,10 @@ METHOD = Method(
         insertion="parallel",
         insertions_per_layer="1 per targeted projection",
         workspace="the targeted projections (attention Q, V by default)",
-        mergeable=True,
         param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,

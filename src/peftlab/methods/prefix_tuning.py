@@ -66,7 +66,6 @@ class PrefixTuningConfig(MethodConfig):
     nn.Embedding (with the MLP, its layers start as torch's defaults).
     """
 
-    method = "prefix"
     targets: str | list[str] = field(default_factory=lambda: ["attn.kv"])
     num_virtual_tokens: int = 20
     projection_hidden: int | None = None
@@ -378,7 +377,6 @@ METHOD = Method(
         insertion="in-sequence",
         insertions_per_layer="n key/value positions per attention layer",
         workspace="attention keys and values",
-        mergeable=False,
         param_formula="2·n·kv_heads·head_dim per layer",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer

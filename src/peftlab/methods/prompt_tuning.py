@@ -56,7 +56,6 @@ class PromptTuningConfig(MethodConfig):
     repeated or truncated to n tokens, as peft's TEXT init).
     """
 
-    method = "prompt"
     targets: str | list[str] = field(default_factory=lambda: ["embed"])
     num_virtual_tokens: int = 20
     init: str = "random"
@@ -361,7 +360,6 @@ METHOD = Method(
         insertion="in-sequence",
         insertions_per_layer="n virtual tokens before the first layer",
         workspace="embedding",
-        mergeable=False,
         param_formula="n·d (virtual tokens × embedding width)",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer
