@@ -80,13 +80,17 @@ class MethodConfig:
         return cls(**data)
 
 
+def matches_path(pattern: str, path: str) -> bool:
+    """peft's rule for target and pattern keys: the regex matches the module path at a dotted
+    boundary ('q_proj' matches 'model.layers.0.self_attn.q_proj')."""
+    return re.match(rf"(.*\.)?({pattern})$", path) is not None
+
+
 def pattern_value(patterns: Mapping[str, Any], site: Site) -> Any | None:
     """The first pattern value whose key names this site: its role, or (as peft matches) a regex
     matching the module path at a dotted boundary. None when no key matches."""
-    for key, value in patterns.items():
-        if key == site.role or re.match(rf"(.*\.)?({key})$", site.path):
-            return value
-    return None
+    return next((value for key, value in patterns.items()
+                 if key == site.role or matches_path(key, site.path)), None)
 
 
 @dataclass(frozen=True)

@@ -501,5 +501,9 @@ METHOD = Method(
     tensor_shapes=lora._tensor_shapes,
     describe=_describe,
     loss_terms=_loss_terms,
+    # exported as the LoRA it is (its PiSSA start folded in); peft has no BA-LoRA, so a LORA
+    # directory imports back as LoRA
+    peft_type="LORA",
+    to_peft=lora.to_peft,
     train_lr=5e-4,   # PiSSA's principal start: 2e-3 collapsed to chance on MiniLM, 5e-4 gave 0.786
 )

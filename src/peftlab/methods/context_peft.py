@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +65,7 @@ from ..core.sites import Site
 from ..core.typology import Typology
 from ..core.method import Capability, Method, MethodConfig
 from .bitfit import BiasDelta, bias_slot
-from .ia3 import IA3Config, IA3Delta, _feedforward_list
+from .ia3 import IA3Config, IA3Delta, check_feedforward
 from .lora import LowRankDelta
 
 FORMS = ("lora", "ia3", "bias")
@@ -143,12 +142,7 @@ class ContextConfig(MethodConfig):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ConfigError(f"Context-PEFT dropout{f'[{name!r}]' if name else ''} must be in "
                                   f"[0, 1), got {p!r}")
-        for key in _feedforward_list(self.feedforward):
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise ConfigError(f"ContextConfig.feedforward entry {key!r} is neither a role nor a "
-                                  f"valid regex ({e})") from None
+        check_feedforward(self.feedforward, "ContextConfig")
 
     def _known_group(self, name: str, what: str) -> None:
         if name not in self.groups:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,18 +38,19 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
+from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, resolve_sites
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
-from .prompt_tuning import (
-    _batch_and_length,
-    _check_generates,
-    _prepend,
+from ._prompting import (
+    batch_and_length,
+    check_generates,
     check_peft_header,
     copy_paths_of,
     head_tensors,
     model_shape,
     peft_task,
+    prepend,
     prompt_tensor,
     split_copies,
 )
@@ -237,7 +239,7 @@ class PrefixHook(InputHook):
     # ---- InputHook ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
-        batch, _ = _batch_and_length(kwargs)
+        batch, _ = batch_and_length(kwargs)
         for arg in ("cache", "past_key_values"):
             given = kwargs.pop(arg, None)
             if given is not None and (not hasattr(given, "get_seq_length") or given.get_seq_length()):
@@ -246,13 +248,13 @@ class PrefixHook(InputHook):
         embeds = kwargs.get("inputs_embeds")
         kwargs[self.cache_arg] = self.cache(model, batch, embeds.dtype if embeds is not None else None)
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _prepend(kwargs["attention_mask"], self.n, 1)
+            kwargs["attention_mask"] = prepend(kwargs["attention_mask"], self.n, 1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
         return kwargs
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
-        _check_generates(model)
+        check_generates(model)
         kwargs = dict(kwargs)
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -268,7 +270,7 @@ class PrefixHook(InputHook):
             mask = torch.ones_like(ids)
         # The mask covers prefix + input while input_ids do not: generate then feeds all of
         # input_ids after the cached prefix, numbering positions from the mask (n, n+1, ...).
-        kwargs["attention_mask"] = _prepend(mask, self.n, 1)
+        kwargs["attention_mask"] = prepend(mask, self.n, 1)
         kwargs[self.cache_arg] = self.cache(model, ids.shape[0])
         return model.generate(**kwargs)
 
@@ -314,7 +316,7 @@ def _describe(config: PrefixTuningConfig) -> str:
 
 
 # ---- peft format ---------------------------------------------------------------------------------
-def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config: PrefixTuningConfig = adapter.config
     hook: PrefixHook = adapter.hook
     with torch.no_grad():
@@ -335,7 +337,8 @@ def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
     return fields, {"prompt_embeddings": flat, **head_tensors(am, adapter, fields)}
 
 
-def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any):
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+               ) -> tuple[PrefixTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
     check_peft_header(cfg)
     layers, kv_heads, head_dim = kv_layout(am.model)
     kv_dim = kv_heads * head_dim
@@ -358,7 +361,7 @@ def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], d
         idx = int(idx) if idx is not None else _layer_index(site.path)
         out[(site.path, "key")] = chunks[:, 2 * idx].clone()
         out[(site.path, "value")] = chunks[:, 2 * idx + 1].clone()
-    out.update(split_copies(am, tensors, copies))
+    out.update(split_copies(tensors, copies))
     return config, sites, out
 
 
