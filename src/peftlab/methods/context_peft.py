@@ -1,5 +1,9 @@
 """Context-PEFT (Hadji-Kyriacou & Arandjelović, 2023): per-token groups of adaptors chosen by context.
 
+(Longer than 600 lines on purpose: one method, one file. The group config and its checks, the
+masks every delta reads, the three fused forms and the hook that computes the masks, for forward
+and for generate, are one mechanism; no part is used without the others.)
+
 An adapter holds G named *groups*; each token belongs to some of them (its context masks
 m_c ∈ {0, 1}). A wrapped layer holds all groups fused in one delta:
 
