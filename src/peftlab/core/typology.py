@@ -8,6 +8,7 @@ declared here: its `Method` record derives it from the MERGE capability (`with_m
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -133,7 +134,6 @@ def render_table(records: Iterable[tuple[str, Typology]], fmt: str = "text") -> 
     """The PEFT-Ref typology table of (method name, record) pairs as "text", "markdown" or "json"."""
     rows = typology_rows(records)
     if fmt == "json":
-        import json
         return json.dumps(rows, indent=2, ensure_ascii=False)
 
     def cell(v: str | bool | list[str] | None) -> str:

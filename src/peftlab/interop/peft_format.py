@@ -10,17 +10,15 @@ in its method file (LoRA's in methods/lora.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..core.errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
 from ..core.io import commit_files, read_json, read_tensors, write_json, write_tensors
 from ..core.method import METHODS
+from ..core.model import AdaptedModel, Adapter
 from .peft_names import CONFIG_FILE, PEFT_VERSION, PREFIX, PROMPT_LEARNING_PREFIX, TENSORS_FILE, task_type
-
-if TYPE_CHECKING:
-    from ..core.model import AdaptedModel, Adapter
 
 
 def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,

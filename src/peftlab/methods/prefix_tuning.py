@@ -39,21 +39,10 @@ from torch import nn
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
 from ..core.model import AdaptedModel, Adapter
-from ..core.sites import Site, resolve_sites
+from ..core.sites import Site, layer_index, resolve_sites
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
-from ._prompting import (
-    batch_and_length,
-    check_generates,
-    check_peft_header,
-    copy_paths_of,
-    head_tensors,
-    model_shape,
-    peft_task,
-    prepend,
-    prompt_tensor,
-    split_copies,
-)
+from . import _prompting as prompting   # what prompt and prefix tuning share
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2",
                  "albert", "camembert", "modernbert")
@@ -94,7 +83,7 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
             f"prefix tuning is not supported on the encoder {type(model).__name__}: transformers 5 "
             "encoders take no prefix cache (peft 0.21 fails there too). Use prompt tuning, LoRA or "
             "IA3 for encoders")
-    layers, heads = model_shape(model)
+    layers, heads = prompting.model_shape(model)
     hidden = next(getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, k))
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -239,7 +228,7 @@ class PrefixHook(InputHook):
     # ---- InputHook ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
-        batch, _ = batch_and_length(kwargs)
+        batch, _ = prompting.batch_and_length(kwargs)
         for arg in ("cache", "past_key_values"):
             given = kwargs.pop(arg, None)
             if given is not None and (not hasattr(given, "get_seq_length") or given.get_seq_length()):
@@ -248,13 +237,13 @@ class PrefixHook(InputHook):
         embeds = kwargs.get("inputs_embeds")
         kwargs[self.cache_arg] = self.cache(model, batch, embeds.dtype if embeds is not None else None)
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = prepend(kwargs["attention_mask"], self.n, 1)
+            kwargs["attention_mask"] = prompting.prepend(kwargs["attention_mask"], self.n, 1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
         return kwargs
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
-        check_generates(model)
+        prompting.check_generates(model)
         kwargs = dict(kwargs)
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -270,7 +259,7 @@ class PrefixHook(InputHook):
             mask = torch.ones_like(ids)
         # The mask covers prefix + input while input_ids do not: generate then feeds all of
         # input_ids after the cached prefix, numbering positions from the mask (n, n+1, ...).
-        kwargs["attention_mask"] = prepend(mask, self.n, 1)
+        kwargs["attention_mask"] = prompting.prepend(mask, self.n, 1)
         kwargs[self.cache_arg] = self.cache(model, ids.shape[0])
         return model.generate(**kwargs)
 
@@ -302,7 +291,6 @@ def _build_hook(model: nn.Module, config: PrefixTuningConfig, parts: dict[str, n
 
 
 def _layer_index(path: str) -> int:
-    from ..core.sites import layer_index
     idx = layer_index(path)
     if idx is None:
         raise ConfigError(f"{path!r} is not inside a numbered transformer layer; prefix tuning "
@@ -323,7 +311,7 @@ def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[s
         flat = hook.flat().detach().clone()
     kv_dim = hook.kv_heads * hook.head_dim
     fields = {
-        "task_type": peft_task(am.model),
+        "task_type": prompting.peft_task(am.model),
         "num_virtual_tokens": config.num_virtual_tokens,
         "token_dim": kv_dim,
         "num_transformer_submodules": 1,
@@ -334,12 +322,12 @@ def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[s
         "init_weights": None,
         "modules_to_save": list(adapter.copies) or None,
     }
-    return fields, {"prompt_embeddings": flat, **head_tensors(am, adapter, fields)}
+    return fields, {"prompt_embeddings": flat, **prompting.head_tensors(am, adapter, fields)}
 
 
 def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
                ) -> tuple[PrefixTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
-    check_peft_header(cfg)
+    prompting.check_peft_header(cfg)
     layers, kv_heads, head_dim = kv_layout(am.model)
     kv_dim = kv_heads * head_dim
     if (int(cfg.get("token_dim") or kv_dim), int(cfg.get("num_attention_heads") or kv_heads),
@@ -349,9 +337,9 @@ def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.T
             f"heads, {cfg.get('num_layers')} layers) differs from this model's key/value layout "
             f"({kv_dim}, {kv_heads} kv heads, {layers} layers)")
     n = int(cfg["num_virtual_tokens"])
-    flat = prompt_tensor(tensors, (n, layers * 2 * kv_dim), "PREFIX_TUNING")
+    flat = prompting.prompt_tensor(tensors, (n, layers * 2 * kv_dim), "PREFIX_TUNING")
     sites = resolve_sites(am.model, ["attn.kv"], roles=am.site_roles())
-    copies = copy_paths_of(am, cfg, tensors)
+    copies = prompting.copy_paths_of(am, cfg, tensors)
     config = PrefixTuningConfig(targets=[s.path for s in sites], num_virtual_tokens=n,
                                 modules_to_save=copies or None)
     chunks = flat.view(n, layers * 2, kv_dim)
@@ -361,7 +349,7 @@ def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.T
         idx = int(idx) if idx is not None else _layer_index(site.path)
         out[(site.path, "key")] = chunks[:, 2 * idx].clone()
         out[(site.path, "value")] = chunks[:, 2 * idx + 1].clone()
-    out.update(split_copies(tensors, copies))
+    out.update(prompting.split_copies(tensors, copies))
     return config, sites, out
 
 
