@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from peftlab.methods.bottleneck import AdapterConfig
+from peftlab.methods.bottleneck import BottleneckConfig as AdapterConfig
 
 from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
 from method_checks import (adapter_and_other, assert_fresh_adapter_is_base, assert_save_load_bit_exact,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import Any
+
 from .core.taps import ActivationTaps
 from .assets import Dataset, load_dataset, load_model
 from .core.bank import AdapterBank, BankFullError, UnknownAdapterError
@@ -45,11 +47,12 @@ from .core.errors import (
     TargetNotFoundError,
 )
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
-from .methods import METHODS, Method, MethodConfig, get_method
+from .methods import METHODS, Capability, Method, MethodConfig, get_method
 from .methods.adalink import AdaLinkConfig
 from .methods.balora import BALoraConfig
 from .methods.bitfit import BitFitConfig
-from .methods.bottleneck import AdapterConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.bottleneck import deprecated_name as _deprecated_name
 from .methods.context_peft import ContextConfig
 from .methods.ia3 import IA3Config
 from .methods.kasa import KasaConfig
@@ -82,6 +85,14 @@ from .training.loop import TrainConfig, TrainResult, train
 from .core.typology import Typology
 
 
+def __getattr__(name: str) -> Any:
+    """Names kept for one release after a rename (each access warns): AdapterConfig."""
+    try:
+        return _deprecated_name(name)
+    except AttributeError:
+        raise AttributeError(f"module 'peftlab' has no attribute {name!r}") from None
+
+
 def card(am: AdaptedModel, name: str) -> str:
     """The PEFT-Ref typology card of adapter `name`, with its actual sites and parameter count."""
     return am.card(name)
@@ -97,11 +108,12 @@ __all__ = [
     "AdaptedModel",
     "Adapter",
     "AdapterBank",
-    "AdapterConfig",
     "AdapterError",
     "BALoraConfig",
     "BankFullError",
     "BitFitConfig",
+    "BottleneckConfig",
+    "Capability",
     "CapabilityError",
     "CausalLMTask",
     "CheckpointError",

@@ -4,9 +4,11 @@ A delta acts at one of three stages of the layer's forward (its `stage`):
   "input"  — rewrites the input the base layer and later deltas see (IA3 on an FFN input);
   "params" — adds to named base parameters for this call (LayerNorm tuning);
   "output" — adds its contribution to the running output (LoRA, biases, adapters, scalings).
-When mergeable, a delta folds itself into the base weight (`merge_into`). Layers read the active
-adapters from a `RoutingState` shared by the whole model, so switching adapters touches one object,
-and each layer rebuilds its tuples of active deltas lazily on its next forward.
+When its method declares the MERGE capability (core/method.py), a delta folds itself into the
+base weight (`merge_into`); whether a method merges is stated on its record, never on the delta
+class. Layers read the active adapters from a `RoutingState` shared by the whole model, so
+switching adapters touches one object, and each layer rebuilds its tuples of active deltas lazily
+on its next forward.
 
 Model-level methods (prompt and prefix tuning) do not live in a layer: their `InputHook` rewrites
 the model's forward arguments (`AdaptedModel.forward`).
@@ -88,7 +90,8 @@ class RoutingState:
 
 class Delta(nn.Module):
     """Base of all deltas. Subclasses set `stage` (see the module docstring), `algebra`, and
-    implement the method of their stage plus, when mergeable, `merge_into` / `unmerge_from`.
+    implement the method of their stage plus, when their method declares MERGE, `merge_into` /
+    `unmerge_from` (and `check_merge` for its merge condition).
 
     `algebra` says which deltas it commutes with when merged: "add" (additive deltas commute with
     each other), "scale" (output rescalings), "input" (input rescalings: they commute with

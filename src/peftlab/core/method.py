@@ -1,30 +1,56 @@
 """The contract between a method file and the shared machinery: the config every method extends,
-the `Method` record a method file declares, and the registry the machinery looks methods up in
-(filled by `peftlab.methods`, which imports every method file)."""
+the `Method` record a method file declares, its `Capability` set, and the registry the machinery
+looks methods up in (filled by `peftlab.methods`, which imports every method file).
+
+A method's name is stated once, in its `Method` record: `register` binds the record's config
+class to it (sets `config_cls.method`), so `method_of(config)` finds the record from a config.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from .errors import ConfigError, close_matches
-from .layer import AdaptedLayer, Delta, InputHook
+from .errors import CapabilityError, ConfigError, close_matches
+from .layer import AdaptedLayer, Delta, InputHook, RoutingState
 from .terms import LossTerm
 from .sites import Site
 from .typology import Typology
 
-CAPABILITIES = ("merge", "mixed-batch", "train-in-mixed-batch", "quantised-base")
+
+class Capability(enum.StrEnum):
+    """What a method can do beyond attaching, training, saving and loading; the machinery refuses
+    the operation (CapabilityError) for a method that does not declare it. A str enum: the
+    values compare equal to their strings ("merge" == Capability.MERGE)."""
+
+    MERGE = "merge"                                  # fold into the base weights (`merge`)
+    MIXED_BATCH = "mixed-batch"                      # per-example adapters in one batch (`adapter_ids=`)
+    # gradients through a routed batch; needs MIXED_BATCH. Declared only where routed training
+    # is tested (tests/test_mixed_batch.py, tests/test_capabilities.py)
+    TRAIN_IN_MIXED_BATCH = "train-in-mixed-batch"
+
+
+def _capability(value: Any) -> Capability | Any:
+    """`value` as a Capability when it names one; otherwise unchanged (`register` refuses it)."""
+    try:
+        return Capability(value)
+    except ValueError:
+        return value
 
 
 @dataclass
 class MethodConfig:
     """Fields every method shares: where it attaches and which whole modules get trained copies."""
 
+    # The name of the method this config class belongs to; set by `register` from the Method
+    # record (never declared in the class body), inherited by unregistered subclasses.
     method: ClassVar[str] = ""
     targets: str | list[str] = field(default_factory=list)
     layers: int | list[int] | None = None
@@ -54,25 +80,36 @@ class MethodConfig:
         return cls(**data)
 
 
+def matches_path(pattern: str, path: str) -> bool:
+    """peft's rule for target and pattern keys: the regex matches the module path at a dotted
+    boundary ('q_proj' matches 'model.layers.0.self_attn.q_proj')."""
+    return re.match(rf"(.*\.)?({pattern})$", path) is not None
+
+
 def pattern_value(patterns: Mapping[str, Any], site: Site) -> Any | None:
     """The first pattern value whose key names this site: its role, or (as peft matches) a regex
     matching the module path at a dotted boundary. None when no key matches."""
-    for key, value in patterns.items():
-        if key == site.role or re.match(rf"(.*\.)?({key})$", site.path):
-            return value
-    return None
+    return next((value for key, value in patterns.items()
+                 if key == site.role or matches_path(key, site.path)), None)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered PEFT method: everything the shared machinery needs to know about it."""
+    """A registered PEFT method: everything the shared machinery needs to know about it.
+
+    The record is the one place that states the method's name (`register` gives it to the
+    config class) and its capabilities; whether the method is mergeable ("yes", "conditional",
+    "no") is derived from them, and so is the `mergeable` entry of its typology card.
+    """
 
     name: str
     title: str
     config_cls: type[MethodConfig]
+    # The PEFT-Ref description; its `mergeable` / `merge_condition` are filled in from
+    # `capabilities` and `merge_condition` when the record is made.
     typology: Typology
     layer_kinds: tuple[str, ...]            # base layer kinds it wraps; () = model-level method
-    capabilities: frozenset[str]
+    capabilities: frozenset[Capability]
     # build(site, layer, config, initialise=True): the delta for one site; `layer` wraps the
     # site's base layer; initialise=False leaves tensors unset for a checkpoint to fill.
     # Model-level methods (layer_kinds empty) get layer=None and return a plain module of tensors.
@@ -85,10 +122,6 @@ class Method:
     # build_hook(model, config, parts): an InputHook that rewrites the model's forward inputs
     # (prompt/prefix tuning; per-token routing masks), from the per-site parts (site path -> module).
     build_hook: Callable[[nn.Module, MethodConfig, dict[str, nn.Module]], InputHook] | None = None
-    # The peft format (shared/specs/peft-format.md), for methods peft also has:
-    # to_peft(am, adapter) -> (peft config fields beyond the common header, {full peft key: tensor});
-    # from_peft(am, peft config, {peft key: tensor}, directory) -> (config, sites,
-    # {(site path, tensor name): tensor}). Raise CheckpointError/ConfigError on a mismatch.
     # A learning rate known to work for this method in `peftlab train` when none is given
     # (None: the model's default, tuned for LoRA). Prompt-like methods need far larger ones.
     train_lr: float | None = None
@@ -99,20 +132,89 @@ class Method:
     # ΔW), "additive" (every tensor adds to the base, identity 0), "scale" (every tensor rescales,
     # identity 1); None: not composable.
     composition: str | None = None
+    # The method's peft codec (shared/specs/peft-format.md), for methods peft also has; the
+    # dispatch in interop/peft_format.py writes and reads the directory and the common header.
+    # to_peft(am, adapter) -> (peft config fields beyond the common header, {full peft key: tensor});
+    # from_peft(am, peft config, {peft key: tensor}, directory) -> (config, sites,
+    # {(site path, tensor name): tensor}), modules_to_save tensors keyed by the copied module's
+    # path. Raise CheckpointError/ConfigError on a mismatch, CapabilityError for what peftlab
+    # does not import. `import_peft` picks the method with this peft_type and a from_peft.
     peft_type: str | None = None
     to_peft: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     from_peft: Callable[..., tuple[MethodConfig, list[Site], dict[tuple[str, str], Any]]] | None = None
+    # When merging works only in some configurations (MERGE declared): which, in words, for the
+    # typology card and table ("not into an RMSNorm"); the deltas' check_merge enforces it.
+    merge_condition: str | None = None
 
-    def supports(self, capability: str) -> bool:
-        return capability in self.capabilities
+    def __post_init__(self) -> None:
+        # frozen record: the derived fields are written once, here
+        capabilities = frozenset(_capability(c) for c in self.capabilities)
+        object.__setattr__(self, "capabilities", capabilities)
+        object.__setattr__(self, "typology", self.typology.with_merge(
+            Capability.MERGE in capabilities, self.merge_condition))
 
+    def supports(self, capability: Capability | str) -> bool:
+        """Whether the method declares `capability` (a Capability or its string value)."""
+        known = _capability(capability)
+        if not isinstance(known, Capability):
+            raise ConfigError(f"{capability!r} is not a capability; known: "
+                              f"{', '.join(c.value for c in Capability)}")
+        return known in self.capabilities
+
+    @property
+    def mergeable(self) -> str:
+        """One of "yes", "conditional" (only as `merge_condition` says) or "no"."""
+        if Capability.MERGE not in self.capabilities:
+            return "no"
+        return "conditional" if self.merge_condition else "yes"
+
+    def refuse(self, capability: Capability, adapter: str, doing: str, fix: str) -> CapabilityError:
+        """The error for `doing` something with adapter `adapter` that needs `capability`."""
+        able = [m.title for m in METHODS.values() if capability in m.capabilities]
+        return CapabilityError(
+            f"adapter {adapter!r} is a {self.title} adapter, and {self.title} does not declare the "
+            f"{capability.value!r} capability that {doing} needs (methods that do: "
+            f"{', '.join(able) or 'none'}). {fix}")
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Add a method record to the registry (a method file's `METHOD`)."""
+    """Add a method record (a method file's `METHOD`) to the registry and bind its config class
+    to it. ConfigError, with nothing registered, for an unknown capability, a capability that
+    needs another one, a merge condition without MERGE, a peft codec without a peft_type, a name
+    already taken, or a config class that belongs to another method."""
+    where = f"method {method.name!r}"
+    if not isinstance(method.name, str) or not method.name:
+        raise ConfigError(f"a method record needs a non-empty name, got {method.name!r}")
+    unknown = sorted(str(c) for c in method.capabilities if not isinstance(c, Capability))
+    if unknown:
+        raise ConfigError(f"{where} declares unknown capabilities {unknown}; known: "
+                          f"{', '.join(c.value for c in Capability)}")
+    if Capability.TRAIN_IN_MIXED_BATCH in method.capabilities and \
+            Capability.MIXED_BATCH not in method.capabilities:
+        raise ConfigError(f"{where} declares 'train-in-mixed-batch' without 'mixed-batch'; "
+                          "declare both or neither")
+    if method.merge_condition and Capability.MERGE not in method.capabilities:
+        raise ConfigError(f"{where} has a merge_condition but does not declare 'merge'; declare "
+                          "it or drop the condition")
+    if (method.to_peft or method.from_peft) and not method.peft_type:
+        raise ConfigError(f"{where} has a peft codec (to_peft/from_peft) but no peft_type")
+    taken = METHODS.get(method.name)
+    if taken is not None and taken is not method:
+        raise ConfigError(f"a method named {method.name!r} is already registered ({taken.title}); "
+                          "pick another name")
+    cls = method.config_cls
+    if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
+        raise ConfigError(f"{where}: config_cls must be a MethodConfig subclass, got {cls!r}")
+    # The class's own entry: a subclass (BALoraConfig of LoraConfig) inherits its parent's name
+    # until it is registered itself.
+    owner = cls.__dict__.get("method")
+    if owner is not None and owner != method.name:
+        raise ConfigError(f"{where}: config class {cls.__name__} belongs to method {owner!r}; a "
+                          f"config class serves one method (subclass it for {method.name!r})")
+    cls.method = method.name
     METHODS[method.name] = method
     return method
 
@@ -129,4 +231,23 @@ def get_method(name: str) -> Method:
 
 def method_of(config: MethodConfig) -> Method:
     """The method a config belongs to."""
+    if not config.method:
+        raise ConfigError(f"{type(config).__name__} belongs to no registered method; register a "
+                          "Method record with config_cls=" + type(config).__name__)
     return get_method(config.method)
+
+
+def check_routed_training(state: RoutingState, adapters: Mapping[str, Any]) -> None:
+    """CapabilityError when a forward of a routed batch would send gradients to a trainable
+    adapter whose method does not declare TRAIN_IN_MIXED_BATCH; called on every forward, so it
+    returns at once outside routed training. `adapters`: name -> the model's Adapter records."""
+    if state.routed is None or not torch.is_grad_enabled():
+        return
+    for name in state.routed:
+        adapter = adapters.get(name) if name is not None else None
+        if adapter is not None and adapter.trainable and \
+                Capability.TRAIN_IN_MIXED_BATCH not in adapter.method.capabilities:
+            raise adapter.method.refuse(
+                Capability.TRAIN_IN_MIXED_BATCH, name, "a routed (adapter_ids) forward with gradients",
+                f"Train it on batches of its own (set_active({name!r})), or freeze it "
+                "(set_trainable) or run under torch.no_grad() to route it for inference")

@@ -32,7 +32,7 @@ from .layer import (
     forwarding_getattr,
     layer_kind,
 )
-from .method import METHODS, Method, MethodConfig, method_of
+from .method import METHODS, Method, MethodConfig, check_routed_training, method_of
 from .terms import LossContext, LossTerm
 from .sites import Site, iter_modules, resolve_sites, site_roles, sites_at
 from .typology import describe_provenance, render_card, summarise_sites
@@ -120,6 +120,7 @@ class AdaptedModel(nn.Module):
             self._check_batch(adapter_ids, args, kwargs)
             with self.routed(adapter_ids):
                 return self.forward(*args, **kwargs)
+        check_routed_training(self.state, self.adapters)
         hooks = self._active_hooks()
         capture = tap = False
         if self.training and self.loss_terms:

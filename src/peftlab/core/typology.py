@@ -1,13 +1,16 @@
 """PEFT-Ref typology records and the cards and tables generated from them.
 
 Every method declares one `Typology`; cards (`peftlab.card`) and capability tables are rendered
-from these records so they cannot drift from the code.
+from these records so they cannot drift from the code. Whether a method is mergeable is not
+declared here: its `Method` record derives it from the MERGE capability (`with_merge`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 FORMS = ("lowrank", "bottleneck", "vector", "bias", "prompt", "singular", "sparse", "selection")
@@ -28,7 +31,10 @@ class Typology:
     insertion: str                  # parallel | sequential | in-sequence | in-place
     insertions_per_layer: str       # e.g. "1 per targeted projection"
     workspace: str                  # PLM sub-space read from and written to
-    mergeable: bool                 # can be folded into the base weights
+    # Derived, never declared (not constructor arguments): the method's `Method` record fills
+    # them from its MERGE capability and merge condition (`with_merge`).
+    mergeable: bool = field(default=False, init=False)        # can be folded into the base weights
+    merge_condition: str | None = field(default=None, init=False)   # only when ... (None: always)
     param_formula: str              # trainable parameters per site
 
     def __post_init__(self) -> None:
@@ -37,11 +43,21 @@ class Typology:
         if self.integration not in INTEGRATIONS:
             raise ValueError(f"integration {self.integration!r} is not one of {INTEGRATIONS}")
 
+    def with_merge(self, mergeable: bool, condition: str | None) -> Typology:
+        """A copy with the derived merge fields set (called by the `Method` record)."""
+        copy = dataclasses.replace(self)
+        object.__setattr__(copy, "mergeable", mergeable)                  # frozen: set once here
+        object.__setattr__(copy, "merge_condition", condition if mergeable else None)
+        return copy
+
     def rows(self) -> list[tuple[str, str]]:
-        """(field, value) pairs in declaration order, values as text."""
+        """(field, value) pairs in declaration order, values as text; fields that are None
+        (no merge condition) are left out."""
         out = []
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None:
+                continue
             if isinstance(value, tuple):
                 value = ", ".join(value)
             elif isinstance(value, bool):
@@ -96,15 +112,17 @@ TABLE_COLUMNS = (
     ("intra-connectivity", "intra_connectivity"), ("adaptation", "adaptation"),
     ("sharing", "parameter_sharing"), ("insertion", "insertion"),
     ("insertions per layer", "insertions_per_layer"), ("workspace", "workspace"),
-    ("mergeable", "mergeable"), ("trainable parameters", "param_formula"),
+    ("mergeable", "mergeable"), ("merge condition", "merge_condition"),
+    ("trainable parameters", "param_formula"),
 )
 
 
-def typology_rows(records: Iterable[tuple[str, Typology]]) -> list[dict[str, str | bool | list[str]]]:
+def typology_rows(records: Iterable[tuple[str, Typology]]
+                  ) -> list[dict[str, str | bool | list[str] | None]]:
     """One dict per method: {"method": name, <heading>: value, ...} in TABLE_COLUMNS order."""
     rows = []
     for name, t in records:
-        row: dict[str, str | bool | list[str]] = {"method": name}
+        row: dict[str, str | bool | list[str] | None] = {"method": name}
         for heading, attr in TABLE_COLUMNS:
             value = getattr(t, attr)
             row[heading] = list(value) if isinstance(value, tuple) else value
@@ -116,10 +134,11 @@ def render_table(records: Iterable[tuple[str, Typology]], fmt: str = "text") -> 
     """The PEFT-Ref typology table of (method name, record) pairs as "text", "markdown" or "json"."""
     rows = typology_rows(records)
     if fmt == "json":
-        import json
         return json.dumps(rows, indent=2, ensure_ascii=False)
 
-    def cell(v: str | bool | list[str]) -> str:
+    def cell(v: str | bool | list[str] | None) -> str:
+        if v is None:
+            return "-"
         if isinstance(v, bool):
             return "yes" if v else "no"
         return ", ".join(v) if isinstance(v, list) else str(v)

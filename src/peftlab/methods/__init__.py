@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..core.method import METHODS, Method, MethodConfig, get_method, method_of, register
+from ..core.method import METHODS, Capability, Method, MethodConfig, get_method, method_of, register
 
 _MODULES = ("lora", "ia3", "bitfit", "ln_tuning", "bottleneck", "prompt_tuning", "prefix_tuning", "adalink",
             "kasa", "balora", "s2ft", "context_peft")
@@ -13,4 +13,4 @@ for _name in _MODULES:
     if _method is not None:
         register(_method)
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "method_of"]
+__all__ = ["METHODS", "Capability", "Method", "MethodConfig", "get_method", "method_of", "register"]

@@ -26,7 +26,7 @@ from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 
 ACTIVATIONS = {"identity": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 INITS = ("zero", "random")
@@ -44,7 +44,6 @@ class AdaLinkConfig(MethodConfig):
     too: a non-zero adapter, for tests).
     """
 
-    method = "adalink"
     targets: str | list[str] = field(default_factory=lambda: ["embed"])
     r: int = 4
     activation: str = "identity"
@@ -95,8 +94,7 @@ class AdaLinkDelta(Delta):
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         G = 1 + len(groups)
-        self.__dict__.update(r=r, groups=G, activation=activation, act=ACTIVATIONS[activation],
-                             mergeable=activation == "identity" and G == 1)
+        self.__dict__.update(r=r, groups=G, activation=activation, act=ACTIVATIONS[activation])
         self.D = nn.Parameter(torch.empty(G, d, r, dtype=dtype, device=device), requires_grad=False)
         self.U = nn.Parameter(torch.empty(G, r, d, dtype=dtype, device=device), requires_grad=False)
         if G > 1:
@@ -135,7 +133,8 @@ class AdaLinkDelta(Delta):
         return out + (z if z.dtype == out.dtype else z.to(out.dtype))
 
     def check_merge(self, layer: AdaptedLayer) -> None:
-        if not self.mergeable:
+        # the record's merge condition: linear in e (identity φ) and one module for every token
+        if self.act is not None or self.groups > 1:
             why = (f"activation {self.activation!r} is not the identity" if self.activation != "identity"
                    else f"it has {self.groups} token-group modules")
             raise CapabilityError(f"this AdaLink adapter cannot be merged: {why}. Only a single-group "
@@ -214,11 +213,11 @@ METHOD = Method(
         insertion="sequential (after the embedding, before the first block)",
         insertions_per_layer="1, at the input only",
         workspace="embedding",
-        mergeable=True,
         param_formula="2·r·d per token group (+ the default group)",
     ),
     layer_kinds=("embedding",),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({Capability.MERGE}),
+    merge_condition="only with activation='identity' and no token groups",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

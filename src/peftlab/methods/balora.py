@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..core.errors import ConfigError, PeftlabError
 from ..core.terms import LossContext, LossTerm, cosine_decay, delayed_ramp
 from . import lora
-from ..core.method import Method
+from ..core.method import Capability, Method
 from .lora import LoraConfig
 
 FORMS = ("auto", "nlu", "nlg", "nlg-refined")
@@ -88,7 +88,6 @@ class BALoraConfig(LoraConfig):
     defaults to r (C1's α = r).
     """
 
-    method = "balora"
     targets: str | list[str] = "all-linear"    # q, k, v, o, gate, up, down on Llama; never the head
     alpha: float | None = None
     init: str = "pissa"
@@ -495,10 +494,16 @@ METHOD = Method(
         param_formula="r·(d_in + d_out) per site (+ frozen PiSSA start r·(d_in + d_out))",
     ),
     layer_kinds=lora.METHOD.layer_kinds,
-    capabilities=lora.METHOD.capabilities,
+    # LoRA's minus routed training: the regularisers read the whole batch's logits, and the rows
+    # of a routed batch belong to other adapters
+    capabilities=lora.METHOD.capabilities - {Capability.TRAIN_IN_MIXED_BATCH},
     build=lora._build,
     tensor_shapes=lora._tensor_shapes,
     describe=_describe,
     loss_terms=_loss_terms,
+    # exported as the LoRA it is (its PiSSA start folded in); peft has no BA-LoRA, so a LORA
+    # directory imports back as LoRA
+    peft_type="LORA",
+    to_peft=lora.to_peft,
     train_lr=5e-4,   # PiSSA's principal start: 2e-3 collapsed to chance on MiniLM, 5e-4 gave 0.786
 )

@@ -19,7 +19,7 @@ from ..core.errors import CapabilityError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 
 
 @dataclass
@@ -27,7 +27,6 @@ class BitFitConfig(MethodConfig):
     """BitFit on Linear, GPT-2 Conv1D and norm sites (default: every linear layer but the head,
     and every norm)."""
 
-    method = "bitfit"
     targets: str | list[str] = field(default_factory=lambda: ["all-linear", "norm"])
 
 
@@ -54,7 +53,6 @@ class BiasDelta(Delta):
 
     stage = "output"
     algebra = "add"
-    mergeable = True
     mixed = MixedBiases
 
     def __init__(self, size: int, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -133,11 +131,11 @@ METHOD = Method(
         insertion="in-place",
         insertions_per_layer="1 per linear layer and norm (every bias vector)",
         workspace="every sublayer: attention and FFN projections and the norms",
-        mergeable=True,
         param_formula="d_out per site",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
+    merge_condition="not into a norm without a bias term (RMSNorm)",
     composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -13,11 +13,16 @@ W_up ∈ R^{d×m} (m the bottleneck width), added to a sublayer's output before 
            sibling input projection of the same block (ffn.up, else ffn.gate; attn.q/qkv/k/v).
 
 W_up and b_up start at zero (init="zero"), so a new adapter is a no-op. Nonlinear: never mergeable.
+
+The config is `BottleneckConfig`; the method keeps the name "adapter" (checkpoints, peftlab train
+--method adapter). `AdapterConfig`, its old name, still imports for one release with a
+DeprecationWarning.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +48,7 @@ PARALLEL_READERS = {"ffn.down": ("ffn.up", "ffn.gate"), "attn.o": ("attn.q", "at
 
 
 @dataclass
-class AdapterConfig(MethodConfig):
+class BottleneckConfig(MethodConfig):
     """Bottleneck adapters on Linear / GPT-2 Conv1D output projections.
 
     `placement`: "pfeiffer" (default; after the FFN), "houlsby" (after attention and after the
@@ -54,7 +59,6 @@ class AdapterConfig(MethodConfig):
     or "random" (both projections random: a non-zero adapter, for tests).
     """
 
-    method = "adapter"
     targets: Any = None
     placement: str = "pfeiffer"
     bottleneck: int = 64
@@ -95,7 +99,6 @@ class BottleneckDelta(Delta):
     or the sublayer input captured by a pre-hook on a sibling module (parallel)."""
 
     stage = "output"
-    mergeable = False
 
     def __init__(self, d: int, m: int, activation: str, scale: float, *, parallel: bool,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -191,7 +194,7 @@ def _reader_for(site: Site, model: Any) -> tuple[str, nn.Module]:
                       "use a serial placement (pfeiffer/houlsby) for this model")
 
 
-def _build(site: Site, layer: AdaptedLayer, config: AdapterConfig, initialise: bool = True, *,
+def _build(site: Site, layer: AdaptedLayer, config: BottleneckConfig, initialise: bool = True, *,
            model: Any = None) -> BottleneckDelta:
     parallel = config.placement == "parallel"
     d = layer.out_features
@@ -211,13 +214,13 @@ def _build(site: Site, layer: AdaptedLayer, config: AdapterConfig, initialise: b
     return delta
 
 
-def _tensor_shapes(layer: AdaptedLayer, site: Site, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(layer: AdaptedLayer, site: Site, config: BottleneckConfig) -> dict[str, tuple[int, ...]]:
     # The parallel adapter reads the sublayer input, which has the output's width (d_model).
     d, m = layer.out_features, config.bottleneck
     return {"down.weight": (m, d), "down.bias": (m,), "up.weight": (d, m), "up.bias": (d,)}
 
 
-def _describe(config: AdapterConfig) -> str:
+def _describe(config: BottleneckConfig) -> str:
     parts = [config.placement, f"bottleneck={config.bottleneck}", config.activation]
     if config.scale is not None and config.scale != 1.0:
         parts.append(f"scale={config.scale:g}")
@@ -229,7 +232,7 @@ def _describe(config: AdapterConfig) -> str:
 METHOD = Method(
     name="adapter",
     title="Bottleneck adapter",
-    config_cls=AdapterConfig,
+    config_cls=BottleneckConfig,
     typology=Typology(
         site_roles=("ffn.down",),
         form="bottleneck",
@@ -241,7 +244,6 @@ METHOD = Method(
         insertion="sequential (parallel to the FFN with placement='parallel')",
         insertions_per_layer="1 (pfeiffer, parallel) or 2 (houlsby: after attention and after the FFN)",
         workspace="FFN output (pfeiffer, parallel); MHA output + FFN output (houlsby)",
-        mergeable=False,
         param_formula="2·m·d + m + d per site (m = bottleneck width)",
     ),
     layer_kinds=("linear", "conv1d"),
@@ -250,3 +252,19 @@ METHOD = Method(
     tensor_shapes=_tensor_shapes,
     describe=_describe,
 )
+
+
+def deprecated_name(name: str, stacklevel: int = 2) -> type[BottleneckConfig]:
+    """`AdapterConfig`, the old name of BottleneckConfig, with a DeprecationWarning (kept for one
+    release); AttributeError for any other name. `stacklevel` as for the caller's own warning."""
+    if name != "AdapterConfig":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("peftlab's AdapterConfig is now BottleneckConfig (the method is still called "
+                  "'adapter'); the old name goes in the next release", DeprecationWarning,
+                  stacklevel=stacklevel + 1)
+    return BottleneckConfig
+
+
+def __getattr__(name: str) -> Any:
+    # module attributes not found otherwise: the deprecated alias
+    return deprecated_name(name)

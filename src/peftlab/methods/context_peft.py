@@ -1,5 +1,9 @@
 """Context-PEFT (Hadji-Kyriacou & Arandjelović, 2023): per-token groups of adaptors chosen by context.
 
+(Longer than 600 lines on purpose: one method, one file. The group config and its checks, the
+masks every delta reads, the three fused forms and the hook that computes the masks, for forward
+and for generate, are one mechanism; no part is used without the others.)
+
 An adapter holds G named *groups*; each token belongs to some of them (its context masks
 m_c ∈ {0, 1}). A wrapped layer holds all groups fused in one delta:
 
@@ -52,7 +56,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +67,9 @@ from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabErr
 from ..core.layer import AdaptedLayer, Delta, InputHook
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 from .bitfit import BiasDelta, bias_slot
-from .ia3 import IA3Config, IA3Delta, _feedforward_list
+from .ia3 import IA3Config, IA3Delta, check_feedforward
 from .lora import LowRankDelta
 
 FORMS = ("lora", "ia3", "bias")
@@ -92,7 +95,6 @@ class ContextConfig(MethodConfig):
     The default `groups` is one all-token group, which makes the adapter plain LoRA / IA3 / bias.
     """
 
-    method = "context"
     targets: str | list[str] | None = None
     groups: dict[str, dict[str, Any]] = field(default_factory=lambda: {"all": {"all": True}})
     form: str = "lora"
@@ -144,12 +146,7 @@ class ContextConfig(MethodConfig):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ConfigError(f"Context-PEFT dropout{f'[{name!r}]' if name else ''} must be in "
                                   f"[0, 1), got {p!r}")
-        for key in _feedforward_list(self.feedforward):
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise ConfigError(f"ContextConfig.feedforward entry {key!r} is neither a role nor a "
-                                  f"valid regex ({e})") from None
+        check_feedforward(self.feedforward, "ContextConfig")
 
     def _known_group(self, name: str, what: str) -> None:
         if name not in self.groups:
@@ -645,12 +642,11 @@ METHOD = Method(
         insertion="parallel (lora, bias); in-place (ia3)",
         insertions_per_layer="1 fused delta per targeted projection, holding all G groups",
         workspace="the targeted projections (attention Q, V by default; (IA)³'s K, V, FFN for ia3)",
-        mergeable=False,
-        param_formula="G·r·(d_in + d_out) per site (lora); G·d (ia3); G·d_out (bias); "
-                      "mergeable only with a single all-token group",
+        param_formula="G·r·(d_in + d_out) per site (lora); G·d (ia3); G·d_out (bias)",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({Capability.MERGE}),
+    merge_condition="only a single all-token group ({'all': True}); bias form: not into an RMSNorm",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

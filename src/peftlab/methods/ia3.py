@@ -11,30 +11,38 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.errors import AdapterError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, dims, match_targets, sites_at
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig, pattern_value
+from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
+from ..interop.peft_names import PREFIX
 
-if TYPE_CHECKING:
-    from ..core.model import AdaptedModel, Adapter
-
-PREFIX = "base_model.model."
 TENSOR = "ia3_l"
 
 
-def _feedforward_list(value: Any) -> list[str]:
-    """IA3Config.feedforward as a list of non-empty strings, or ConfigError."""
+def check_feedforward(value: Any, owner: str) -> list[str]:
+    """A config's `feedforward` (one string or a list) as a list of roles or module-path regexes;
+    ConfigError naming `owner`'s field when an entry is not a non-empty string or a valid regex.
+    (IA3Config and Context-PEFT's IA3 form share it.)"""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
-        raise ConfigError(f"IA3Config.feedforward must be a list of roles or module-name patterns "
+        raise ConfigError(f"{owner}.feedforward must be a list of roles or module-name patterns "
                           f"(non-empty strings such as 'ffn.down' or 'mlp.c_proj'), got {value!r}")
+    for key in items:
+        try:
+            matches_path(key, "")
+        except re.error as e:
+            raise ConfigError(f"{owner}.feedforward entry {key!r} is neither a role nor a valid "
+                              f"regex ({e}); roles: ffn.down, ffn.up, ...; or a module name such "
+                              "as 'mlp.down_proj'") from None
     return list(items)
 
 
@@ -47,19 +55,12 @@ class IA3Config(MethodConfig):
     projection, whose input is the FFN activation the paper rescales.
     """
 
-    method = "ia3"
     targets: str | list[str] = field(default_factory=lambda: ["attn.k", "attn.v", "ffn.down"])
     feedforward: list[str] = field(default_factory=lambda: ["ffn.down"])
 
     def validate(self) -> None:
         super().validate()
-        for key in _feedforward_list(self.feedforward):
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise ConfigError(f"IA3Config.feedforward entry {key!r} is neither a role nor a valid "
-                                  f"regex ({e}); roles: ffn.down, ffn.up, ...; or a module name such "
-                                  "as 'mlp.down_proj'") from None
+        check_feedforward(self.feedforward, "IA3Config")
 
     def scales_input(self, site: Site) -> bool:
         """Whether the site's vector scales the layer input (a feed-forward site)."""
@@ -95,7 +96,6 @@ class IA3Delta(Delta):
     """One learned vector `ia3_l`: it scales the output (stage "output") or the input (stage
     "input") of the wrapped layer."""
 
-    mergeable = True
 
     def __init__(self, size: int, scale_input: bool, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -203,7 +203,7 @@ def _peft_is_feedforward(feedforward: Any, path: str) -> bool:
     return any(path.endswith(key) for key in feedforward or [])
 
 
-def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
                ) -> tuple[IA3Config, list[Site], dict[tuple[str, str], torch.Tensor]]:
     """IA3 sites from the `ia3_l` tensors; a site is input-scaled when peft's rule puts it in
     `feedforward_modules`. Tensors of `modules_to_save` copies come back keyed by the copied
@@ -261,11 +261,10 @@ METHOD = Method(
         insertion="in-place",
         insertions_per_layer="1 per targeted projection (3 per layer by default: k, v, ffn.down)",
         workspace="attention (K, V) and the FFN intermediate activation",
-        mergeable=True,
         param_formula="d_out per output-scaled site, d_in per feed-forward (input-scaled) site",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
     composition="scale",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -55,7 +55,7 @@ from ..core.layer import AdaptedLayer, Delta
 from ..core.terms import LossContext, LossTerm
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 
 
 @dataclass
@@ -70,7 +70,6 @@ class KasaConfig(MethodConfig):
     as the authors' code does (see the module docstring).
     """
 
-    method = "kasa"
     targets: str | list[str] = field(default_factory=lambda: ["attn.q", "attn.v"])
     r: int = 8
     alpha: float = 16.0
@@ -112,7 +111,6 @@ def dropped_components(d_in: int, d_out: int, r: int, code_compat: bool = False)
 class KasaDelta(Delta):
     """s · B diag(δ) A on top of the truncated base, with the dropped triplets kept for restore."""
 
-    mergeable = True
     algebra = "add"
 
     def __init__(self, d_in: int, d_out: int, r: int, n_drop: int, scaling: float, *,
@@ -347,11 +345,10 @@ METHOD = Method(
         insertion="parallel",
         insertions_per_layer="1 per targeted projection",
         workspace="the targeted projections (attention Q, V by default)",
-        mergeable=True,
         param_formula="r·(d_in + d_out + 1) per site (+ as many frozen for the dropped triplets)",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({Capability.MERGE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

@@ -17,7 +17,7 @@ from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 
 
 @dataclass
@@ -25,7 +25,6 @@ class LNTuningConfig(MethodConfig):
     """LayerNorm tuning on norm sites (default: every norm). `bias`: also train the norm biases
     where the norm has one (RMSNorm has none)."""
 
-    method = "ln-tuning"
     targets: str | list[str] = field(default_factory=lambda: ["norm"])
     bias: bool = True
 
@@ -62,7 +61,6 @@ class NormDelta(Delta):
 
     stage = "params"
     algebra = "add"
-    mergeable = True
     mixed = MixedNormDeltas
 
     def __init__(self, size: int, with_bias: bool, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -128,11 +126,10 @@ METHOD = Method(
         insertion="in-place",
         insertions_per_layer="1 per norm (2 per layer: pre-attention and pre-FFN, plus the final norm)",
         workspace="the norms around attention and FFN sublayers",
-        mergeable=True,
         param_formula="d per norm (weight), + d where the norm has a bias",
     ),
     layer_kinds=("norm",),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
     composition="additive",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -6,24 +6,31 @@ PiSSA (Meng et al., 2024) starts A, B at the top-r singular triplets of W. Inste
 the base weight to its residual, the delta carries the frozen initial factors (A0, B0) and adds
 s · (B A − B0 A0): the base stays untouched, so disable, unmerge and peft export are exact, and
 training sees the same gradients as PiSSA's residual form.
+
+peft format (LORA): `to_peft` / `from_peft` at the end of this file; BA-LoRA exports through them.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from ..core.errors import ConfigError
+from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..core.sites import Site
+from ..core.model import AdaptedModel, Adapter
+from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig, pattern_value
+from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
+from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
@@ -38,7 +45,6 @@ class LoraConfig(MethodConfig):
     module-path regex to a per-site rank / alpha. `dtype` defaults to the base weight's dtype.
     """
 
-    method = "lora"
     targets: str | list[str] = field(default_factory=lambda: ["attn.q", "attn.v"])
     r: int = 8
     alpha: float = 16.0
@@ -196,7 +202,6 @@ class LowRankDelta(Delta):
     weight updates, so inference pays them once).
     """
 
-    mergeable = True
     mixed = MixedLowRank
 
     def __init__(self, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float = 0.0,
@@ -419,6 +424,130 @@ def _describe(config: LoraConfig) -> str:
     return ", ".join(parts)
 
 
+# ---- peft format ---------------------------------------------------------------------------------
+# peft tensor name per (our tensor name, site kind); embeddings keep bare parameters in peft.
+PEFT_TENSOR_NAMES = {
+    ("lora_A", "linear"): "lora_A.weight", ("lora_B", "linear"): "lora_B.weight",
+    ("lora_A", "embedding"): "lora_embedding_A", ("lora_B", "embedding"): "lora_embedding_B",
+    ("magnitude", "linear"): "lora_magnitude_vector",
+}
+_FROM_PEFT_NAMES = {peft: ours for (ours, _), peft in PEFT_TENSOR_NAMES.items()}
+# peft's init_lora_weights per our init (PiSSA is written as its plain factors: see to_peft)
+PEFT_INIT = {"zero": True, "gaussian": "gaussian", "random": False, "pissa": True}
+_BASE_WEIGHT = ".base_layer.weight"
+
+
+def to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """LoRA's peft config fields and tensors (full peft keys). A PiSSA adapter is written as the
+    rank-2r LoRA s·[B, −B0]·[A; A0] (`LowRankDelta.factors`), which equals its delta on the
+    untouched base weight, so peft needs no residual model; every site keeps its scaling s at the
+    exported rank through rank_pattern / alpha_pattern."""
+    name, config = adapter.name, adapter.config
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for site in adapter.sites:
+        layer = adapter.layers[site.path]
+        delta = layer.deltas[name]
+        kind = "embedding" if layer.kind == "embedding" else "linear"
+        B, A = (t.detach() for t in delta.factors())
+        r = A.shape[0]
+        # Keep the site's scaling s at the exported rank: α' = s·r' (rsLoRA: s·√r').
+        alpha = delta.scaling * (math.sqrt(r) if config.rslora else r)
+        if r != config.r:
+            rank_pattern[re.escape(site.path)] = r
+        if not math.isclose(alpha, config.alpha, rel_tol=1e-12):
+            alpha_pattern[re.escape(site.path)] = alpha
+        ours = {"lora_A": A, "lora_B": B}
+        if delta.magnitude is not None:
+            ours["magnitude"] = delta.magnitude.detach()
+        for tname, t in ours.items():
+            tensors[f"{PREFIX}{site.path}.{PEFT_TENSOR_NAMES[(tname, kind)]}"] = t
+    kinds = {layer.kind for layer in adapter.layers.values()}
+    fields = {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "target_modules": [s.path for s in adapter.sites],
+        "lora_dropout": config.dropout,
+        "fan_in_fan_out": "conv1d" in kinds,
+        "bias": "none",
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "modules_to_save": list(adapter.copies) or None,
+        "init_lora_weights": PEFT_INIT[config.init],
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+    return fields, tensors
+
+
+def from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+              ) -> tuple[LoraConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
+    """A LoRA config, its sites and tensors from a peft LORA directory; tensors of
+    `modules_to_save` copies come back keyed by the copied module's path."""
+    if cfg.get("bias", "none") != "none":
+        raise CapabilityError(f"{directory}: LoRA with bias={cfg['bias']!r} is not supported")
+    if "r" not in cfg:
+        raise CheckpointError(f"{CONFIG_FILE} has no 'r' (the LoRA rank)")
+    # peft adds 'classifier' and 'score' for SEQ_CLS whether or not they exist: skip misses.
+    found = match_targets(am.model, cfg.get("modules_to_save") or [])
+    copy_sites = sites_at(am.model, sorted(set().union(set(), *found.values())))
+    copy_paths = sorted({s.path for s in copy_sites}, key=len, reverse=True)   # innermost first
+    lora: dict[tuple[str, str], torch.Tensor] = {}
+    copies: dict[tuple[str, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise CheckpointError(f"tensor {key!r} of {TENSORS_FILE} lacks the {PREFIX!r} prefix of "
+                                  "peft's format")
+        rest = key[len(PREFIX):]
+        if rest.endswith(_BASE_WEIGHT):
+            _check_unchanged_base(am, rest[: -len(_BASE_WEIGHT)], t)
+            continue
+        owner = next((p for p in copy_paths if rest.startswith(p + ".")), None)
+        if owner is not None:
+            copies[(owner, rest[len(owner) + 1:])] = t
+            continue
+        peft_name = next((n for n in _FROM_PEFT_NAMES if rest.endswith("." + n)), None)
+        if peft_name is None:
+            raise CheckpointError(f"tensor {key!r} of {TENSORS_FILE} is neither a LoRA tensor nor "
+                                  "part of modules_to_save")
+        lora[(rest[: -len(peft_name) - 1], _FROM_PEFT_NAMES[peft_name])] = t
+    paths = list(dict.fromkeys(p for p, _ in lora))
+
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    peft_alphas = cfg.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = {}, {}
+    for path in paths:
+        site_r = lora[(path, "lora_A")].shape[0]
+        site_alpha = next((v for k, v in peft_alphas.items() if matches_path(k, path)), None) or alpha
+        if site_r != r:
+            rank_pattern[re.escape(path)] = site_r
+        if site_alpha != alpha:
+            alpha_pattern[re.escape(path)] = float(site_alpha)
+    config = LoraConfig(targets=paths, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                        rslora=bool(cfg.get("use_rslora", False)), dora=bool(cfg.get("use_dora", False)),
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        modules_to_save=[s.path for s in copy_sites] or None)
+    return config, sites_at(am.model, paths, am.site_roles()), {**lora, **copies}
+
+
+def _check_unchanged_base(am: AdaptedModel, path: str, weight: torch.Tensor) -> None:
+    """peft saves an adapted embedding's base weight too (in case the vocabulary was resized).
+    We import it only as a check: it must equal this model's weight."""
+    try:
+        base = am.model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(f"the adapter carries a base weight for {path!r}, which this model "
+                              "does not have") from None
+    current = getattr(base, "weight", None)
+    if current is None or current.shape != weight.shape or not torch.equal(current, weight.to(current.dtype)):
+        raise CheckpointError(f"the adapter carries a modified base weight for {path!r} (a resized or "
+                              "retrained embedding); peftlab imports only LoRA deltas. Load the "
+                              "matching base model, or save from peft with save_embedding_layers=False")
+
+
 METHOD = Method(
     name="lora",
     title="LoRA",
@@ -434,13 +563,15 @@ METHOD = Method(
         insertion="parallel",
         insertions_per_layer="1 per targeted projection",
         workspace="the targeted projections (attention Q, V by default)",
-        mergeable=True,
         param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
-    capabilities=frozenset({"merge", "mixed-batch", "train-in-mixed-batch"}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,
+    peft_type="LORA",
+    to_peft=to_peft,
+    from_peft=from_peft,
 )

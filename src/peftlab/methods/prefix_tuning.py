@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,21 +38,11 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
-from ..core.sites import Site, attention_heads, resolve_sites, text_config
+from ..core.model import AdaptedModel, Adapter
+from ..core.sites import Site, attention_heads, layer_index, resolve_sites, text_config
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
-from .prompt_tuning import (
-    _batch_and_length,
-    _check_generates,
-    _prepend,
-    check_peft_header,
-    copy_paths_of,
-    head_tensors,
-    model_shape,
-    peft_task,
-    prompt_tensor,
-    split_copies,
-)
+from . import _prompting as prompting   # what prompt and prefix tuning share
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2",
                  "albert", "camembert", "modernbert")
@@ -66,7 +57,6 @@ class PrefixTuningConfig(MethodConfig):
     nn.Embedding (with the MLP, its layers start as torch's defaults).
     """
 
-    method = "prefix"
     targets: str | list[str] = field(default_factory=lambda: ["attn.kv"])
     num_virtual_tokens: int = 20
     projection_hidden: int | None = None
@@ -91,7 +81,7 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
             f"prefix tuning is not supported on the encoder {type(model).__name__}: transformers 5 "
             "encoders take no prefix cache (peft 0.21 fails there too). Use prompt tuning, LoRA or "
             "IA3 for encoders")
-    layers, _ = model_shape(model)
+    layers, _ = prompting.model_shape(model)
     _, kv_heads, head_dim = attention_heads(model)    # model_shape has checked the head count
     return layers, kv_heads, head_dim
 
@@ -234,7 +224,7 @@ class PrefixHook(InputHook):
     # ---- InputHook ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
-        batch, _ = _batch_and_length(kwargs)
+        batch, _ = prompting.batch_and_length(kwargs)
         for arg in ("cache", "past_key_values"):
             given = kwargs.pop(arg, None)
             if given is not None and (not hasattr(given, "get_seq_length") or given.get_seq_length()):
@@ -243,13 +233,13 @@ class PrefixHook(InputHook):
         embeds = kwargs.get("inputs_embeds")
         kwargs[self.cache_arg] = self.cache(model, batch, embeds.dtype if embeds is not None else None)
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _prepend(kwargs["attention_mask"], self.n, 1)
+            kwargs["attention_mask"] = prompting.prepend(kwargs["attention_mask"], self.n, 1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
         return kwargs
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
-        _check_generates(model)
+        prompting.check_generates(model)
         kwargs = dict(kwargs)
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -265,7 +255,7 @@ class PrefixHook(InputHook):
             mask = torch.ones_like(ids)
         # The mask covers prefix + input while input_ids do not: generate then feeds all of
         # input_ids after the cached prefix, numbering positions from the mask (n, n+1, ...).
-        kwargs["attention_mask"] = _prepend(mask, self.n, 1)
+        kwargs["attention_mask"] = prompting.prepend(mask, self.n, 1)
         kwargs[self.cache_arg] = self.cache(model, ids.shape[0])
         return model.generate(**kwargs)
 
@@ -297,7 +287,6 @@ def _build_hook(model: nn.Module, config: PrefixTuningConfig, parts: dict[str, n
 
 
 def _layer_index(path: str) -> int:
-    from ..core.sites import layer_index
     idx = layer_index(path)
     if idx is None:
         raise ConfigError(f"{path!r} is not inside a numbered transformer layer; prefix tuning "
@@ -311,14 +300,14 @@ def _describe(config: PrefixTuningConfig) -> str:
 
 
 # ---- peft format ---------------------------------------------------------------------------------
-def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config: PrefixTuningConfig = adapter.config
     hook: PrefixHook = adapter.hook
     with torch.no_grad():
         flat = hook.flat().detach().clone()
     kv_dim = hook.kv_heads * hook.head_dim
     fields = {
-        "task_type": peft_task(am.model),
+        "task_type": prompting.peft_task(am.model),
         "num_virtual_tokens": config.num_virtual_tokens,
         "token_dim": kv_dim,
         "num_transformer_submodules": 1,
@@ -329,11 +318,12 @@ def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
         "init_weights": None,
         "modules_to_save": list(adapter.copies) or None,
     }
-    return fields, {"prompt_embeddings": flat, **head_tensors(am, adapter, fields)}
+    return fields, {"prompt_embeddings": flat, **prompting.head_tensors(am, adapter, fields)}
 
 
-def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any):
-    check_peft_header(cfg)
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+               ) -> tuple[PrefixTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
+    prompting.check_peft_header(cfg)
     layers, kv_heads, head_dim = kv_layout(am.model)
     kv_dim = kv_heads * head_dim
     if (int(cfg.get("token_dim") or kv_dim), int(cfg.get("num_attention_heads") or kv_heads),
@@ -343,9 +333,9 @@ def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], d
             f"heads, {cfg.get('num_layers')} layers) differs from this model's key/value layout "
             f"({kv_dim}, {kv_heads} kv heads, {layers} layers)")
     n = int(cfg["num_virtual_tokens"])
-    flat = prompt_tensor(tensors, (n, layers * 2 * kv_dim), "PREFIX_TUNING")
+    flat = prompting.prompt_tensor(tensors, (n, layers * 2 * kv_dim), "PREFIX_TUNING")
     sites = resolve_sites(am.model, ["attn.kv"], roles=am.site_roles())
-    copies = copy_paths_of(am, cfg, tensors)
+    copies = prompting.copy_paths_of(am, cfg, tensors)
     config = PrefixTuningConfig(targets=[s.path for s in sites], num_virtual_tokens=n,
                                 modules_to_save=copies or None)
     chunks = flat.view(n, layers * 2, kv_dim)
@@ -355,7 +345,7 @@ def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], d
         idx = int(idx) if idx is not None else _layer_index(site.path)
         out[(site.path, "key")] = chunks[:, 2 * idx].clone()
         out[(site.path, "value")] = chunks[:, 2 * idx + 1].clone()
-    out.update(split_copies(am, tensors, copies))
+    out.update(prompting.split_copies(tensors, copies))
     return config, sites, out
 
 
@@ -374,7 +364,6 @@ METHOD = Method(
         insertion="in-sequence",
         insertions_per_layer="n key/value positions per attention layer",
         workspace="attention keys and values",
-        mergeable=False,
         param_formula="2·n·kv_heads·head_dim per layer",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer

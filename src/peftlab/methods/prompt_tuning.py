@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,13 +39,25 @@ from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import InputHook, layer_kind
-from ..core.sites import Site, attention_heads, resolve_sites, unwrap
+from ..core.model import AdaptedModel, Adapter
+from ..core.sites import Site, resolve_sites, unwrap
 from ..core.typology import Typology
 from ..core.method import Method, MethodConfig
+from ._prompting import (
+    batch_and_length,
+    check_generates,
+    check_peft_header,
+    copy_paths_of,
+    head_tensors,
+    model_shape,
+    peft_task,
+    prepend,
+    prompt_tensor,
+    split_copies,
+)
 
 INITS = ("random", "vocab", "text")
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
-PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS")
 
 
 @dataclass
@@ -56,7 +69,6 @@ class PromptTuningConfig(MethodConfig):
     repeated or truncated to n tokens, as peft's TEXT init).
     """
 
-    method = "prompt"
     targets: str | list[str] = field(default_factory=lambda: ["embed"])
     num_virtual_tokens: int = 20
     init: str = "random"
@@ -122,21 +134,6 @@ def _tensor_shapes(layer: Any, site: Site, config: PromptTuningConfig) -> dict[s
     return {"prompt": (config.num_virtual_tokens, _embedding_of(site).weight.shape[1])}
 
 
-def _batch_and_length(kwargs: dict[str, Any]) -> tuple[int, int]:
-    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    if ids is not None:
-        return ids.shape[0], ids.shape[1]
-    if embeds is not None:
-        return embeds.shape[0], embeds.shape[1]
-    raise ValueError("a prompt/prefix adapter needs input_ids or inputs_embeds")
-
-
-def _prepend(t: torch.Tensor | None, n: int, fill: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    return torch.cat([t.new_full((t.shape[0], n), fill), t], dim=1)
-
-
 class PromptHook(InputHook):
     """Prepends the prompt to the input embeddings (see the module docstring)."""
 
@@ -150,7 +147,7 @@ class PromptHook(InputHook):
 
     def _embeds(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
         kwargs = dict(kwargs)
-        batch, length = _batch_and_length(kwargs)
+        batch, length = batch_and_length(kwargs)
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
@@ -159,7 +156,7 @@ class PromptHook(InputHook):
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            kwargs["attention_mask"] = _prepend(mask, self.n, 1)
+            kwargs["attention_mask"] = prepend(mask, self.n, 1)
         return kwargs, batch, length
 
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +164,9 @@ class PromptHook(InputHook):
         kwargs, _, length = self._embeds(model, kwargs)
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
-            kwargs["labels"] = _prepend(labels, n, -100)
+            kwargs["labels"] = prepend(labels, n, -100)
         if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], n, 0)
+            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
         positions = kwargs.get("position_ids")
         if positions is not None:
             virtual = torch.arange(n, device=positions.device, dtype=positions.dtype)
@@ -186,7 +183,7 @@ class PromptHook(InputHook):
         return output
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
-        _check_generates(model)
+        check_generates(model)
         ids = kwargs.get("input_ids")
         if ids is None:
             raise ValueError("generate with a prompt adapter needs input_ids")
@@ -202,15 +199,6 @@ class PromptHook(InputHook):
             return torch.cat([ids.to(out.device), out], dim=1)
         out.sequences = torch.cat([ids.to(out.sequences.device), out.sequences], dim=1)
         return out
-
-
-def _check_generates(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise CapabilityError("generate with prompt/prefix adapters supports decoder-only models")
-    can = getattr(model, "can_generate", None)
-    if not hasattr(model, "generate") or (callable(can) and not can()):
-        raise CapabilityError(f"{type(model).__name__} does not generate text")
 
 
 def _build_hook(model: nn.Module, config: PromptTuningConfig, parts: dict[str, nn.Module]) -> PromptHook:
@@ -230,29 +218,7 @@ def _describe(config: PromptTuningConfig) -> str:
 
 
 # ---- peft format ---------------------------------------------------------------------------------
-def peft_task(model: nn.Module) -> str:
-    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM or SEQ_CLS)."""
-    from ..interop.peft_format import _task_type
-    task = _task_type(model, ["head"])
-    if task not in PEFT_TASKS:
-        raise CapabilityError(f"peft's prompt learning needs a causal LM or a sequence classifier; "
-                              f"{type(model).__name__} is neither (peft task {task!r})")
-    return task
-
-
-def model_shape(model: nn.Module) -> tuple[int, int]:
-    """(num_layers, num_attention_heads) from the model config, as peft reads them."""
-    cfg = model.config
-    layers = next(getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, k))
-    heads = attention_heads(model)
-    if heads is None:
-        raise CapabilityError(f"the config of {type(model).__name__} declares no attention head count "
-                              "(num_attention_heads / n_head / num_heads), which peft's prompt-learning "
-                              "format records; set it in the config")
-    return int(layers), heads[0]
-
-
-def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config: PromptTuningConfig = adapter.config
     prompt = next(iter(adapter.parts().values())).prompt.detach()
     layers, heads = model_shape(am.model)
@@ -272,69 +238,8 @@ def _to_peft(am: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
     return fields, {"prompt_embeddings": prompt.clone(), **head_tensors(am, adapter, fields)}
 
 
-def head_tensors(am: Any, adapter: Any, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """peft's SEQ_CLS prompt learning always trains and loads the head ('classifier' or
-    'score'); without a trained copy we write the base head's tensors, unchanged."""
-    if fields["task_type"] != "SEQ_CLS" or adapter.copies:
-        return {}
-    heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
-    if not heads:
-        raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
-                              f"head; {type(am.model).__name__} has neither")
-    fields["modules_to_save"] = heads
-    return {f"base_model.{h}.{k}": t.detach().clone()
-            for h in heads for k, t in am.model.get_submodule(h).state_dict().items()}
-
-
-def check_peft_header(cfg: dict[str, Any]) -> None:
-    if cfg.get("task_type") not in PEFT_TASKS + (None,):
-        raise CapabilityError(f"peft task_type {cfg.get('task_type')!r} is not supported for "
-                              f"prompt learning; peftlab imports {PEFT_TASKS}")
-    if int(cfg.get("num_transformer_submodules") or 1) != 1:
-        raise CapabilityError("encoder-decoder prompt learning (num_transformer_submodules=2) is "
-                              "not supported")
-
-
-def prompt_tensor(tensors: dict[str, torch.Tensor], expected: tuple[int, int], what: str
-                  ) -> torch.Tensor:
-    if "prompt_embeddings" not in tensors:
-        raise CheckpointError(f"the {what} adapter has no 'prompt_embeddings' tensor")
-    t = tensors["prompt_embeddings"]
-    if tuple(t.shape) != expected:
-        raise CheckpointError(f"'prompt_embeddings' is {list(t.shape)} but this model needs "
-                              f"{list(expected)}: the adapter was made for a different base model")
-    return t
-
-
-def split_copies(am: Any, tensors: dict[str, torch.Tensor], copy_paths: list[str]
-                 ) -> dict[tuple[str, str], torch.Tensor]:
-    """modules_to_save tensors of a prompt-learning file, keyed (path, param). peft writes them
-    as `base_model.<path>.<param>` for prompt learning (its base_model is the model itself)."""
-    out = {}
-    for key, t in tensors.items():
-        if key == "prompt_embeddings":
-            continue
-        rest = key.removeprefix("base_model.model.").removeprefix("base_model.")
-        owner = next((p for p in sorted(copy_paths, key=len, reverse=True)
-                      if rest.startswith(p + ".")), None)
-        if owner is None:
-            raise CheckpointError(f"tensor {key!r} is neither 'prompt_embeddings' nor part of "
-                                  f"modules_to_save {copy_paths}")
-        out[(owner, rest[len(owner) + 1:])] = t
-    return out
-
-
-def copy_paths_of(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The modules_to_save paths that the file actually carries (peft lists 'classifier' and
-    'score' for SEQ_CLS whether they exist or not)."""
-    from ..core.sites import match_targets
-    found = match_targets(am.model, cfg.get("modules_to_save") or [])
-    paths = sorted(set().union(set(), *found.values()))
-    keys = [k.removeprefix("base_model.model.").removeprefix("base_model.") for k in tensors]
-    return [p for p in paths if any(k.startswith(p + ".") for k in keys)]
-
-
-def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any):
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+               ) -> tuple[PromptTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
     check_peft_header(cfg)
     sites = resolve_sites(am.model, ["embed"], roles=am.site_roles())
     if len(sites) != 1:
@@ -346,7 +251,7 @@ def _from_peft(am: Any, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], d
     config = PromptTuningConfig(targets=[sites[0].path], num_virtual_tokens=n,
                                 modules_to_save=copies or None)
     out = {(sites[0].path, "prompt"): t}
-    out.update(split_copies(am, tensors, copies))
+    out.update(split_copies(tensors, copies))
     return config, sites, out
 
 
@@ -365,7 +270,6 @@ METHOD = Method(
         insertion="in-sequence",
         insertions_per_layer="n virtual tokens before the first layer",
         workspace="embedding",
-        mergeable=False,
         param_formula="n·d (virtual tokens × embedding width)",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer

@@ -67,7 +67,7 @@ from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.sites import Site, attention_heads, resolve_sites, unwrap, weight_axes, weight_out_in
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 from .lora import LoraConfig
 
 SELECTIONS = ("random", "weight", "gradient")
@@ -93,7 +93,6 @@ class S2FTConfig(MethodConfig):
     impose a selection.
     """
 
-    method = "s2ft"
     targets: str | list[str] = field(default_factory=list)
     v_ratio: float = 0.0
     o_ratio: float = 0.0
@@ -363,7 +362,6 @@ class SliceDelta(Delta):
     """S2FT's trainable slice of one weight: `S` and the selected `index` (rows for the column
     type, columns for the row type)."""
 
-    mergeable = True
     stage = "output"
     algebra = "add"
 
@@ -516,11 +514,10 @@ METHOD = Method(
         insertion="in-place",
         insertions_per_layer="1 per coupled projection (V, O, up, gate, down)",
         workspace="selected heads (V rows, O columns) and FFN channels (up/gate rows, down columns)",
-        mergeable=True,
         param_formula="n_sel·d_in (V/up/gate rows) or d_out·n_sel (O/down columns) per site",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({"merge"}),
+    capabilities=frozenset({Capability.MERGE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,
