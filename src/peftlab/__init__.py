@@ -59,6 +59,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
 from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
+from .core.report import card
 from .core.terms import LossContext, LossTerm, delayed_ramp
 from .training.objectives import activation_density, density_term
 from .training.optim import OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes
@@ -80,11 +81,6 @@ from .training.tasks import (
 )
 from .training.loop import TrainConfig, TrainResult, train
 from .core.typology import Typology
-
-
-def card(am: AdaptedModel, name: str) -> str:
-    """The PEFT-Ref typology card of adapter `name`, with its actual sites and parameter count."""
-    return am.card(name)
 
 
 __all__ = [
