@@ -55,6 +55,7 @@ from ..core.errors import (
     PeftlabError,
     close_matches,
 )
+from ..core.attach import remove_delta
 from ..core.layer import AdaptedLayer, ModuleCopies
 from ..core.terms import LossTerm
 from ..core.sites import iter_modules, layer_index, model_family, model_layout, site_roles
@@ -654,11 +655,7 @@ def prune_adapter(am: AdaptedModel, adapter: str, *, keep_ranks: Mapping[str, Se
 
 def _drop_site(am: AdaptedModel, ad, path: str) -> None:
     """Remove adapter `ad`'s delta at `path`; a layer left with no deltas becomes its base layer."""
-    layer = ad.layers.pop(path)
-    layer.deltas[ad.name].release()
-    del layer.deltas[ad.name]
-    if not layer.deltas:
-        am._replace(path, layer.base_layer)
+    remove_delta(am.model, ad.layers.pop(path), path, ad.name)
 
 
 def select_modules(scores: Mapping[str, float], ratio: float) -> set[str]:
