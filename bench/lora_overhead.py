@@ -327,6 +327,7 @@ def profile_components(base, dir_pl: str) -> None:
     fresh copy holding one adapter. Uses peftlab internals."""
     from pathlib import Path
 
+    from peftlab.core.attach import check_tensors
     from peftlab.core.io import TENSORS_FILE, parse_tensor_key, read_tensors
     from peftlab.methods.lora import METHOD, _build
     from peftlab.core.sites import resolve_sites, site_roles, sites_at
@@ -378,11 +379,10 @@ def profile_components(base, dir_pl: str) -> None:
          ms(lambda: [d.initialise(layers[s.path], "zero") for d, s in zip(deltas, sites, strict=True)])),
         (f"AdaptedLayer(base, state) x{n} (first adapter only)",
          ms(lambda: [AdaptedLayer(lay.base_layer, am.state) for lay in lays])),
-        ("_set_requires_grad(adapter) (add and load)", ms(lambda: am._set_requires_grad(ad, False))),
+        ("Adapter.set_trainable (add and load)", ms(lambda: ad.set_trainable(False))),
         ("read_tensors (safe_open + get_tensor x420) (load)", ms(lambda: read_tensors(Path(dir_pl) / TENSORS_FILE))),
-        ("_check_tensors (load)", ms(lambda: am._check_tensors("x", cfg, METHOD, sites, layers, [], tensors, {}))),
+        ("check_tensors (load)", ms(lambda: check_tensors(am.model, "x", cfg, METHOD, sites, layers, [], tensors, {}))),
         (f"state_dict() + copy_ x{n} (load)", ms(fill)),
-        ("_merged_sites(name) (set_active calls it per other adapter)", ms(lambda: am._merged_sites("b"))),
         ("set_active, 2 adapters loaded", ms(lambda: am.set_active(["a"]), n=21)),
         (f"lazy _refresh of all {n} layers (first forward after a switch)", ms(refresh, n=21)),
         ("add_adapter + delete_adapter, whole calls", ms(lambda: (am.add_adapter("t", cfg), am.delete_adapter("t")))),

@@ -12,9 +12,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-from .core.taps import ActivationTaps
 from .assets import Dataset, load_dataset, load_model
-from .core.bank import AdapterBank, BankFullError, UnknownAdapterError
 from .compose import (
     CompositionWarning,
     add,
@@ -24,18 +22,7 @@ from .compose import (
     scale,
     subtract,
 )
-from .training.debias import (
-    PatchConfig,
-    WordPairs,
-    counterfactual_augment,
-    counterfactual_flip_rate,
-    load_patch,
-    load_word_pairs,
-    save_patch,
-    swap_words,
-    train_patch,
-    train_task_on_patch,
-)
+from .core.bank import AdapterBank, BankFullError, UnknownAdapterError
 from .core.errors import (
     AdapterError,
     CapabilityError,
@@ -47,6 +34,13 @@ from .core.errors import (
     TargetNotFoundError,
 )
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
+from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
+from .core.report import card
+from .core.sites import ROLES, Site, describe_sites, resolve_sites
+from .core.taps import ActivationTaps
+from .core.terms import LossContext, LossTerm, delayed_ramp
+from .core.typology import Typology
+from .interop.peft_format import export_peft, import_peft
 from .methods import METHODS, Capability, Method, MethodConfig, get_method
 from .methods.adalink import AdaLinkConfig
 from .methods.balora import BALoraConfig
@@ -61,11 +55,26 @@ from .methods.lora import LoraConfig, LowRankDelta
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
-from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
-from .core.terms import LossContext, LossTerm, delayed_ramp
+from .training.debias import (
+    PatchConfig,
+    WordPairs,
+    counterfactual_augment,
+    counterfactual_flip_rate,
+    load_patch,
+    load_word_pairs,
+    save_patch,
+    swap_words,
+    train_patch,
+    train_task_on_patch,
+)
+from .training.loop import TrainConfig, TrainResult, train
 from .training.objectives import activation_density, density_term
-from .training.optim import OPTIMIZERS, SubspaceAdamW, build_optimizer, optimizer_state_bytes
-from .interop.peft_format import export_peft, import_peft
+from .training.optim import (
+    OPTIMIZERS,
+    SubspaceAdamW,
+    build_optimizer,
+    optimizer_state_bytes,
+)
 from .training.pruning import (
     EarlyPruning,
     PrunePlan,
@@ -74,15 +83,12 @@ from .training.pruning import (
     parse_prune_spec,
     save_plan,
 )
-from .core.sites import ROLES, Site, describe_sites, resolve_sites
 from .training.tasks import (
     CausalLMTask,
     ClassificationTask,
     InstructionClassificationTask,
     RegressionTask,
 )
-from .training.loop import TrainConfig, TrainResult, train
-from .core.typology import Typology
 
 
 def __getattr__(name: str) -> Any:
@@ -91,11 +97,6 @@ def __getattr__(name: str) -> Any:
         return _deprecated_name(name)
     except AttributeError:
         raise AttributeError(f"module 'peftlab' has no attribute {name!r}") from None
-
-
-def card(am: AdaptedModel, name: str) -> str:
-    """The PEFT-Ref typology card of adapter `name`, with its actual sites and parameter count."""
-    return am.card(name)
 
 
 __all__ = [

@@ -6,7 +6,7 @@ A delta acts at one of three stages of the layer's forward (its `stage`):
   "output" — adds its contribution to the running output (LoRA, biases, adapters, scalings).
 When its method declares the MERGE capability (core/method.py), a delta folds itself into the
 base weight (`merge_into`); whether a method merges is stated on its record, never on the delta
-class. Layers read the active adapters from a `RoutingState` shared by the whole model, so
+class. Layers read the active adapters from a `RoutingState` (routing.py) shared by the whole model, so
 switching adapters touches one object, and each layer rebuilds its tuples of active deltas lazily
 on its next forward.
 
@@ -21,7 +21,7 @@ loop over the adapters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ from torch.func import functional_call
 
 from .errors import AdapterError, CapabilityError
 from .sites import dims, weight_out_in
+
+if TYPE_CHECKING:
+    # annotations only: the router (routing.py) looks up methods, whose records name this module's
+    # classes, so routing.py sits above this module
+    from .routing import RoutingState
 
 LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
 
@@ -62,32 +67,6 @@ def forwarding_getattr(child: str):
     return __getattr__
 
 
-class RoutingState:
-    """What every wrapped layer of one model reads: the active adapters and the on/off switch,
-    or, for a routed batch, each example's adapter (which then overrides both).
-
-    `version` grows on every change; layers compare it with the version they last saw.
-    """
-
-    __slots__ = ("active", "enabled", "index", "routed", "stamp", "version", "weights")
-
-    def __init__(self) -> None:
-        self.active: tuple[str, ...] = ()
-        self.enabled = True
-        self.version = 0
-        self.weights: dict[str, float] = {}   # active adapters whose contribution is scaled (≠ 1)
-        # A routed batch: its distinct adapter ids in order of appearance (None: the base model),
-        # and each example's slot among them, a LongTensor (B,). None when no routing is set.
-        self.routed: tuple[str | None, ...] | None = None
-        self.index: torch.Tensor | None = None
-        # Stays the same object while the routed adapters' tensors are unchanged (identity and
-        # version, checked by `AdaptedModel.routed`): layers then reuse their stacked weights.
-        self.stamp: object | None = None
-
-    def changed(self) -> None:
-        self.version += 1
-
-
 class Delta(nn.Module):
     """Base of all deltas. Subclasses set `stage` (see the module docstring), `algebra`, and
     implement the method of their stage plus, when their method declares MERGE, `merge_into` /
@@ -96,7 +75,7 @@ class Delta(nn.Module):
     `algebra` says which deltas it commutes with when merged: "add" (additive deltas commute with
     each other), "scale" (output rescalings), "input" (input rescalings: they commute with
     rescalings but not with additive deltas, which read the rescaled input) and "none" (DoRA's
-    renormalisation commutes with nothing).
+    renormalisation commutes with nothing); `merging.commutes` reads it.
     """
 
     stage = "output"
@@ -193,13 +172,6 @@ class MixedDeltas:
                    out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """stage "output": `out` plus every row's own delta contribution."""
         raise NotImplementedError
-
-
-def commutes(a: Delta, b: Delta) -> bool:
-    """Whether merging `a` and `b` into one weight gives the same result in either order."""
-    if "none" in (a.algebra, b.algebra):
-        return False
-    return a.algebra == b.algebra or {a.algebra, b.algebra} == {"input", "scale"}
 
 
 class AdaptedLayer(nn.Module):

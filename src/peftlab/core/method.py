@@ -15,13 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from .errors import CapabilityError, ConfigError, close_matches
-from .layer import AdaptedLayer, Delta, InputHook, RoutingState
-from .terms import LossTerm
+from .layer import AdaptedLayer, Delta, InputHook
 from .sites import Site
+from .terms import LossTerm
 from .typology import Typology
 
 
@@ -235,19 +234,3 @@ def method_of(config: MethodConfig) -> Method:
         raise ConfigError(f"{type(config).__name__} belongs to no registered method; register a "
                           "Method record with config_cls=" + type(config).__name__)
     return get_method(config.method)
-
-
-def check_routed_training(state: RoutingState, adapters: Mapping[str, Any]) -> None:
-    """CapabilityError when a forward of a routed batch would send gradients to a trainable
-    adapter whose method does not declare TRAIN_IN_MIXED_BATCH; called on every forward, so it
-    returns at once outside routed training. `adapters`: name -> the model's Adapter records."""
-    if state.routed is None or not torch.is_grad_enabled():
-        return
-    for name in state.routed:
-        adapter = adapters.get(name) if name is not None else None
-        if adapter is not None and adapter.trainable and \
-                Capability.TRAIN_IN_MIXED_BATCH not in adapter.method.capabilities:
-            raise adapter.method.refuse(
-                Capability.TRAIN_IN_MIXED_BATCH, name, "a routed (adapter_ids) forward with gradients",
-                f"Train it on batches of its own (set_active({name!r})), or freeze it "
-                "(set_trainable) or run under torch.no_grad() to route it for inference")

@@ -14,7 +14,6 @@ import fnmatch
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch

@@ -11,13 +11,13 @@ and drops them once the terms are computed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -61,6 +61,29 @@ class LossTerm:
             return float(self.weight)
         progress = step / max(total_steps - 1, 1) if total_steps else 0.0
         return float(self.weight) * float(self.schedule(progress))
+
+
+def weighted_sum(terms: Iterable[LossTerm], context: LossContext
+                 ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Σ factor · compute(context) over `terms` (those at factor 0 skipped) and each weighted
+    term's value (for logging); AdapterError when a term reads outputs or activations that no
+    training forward recorded."""
+    total, parts = None, {}
+    for term in terms:
+        factor = term.factor(context.step, context.total_steps)
+        if factor == 0.0:
+            continue
+        if term.needs_outputs and context.outputs is None:
+            raise AdapterError(f"loss term {term.name!r} reads the model's outputs, but no training "
+                               "forward ran through this AdaptedModel since the last auxiliary_loss()")
+        if term.activations and not context.model.taps.get(term.activations[0]):
+            raise AdapterError(f"loss term {term.name!r} reads activations {term.activations}, but "
+                               "no training forward ran through this AdaptedModel since the last "
+                               "auxiliary_loss()")
+        value = factor * term.compute(context)
+        parts[term.name] = float(value.detach())
+        total = value if total is None else total + value
+    return total, parts
 
 
 def cosine_decay(to: float) -> Callable[[float], float]:

@@ -18,7 +18,14 @@ from ..core.errors import AdapterError, CapabilityError, CheckpointError, Peftla
 from ..core.io import commit_files, read_json, read_tensors, write_json, write_tensors
 from ..core.method import METHODS
 from ..core.model import AdaptedModel, Adapter
-from .peft_names import CONFIG_FILE, PEFT_VERSION, PREFIX, PROMPT_LEARNING_PREFIX, TENSORS_FILE, task_type
+from .peft_names import (
+    CONFIG_FILE,
+    PEFT_VERSION,
+    PREFIX,
+    PROMPT_LEARNING_PREFIX,
+    TENSORS_FILE,
+    task_type,
+)
 
 
 def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,

@@ -23,7 +23,7 @@ def task_type(model: nn.Module, *, head_in_file: bool) -> str | None:
     """peft's task type for this model class (None when transformers maps it to no task).
     peft's SEQ_CLS / TOKEN_CLS / QA models expect the head in the file, so unless it is there
     (`head_in_file`: a trained head copy) the adapter is written task-agnostic (None)."""
-    from transformers.models.auto import modeling_auto   # on first use: a heavy import
+    from transformers.models.auto import modeling_auto  # on first use: a heavy import
     cls = type(model).__name__
     task = next((task for mapping, task in _TASK_MAPPINGS
                  if cls in getattr(modeling_auto, mapping, {}).values()), None)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from ..core.method import METHODS, Capability, Method, MethodConfig, get_method, method_of, register
+from ..core.method import (
+    METHODS,
+    Capability,
+    Method,
+    MethodConfig,
+    get_method,
+    method_of,
+    register,
+)
 
 _MODULES = ("lora", "ia3", "bitfit", "ln_tuning", "bottleneck", "prompt_tuning", "prefix_tuning", "adalink",
             "kasa", "balora", "s2ft", "context_peft")

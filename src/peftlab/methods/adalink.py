@@ -24,9 +24,9 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
+from ..core.method import Capability, Method, MethodConfig
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig
 
 ACTIVATIONS = {"identity": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 INITS = ("zero", "random")

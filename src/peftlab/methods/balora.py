@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError, PeftlabError
+from ..core.method import Capability, Method
 from ..core.terms import LossContext, LossTerm, cosine_decay, delayed_ramp
 from . import lora
-from ..core.method import Capability, Method
 from .lora import LoraConfig
 
 FORMS = ("auto", "nlu", "nlg", "nlg-refined")
@@ -395,12 +395,8 @@ def reference_logits(am, inputs: dict) -> torch.Tensor:
     params = inspect.signature(am.model.forward).parameters
     if "use_cache" in params and "use_cache" not in ref_inputs:
         ref_inputs["use_cache"] = False
-    kept = am.__dict__.get("_last_forward")
-    try:
-        with torch.no_grad(), am.disabled(), _eval_mode(am.model):
-            return _logits_of(am(**ref_inputs))
-    finally:
-        am.__dict__["_last_forward"] = kept
+    with torch.no_grad(), am.keeping_last_forward(), am.disabled(), _eval_mode(am.model):
+        return _logits_of(am(**ref_inputs))
 
 
 class _Regularisers:

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..core.errors import CapabilityError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.method import Capability, Method, MethodConfig
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig
 
 
 @dataclass

@@ -32,9 +32,9 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta
+from ..core.method import Method, MethodConfig
 from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}

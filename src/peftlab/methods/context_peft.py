@@ -65,9 +65,9 @@ from torch import nn
 
 from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabError
 from ..core.layer import AdaptedLayer, Delta, InputHook
+from ..core.method import Capability, Method, MethodConfig
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig
 from .bitfit import BiasDelta, bias_slot
 from .ia3 import IA3Config, IA3Delta, check_feedforward
 from .lora import LowRankDelta

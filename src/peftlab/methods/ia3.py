@@ -19,10 +19,10 @@ from torch import nn
 
 from ..core.errors import AdapterError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, dims, match_targets, sites_at
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
 from ..interop.peft_names import PREFIX
 
 TENSOR = "ia3_l"

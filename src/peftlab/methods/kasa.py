@@ -52,10 +52,10 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.terms import LossContext, LossTerm
-from ..core.sites import Site
-from ..core.typology import Typology
 from ..core.method import Capability, Method, MethodConfig
+from ..core.sites import Site
+from ..core.terms import LossContext, LossTerm
+from ..core.typology import Typology
 
 
 @dataclass

@@ -15,9 +15,9 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas
+from ..core.method import Capability, Method, MethodConfig
 from ..core.sites import Site
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig
 
 
 @dataclass

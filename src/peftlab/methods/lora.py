@@ -26,10 +26,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
-from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
 
 INITS = ("zero", "gaussian", "random", "pissa")

@@ -38,11 +38,11 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
+from ..core.method import Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, attention_heads, layer_index, resolve_sites, text_config
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
-from . import _prompting as prompting   # what prompt and prefix tuning share
+from . import _prompting as prompting  # what prompt and prefix tuning share
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta", "deberta-v2",
                  "albert", "camembert", "modernbert")

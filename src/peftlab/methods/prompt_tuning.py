@@ -39,10 +39,10 @@ from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import InputHook, layer_kind
+from ..core.method import Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, resolve_sites, unwrap
 from ..core.typology import Typology
-from ..core.method import Method, MethodConfig
 from ._prompting import (
     batch_and_length,
     check_generates,

@@ -65,9 +65,16 @@ from torch import nn
 
 from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.sites import Site, attention_heads, resolve_sites, unwrap, weight_axes, weight_out_in
-from ..core.typology import Typology
 from ..core.method import Capability, Method, MethodConfig
+from ..core.sites import (
+    Site,
+    attention_heads,
+    resolve_sites,
+    unwrap,
+    weight_axes,
+    weight_out_in,
+)
+from ..core.typology import Typology
 from .lora import LoraConfig
 
 SELECTIONS = ("random", "weight", "gradient")

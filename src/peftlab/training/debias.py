@@ -66,8 +66,8 @@ from ..core.errors import CheckpointError, ConfigError, DataError
 from ..core.io import commit_files, read_json, write_json
 from ..core.method import MethodConfig
 from ..methods.lora import LoraConfig
-from .tasks import IGNORE
 from .loop import TaskLike, TrainConfig, TrainResult, train
+from .tasks import IGNORE
 
 if TYPE_CHECKING:
     from ..core.model import AdaptedModel

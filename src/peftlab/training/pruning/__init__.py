@@ -50,8 +50,23 @@ from .importance import (
     output_ratio,
     taylor_rank_scores,
 )
-from .masks import L1_TERM, MASK_GLOB, MASK_MODULE, PruningMasks, attach_masks, detach_masks, mask_l1_term
-from .plan import PLAN_FILE, PrunePlan, load_plan, lowest_at_quantile, plan_from_masks, save_plan
+from .masks import (
+    L1_TERM,
+    MASK_GLOB,
+    MASK_MODULE,
+    PruningMasks,
+    attach_masks,
+    detach_masks,
+    mask_l1_term,
+)
+from .plan import (
+    PLAN_FILE,
+    PrunePlan,
+    load_plan,
+    lowest_at_quantile,
+    plan_from_masks,
+    save_plan,
+)
 from .spec import RATIO_KEYS, PruneRatios, parse_prune_spec
 
 __all__ = [

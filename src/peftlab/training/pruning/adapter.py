@@ -10,8 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from ...core.attach import remove_delta
 from ...core.errors import AdapterError, CapabilityError, ConfigError, close_matches
-from ...core.model import Adapter, AdaptedModel
+from ...core.model import AdaptedModel, Adapter
 from ...methods.lora import LoraConfig, LowRankDelta
 
 
@@ -72,10 +73,7 @@ def prune_adapter(am: AdaptedModel, adapter: str, *, keep_ranks: Mapping[str, Se
 
 def _drop_site(am: AdaptedModel, ad: Adapter, path: str) -> None:
     """Remove adapter `ad`'s delta at `path`; a layer left with no deltas becomes its base layer."""
-    layer = ad.layers.pop(path)
-    layer.remove_delta(ad.name)
-    if not layer.deltas:
-        am.model.set_submodule(path, layer.base_layer)
+    remove_delta(am.model, ad.layers.pop(path), path, ad.name)
 
 
 def select_modules(scores: Mapping[str, float], ratio: float) -> set[str]:

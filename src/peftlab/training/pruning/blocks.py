@@ -10,7 +10,15 @@ from torch import nn
 
 from ...core.errors import CapabilityError
 from ...core.model import AdaptedModel
-from ...core.sites import attention_heads, dims, iter_modules, layer_index, model_family, model_layout, site_roles
+from ...core.sites import (
+    attention_heads,
+    dims,
+    iter_modules,
+    layer_index,
+    model_family,
+    model_layout,
+    site_roles,
+)
 
 SUPPORTED_LAYOUTS = ("bert", "llama", "gpt2")
 _NEEDED_ROLES = ("attn.out", "attn.o", "ffn.up", "ffn.down")

@@ -11,7 +11,14 @@ from ...methods.lora import LoraConfig
 from .adapter import prune_adapter, select_modules, select_ranks
 from .blocks import find_blocks
 from .importance import ModuleImportance, RankImportance, StepWindow
-from .masks import L1_TERM, MASK_GLOB, PruningMasks, attach_masks, detach_masks, mask_l1_term
+from .masks import (
+    L1_TERM,
+    MASK_GLOB,
+    PruningMasks,
+    attach_masks,
+    detach_masks,
+    mask_l1_term,
+)
 from .plan import PrunePlan, plan_from_masks
 from .slicing import check_blocks_sliceable
 from .spec import PruneRatios

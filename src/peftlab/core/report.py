@@ -1,0 +1,74 @@
+"""What an AdaptedModel holds, for people: one status row per wrapped layer, the status table, and
+each adapter's PEFT-Ref typology card (`peftlab compose` prints the new adapter's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .layer import AdaptedLayer, ModuleCopies
+from .sites import iter_modules, site_roles
+from .typology import describe_provenance, render_card, summarise_sites
+
+if TYPE_CHECKING:
+    from .model import AdaptedModel
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """One wrapped module: its path and role, its kind ("copy" for modules_to_save), the adapters
+    it holds and those of them merged into its weight."""
+
+    path: str
+    role: str | None
+    kind: str
+    adapters: tuple[str, ...]
+    merged: tuple[str, ...]
+
+
+def status_rows(model: nn.Module) -> list[LayerStatus]:
+    """One row per peftlab wrapper in `model`, in module order."""
+    roles = site_roles(model)
+    rows = []
+    for path, module in iter_modules(model):
+        if isinstance(module, AdaptedLayer):
+            rows.append(LayerStatus(path, roles.get(path), module.kind,
+                                    tuple(module.deltas), tuple(module.merged)))
+        elif isinstance(module, ModuleCopies):
+            rows.append(LayerStatus(path, roles.get(path), "copy", tuple(module.copies), ()))
+    return rows
+
+
+def status_table(am: AdaptedModel) -> str:
+    """The status rows as an aligned text table, headed by the adapters' summary."""
+    lines = [f"adapters enabled: {am.state.enabled}; active: {list(am.state.active) or 'none'}"]
+    for a in am.adapters.values():
+        lines.append(f"  {a.name}: {a.method.name} ({a.method.describe(a.config)}), "
+                     f"{len(a.sites)} sites, {am.num_parameters(a.name):,} params, "
+                     f"{'trainable' if a.trainable else 'frozen'}")
+    rows = [("path", "role", "kind", "adapters", "merged")]
+    rows += [(r.path, r.role or "-", r.kind, ",".join(r.adapters), ",".join(r.merged) or "-")
+             for r in am.status()]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def card(am: AdaptedModel, name: str) -> str:
+    """The PEFT-Ref typology card of adapter `name`, with its actual sites and parameter count."""
+    a = am.adapter(name)
+    facts = [
+        ("adapter", name),
+        ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
+        ("sites", summarise_sites((s.role, s.layer) for s in a.sites)),
+        ("modules to save", ", ".join(a.copies) or "none"),
+        ("parameters", (f"{am.num_parameters(name):,} "
+                        f"({100 * am.num_parameters(name) / max(am.base_parameters(), 1):.3f}% of base)")),
+        *([("provenance", describe_provenance(a.provenance))] if a.provenance else []),
+        ("state", (f"{'active' if name in am.state.active else 'inactive'}, "
+                   f"{'trainable' if a.trainable else 'frozen'}, "
+                   f"{'merged' if a.merged else 'unmerged'}")),
+    ]
+    return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
