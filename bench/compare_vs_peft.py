@@ -13,7 +13,7 @@ masks are those of a run on its own.
 
 Measured per side:
 * peak memory: the first `--memory-steps` steps run one side at a time under
-  `peftlab.compare.PeakRSS` (growth of the resident set over its size at the start; freed heap
+  `peftlab.apps.compare.PeakRSS` (growth of the resident set over its size at the start; freed heap
   trimmed first, the kernel's high-water mark reset);
 * step time: the remaining steps alternate between the sides (which one goes first alternates
   too), so both see the same machine load; the median of those steps;
@@ -37,8 +37,8 @@ import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
 import peftlab
-from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.apps.compare import PeakRSS, environment, warm_up
+from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
 from peftlab.training.loop import index_stream, make_scheduler
 

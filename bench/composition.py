@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from peftlab.assets import load_dataset, load_model
 from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
+from peftlab.assets import load_dataset, load_model
 from peftlab.methods import get_method
-from peftlab.training.tasks import CausalLMTask, ClassificationTask
 from peftlab.training.loop import TrainConfig, train
+from peftlab.training.tasks import CausalLMTask, ClassificationTask
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

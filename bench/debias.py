@@ -5,7 +5,7 @@ Rows (same seed, so the same classification head, task-adapter start and data or
   baseline      the task LoRA (r 8, q/v, head trained alongside) trained alone
   patch: OBJ    a gender patch (LoRA r 8) trained upstream on the CDA pairs of the training
                 reviews with objective OBJ ("mlm" = the paper's, "invariance" = ours; see
-                peftlab.debias), frozen; then the same task LoRA trained on top of it
+                peftlab.training.debias), frozen; then the same task LoRA trained on top of it
 Both task phases: `peftlab.train`, 300 steps, batch 16, lr 2e-3 (the CLI's MiniLM default).
 Scored on the first N held-out test reviews (accuracy) and on every held-out review (validation +
 test, never trained on) holding a listed gender word: counterfactual flip rate (predicted label
@@ -29,6 +29,7 @@ import torch
 
 import peftlab
 from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
+from peftlab.methods import get_method
 from peftlab.training.debias import (
     PatchConfig,
     counterfactual_flip_rate,
@@ -36,7 +37,6 @@ from peftlab.training.debias import (
     train_patch,
     train_task_on_patch,
 )
-from peftlab.methods import get_method
 from peftlab.training.loop import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.core.taps import _tap_modules
 from peftlab.apps.recipes import (
     DEFAULT_DENSITY_THRESHOLD,
     MODEL_DEFAULTS,
     build_job,
     method_config,
 )
-from peftlab.methods import get_method
+from peftlab.core.taps import _tap_modules
 from peftlab.core.terms import delayed_ramp
-from peftlab.training.objectives import activation_density, density_term
+from peftlab.methods import get_method
 from peftlab.training.loop import TrainConfig, train
+from peftlab.training.objectives import activation_density, density_term
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns

@@ -32,8 +32,8 @@ import torch
 import peftlab
 from peftlab.apps.recipes import MODEL_DEFAULTS, build_job, method_config
 from peftlab.methods import get_method
-from peftlab.training.pruning import EarlyPruning, parse_prune_spec
 from peftlab.training.loop import TrainConfig, train
+from peftlab.training.pruning import EarlyPruning, parse_prune_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_columns  # bench/common.py

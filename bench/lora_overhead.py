@@ -63,11 +63,11 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import peft  # noqa: E402
+from common import print_columns, smollm2_config  # noqa: E402  (bench/common.py)
 from transformers import LlamaForCausalLM  # noqa: E402
 
-import peft  # noqa: E402
 import peftlab  # noqa: E402
-from common import print_columns, smollm2_config  # noqa: E402  (bench/common.py)
 from peftlab.core.layer import AdaptedLayer  # noqa: E402
 
 now = time.perf_counter
@@ -329,8 +329,8 @@ def profile_components(base, dir_pl: str) -> None:
 
     from peftlab.core.attach import check_tensors
     from peftlab.core.io import TENSORS_FILE, parse_tensor_key, read_tensors
-    from peftlab.methods.lora import METHOD, _build
     from peftlab.core.sites import resolve_sites, site_roles, sites_at
+    from peftlab.methods.lora import METHOD, _build
 
     def ms(fn, n=7):
         ts = []

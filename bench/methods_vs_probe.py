@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every registered method against the frozen-encoder linear probe, on MiniLM + Rotten Tomatoes.
 
-Each row is one cell of `peftlab.compare` (`run_cell`): a fresh copy of MiniLM-L6 (same seed, so
+Each row is one cell of `peftlab.apps.compare` (`run_cell`): a fresh copy of MiniLM-L6 (same seed, so
 the same new classification head) trained for the same number of steps with `peftlab.train`
 (AdamW, warm-up + cosine, batch 16, the method's `train_lr` or the MiniLM default 2e-3), with the
 head trained alongside the adapter (modules_to_save), then scored on the first N held-out test

@@ -46,8 +46,9 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import peft  # noqa: E402
-import peftlab  # noqa: E402
 from common import print_columns  # noqa: E402  (bench/common.py)
+
+import peftlab  # noqa: E402
 from peftlab.core.layer import AdaptedLayer  # noqa: E402
 
 now = time.perf_counter

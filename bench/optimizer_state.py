@@ -8,7 +8,7 @@ train mode, on --device (cpu default). Full-weight training of the attention and
 else is frozen, so every optimizer sees the same 36 weights (plus their biases, which take plain
 AdamW steps inside the GaLore optimizers). Input: batch x seq random token ids, 2 random labels.
 
-Variants (one seeded base, deep-copied; peftlab.optim.build_optimizer, lr 1e-4):
+Variants (one seeded base, deep-copied; peftlab.training.optim.build_optimizer, lr 1e-4):
 adamw (torch.optim.AdamW), galore r8 / r64, natural-galore r8 / r64 with s = 20 (update_gap 200,
 scale 0.25, λ 1e-3: the defaults).
 
@@ -50,8 +50,8 @@ from common import print_columns  # bench/common.py
 from transformers import BertConfig, BertForSequenceClassification
 
 from peftlab.core.errors import MissingAssetError
-from peftlab.training.optim import build_optimizer, optimizer_state_bytes
 from peftlab.core.sites import site_roles
+from peftlab.training.optim import build_optimizer, optimizer_state_bytes
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")
 UPDATE_GAP = 200

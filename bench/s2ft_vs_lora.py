@@ -41,12 +41,12 @@ import torch
 
 warnings.filterwarnings("ignore")
 
+from common import print_columns, smollm2_config  # bench/common.py
+from train_step import memory_probe  # bench/train_step.py
 from transformers import LlamaForCausalLM
 
 import peftlab
-from common import print_columns, smollm2_config  # bench/common.py
 from peftlab.methods.s2ft import S2FTConfig
-from train_step import memory_probe  # bench/train_step.py
 
 now = time.perf_counter
 median = statistics.median

@@ -70,10 +70,10 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import peft
+from common import print_columns, smollm2_config  # bench/common.py
 from transformers import LlamaForCausalLM
 
 import peftlab
-from common import print_columns, smollm2_config  # bench/common.py
 from peftlab.core.layer import AdaptedLayer
 
 now = time.perf_counter

@@ -4,6 +4,14 @@
     am = peftlab.adapt(model)
     am.add_adapter("a", peftlab.LoraConfig(r=8, alpha=16, targets=["attn.q", "attn.v"]))
     am.set_active(["a"]); am.set_trainable("a")
+
+This module is the public API and only re-exports it. The code lives in layers, each importing
+only from the ones below (tools/check_layers.py): core (the machinery: sites, the one layer
+wrapper, AdaptedModel, checkpoints), interop (other libraries' formats), methods (one file per
+technique), compose and assets, training (the loop, tasks and the training-side methods), apps
+(recipes, the CLI, comparison, serving; not imported here). The training-side research methods
+(DEFT, Light-PEFT, GaLore, PEFTDebias) are re-exported below so that their documented one-line
+use keeps working; their full interfaces are in `peftlab.training.*`.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from .methods.lora import LoraConfig, LowRankDelta
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
+# training-side methods (full interfaces in peftlab.training.debias / objectives / optim / pruning)
 from .training.debias import (
     PatchConfig,
     WordPairs,
