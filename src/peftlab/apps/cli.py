@@ -27,7 +27,7 @@ from .recipes import (
     write_run_record,
 )
 
-# The optimiser names of peftlab.optim, listed here so that `--help` does not import torch.
+# The optimiser names of peftlab.training.optim, listed here so that `--help` does not import torch.
 OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
 
 

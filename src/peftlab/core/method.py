@@ -125,7 +125,7 @@ class Method:
     # (None: the model's default, tuned for LoRA). Prompt-like methods need far larger ones.
     train_lr: float | None = None
     # loss_terms(am, adapter name, config, parts) -> [LossTerm]: auxiliary losses the adapter
-    # brings (objectives.py), registered with it and removed with it.
+    # brings (core/terms.py), registered with it and removed with it.
     loss_terms: Callable[..., list[LossTerm]] | None = None
     # How adapters of this method combine in peftlab.compose: "lowrank" (ΔW = s·B A, combined as
     # ΔW), "additive" (every tensor adds to the base, identity 0), "scale" (every tensor rescales,

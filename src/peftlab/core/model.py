@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attach, merging, report
+from . import attach, io, merging, report
 from .attach import Adapter, lookup, remove_delta, replace_module
 from .errors import AdapterError, CapabilityError, ConfigError
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
@@ -384,13 +384,11 @@ class AdaptedModel(nn.Module):
     # ---- checkpoints --------------------------------------------------------------------------
     def save_adapter(self, directory: str | Path, name: str) -> Path:
         """Write `adapter_config.json` and `adapter_model.safetensors` atomically."""
-        from .io import save_adapter
-        return save_adapter(self, directory, name)
+        return io.save_adapter(self, directory, name)
 
     def load_adapter(self, directory: str | Path, name: str, *, trainable: bool = False) -> Adapter:
         """Load a saved adapter under `name` (inactive). Checks the fit before changing anything."""
-        from .io import load_adapter
-        return load_adapter(self, directory, name, trainable=trainable)
+        return io.load_adapter(self, directory, name, trainable=trainable)
 
     # ---- reporting ----------------------------------------------------------------------------
     def status(self) -> list[LayerStatus]:

@@ -520,7 +520,7 @@ def load_patch(am: AdaptedModel, directory: str | os.PathLike[str], name: str, *
     info = read_json(directory / PATCH_FILE)
     if info.get("format") != PATCH_FORMAT:
         raise CheckpointError(f"{directory / PATCH_FILE} is not a debias patch description; "
-                              "save patches with peftlab.debias.save_patch")
+                              "save patches with peftlab.save_patch")
     if axis is not None and info.get("axis") != axis:
         raise CheckpointError(f"{directory} is a patch for the {info.get('axis')!r} axis, not "
                               f"{axis!r}; train a patch for {axis!r}")

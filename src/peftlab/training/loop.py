@@ -8,7 +8,7 @@ The loop knows nothing about the data: a *task* (any object with the `TaskLike` 
 rows into model inputs, computes the loss and evaluates. The rest is fixed:
 
 * **Optimiser**: `config.optimizer` (AdamW by default; GaLore, Natural GaLore or LoRA+ from
-  `peftlab.optim`) over the parameters that require gradients (normally the trainable adapter's,
+  `peftlab.training.optim`) over the parameters that require gradients (normally the trainable adapter's,
   plus anything a training-side method adds, e.g. Light-PEFT's masks, whose own learning rate
   comes from `config.lr_scale`), learning rate warmed up linearly then decayed by a cosine to 0
   (`lr_factor`, applied to every parameter group's own lr), gradient accumulation and
@@ -31,7 +31,7 @@ rows into model inputs, computes the loss and evaluates. The rest is fixed:
   equals the single-process one. Rank 0 alone evaluates, saves, and prints; the group is destroyed
   at the end only if `train` created it.
 * **Checkpoints** (rank 0, when `out` is set): `out/last` at every evaluation point and at the end,
-  `out/best` whenever the task's metric improves. Saves are atomic (peftlab.io.commit_files).
+  `out/best` whenever the task's metric improves. Saves are atomic (peftlab.core.io.commit_files).
 * **Ctrl-C**: a KeyboardInterrupt stops training and `train` returns with `interrupted=True`.
   Nothing is saved on interrupt: `out/last` keeps the adapter of the last evaluation point, a
   known, consistent state, rather than one from the middle of a step or of an accumulation.
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class TaskLike(Protocol):
-    """What `train` needs from a task (duck-typed; peftlab.tasks implements it)."""
+    """What `train` needs from a task (duck-typed; peftlab.training.tasks implements it)."""
 
     metric: str               # key of evaluate()'s dict that decides "best"
     higher_is_better: bool
@@ -95,7 +95,7 @@ class TrainConfig:
     bf16: bool = False                  # torch.autocast to bfloat16 for forward passes (CPU or GPU)
     out: str | Path | None = None       # save directory: out/last and out/best (rank 0 only)
     log_every: int = 10                 # steps between progress-bar updates of loss / lr / throughput
-    optimizer: str = "adamw"            # peftlab.optim.OPTIMIZERS: adamw | galore | natural-galore | loraplus
+    optimizer: str = "adamw"            # peftlab.training.optim.OPTIMIZERS: adamw | galore | natural-galore | loraplus
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # build_optimizer keywords (rank, ...)
     lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier
     progress: bool = True               # False: no progress bar and no printed lines
