@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -66,6 +67,10 @@ class MethodConfig:
             raise ConfigError(f"{type(self).__name__}.targets must be a list of roles, module names, "
                               f"globs, 're:...' regexes or 'all-linear' (or one such string); got "
                               f"{self.targets!r}")
+        check_target_regexes(f"{type(self).__name__}.targets", items)
+        if isinstance(self.exclude, (str, list, tuple)):
+            check_target_regexes(f"{type(self).__name__}.exclude",
+                                 [self.exclude] if isinstance(self.exclude, str) else self.exclude)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -90,6 +95,57 @@ def pattern_value(patterns: Mapping[str, Any], site: Site) -> Any | None:
     matching the module path at a dotted boundary. None when no key matches."""
     return next((value for key, value in patterns.items()
                  if key == site.role or matches_path(key, site.path)), None)
+
+
+def check_number(what: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
+    """ConfigError unless `value` is a finite int or float within the bounds (`low_open` /
+    `high_open`: the bound itself is excluded). A comparison alone (`not x > 0`) lets inf
+    through and a bool count as a number; every numeric config field goes through here.
+    `what` names the field in the message ("LoRA alpha", "TrainConfig.lr")."""
+    lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+    hi = "" if high is None else (f"< {high:g}" if high_open else f"<= {high:g}")
+    wanted = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+              if lo and hi else lo or hi or "a number")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ConfigError(f"{what} must be {wanted} (a finite number), got {value!r}{hint}")
+
+
+def check_positive_int(what: str, value: Any) -> None:
+    """ConfigError unless `value` is an int > 0 (a bool is not a count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+def check_target_regexes(what: str, targets: Any) -> None:
+    """ConfigError naming the field when a 're:...' target (or exclude) entry is not a valid
+    regular expression; otherwise resolving the sites would fail with re.error."""
+    for target in targets:
+        if isinstance(target, str) and target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except re.error as e:
+                raise ConfigError(f"{what} entry {target!r} is not a valid regular expression ({e}); "
+                                  "fix the pattern after 're:' (e.g. 're:.*\\.q_proj')") from None
+
+
+def check_pattern_keys(what: str, keys: Iterable[Any]) -> None:
+    """ConfigError naming the field unless every key is a role or a valid module-path regex, as
+    `matches_path` reads them (rank_pattern / alpha_pattern keys, feedforward entries)."""
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{what} holds {key!r}; use roles such as 'attn.q' or module-path "
+                              "regexes such as 'q_proj' (non-empty strings)")
+        try:
+            matches_path(key, "")
+        except re.error as e:
+            raise ConfigError(f"{what} holds {key!r}, which is neither a role nor a valid regex ({e}); "
+                              "use a role such as 'attn.q' or a module name such as 'q_proj'") from None
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError, PeftlabError
-from ..core.method import Capability, Method
+from ..core.method import Capability, Method, check_number
 from ..core.terms import LossContext, LossTerm, cosine_decay, delayed_ramp
 from . import lora
 from .lora import LoraConfig
@@ -114,20 +113,17 @@ class BALoraConfig(LoraConfig):
         if self.svd_solver not in SVD_SOLVERS:
             raise ConfigError(f"BA-LoRA svd_solver {self.svd_solver!r} is unknown; choose one of {SVD_SOLVERS}")
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value < 0):
-                raise ConfigError(f"BA-LoRA {name} must be a finite number >= 0 (or None for the "
-                                  f"form's default), got {value!r}")
+            if getattr(self, name) is not None:
+                check_number(f"BA-LoRA {name}", getattr(self, name), low=0,
+                             hint=" (or None for the form's default)")
         if self.svd_k is not None and (not isinstance(self.svd_k, int) or isinstance(self.svd_k, bool)
                                        or self.svd_k <= 0):
             raise ConfigError(f"BA-LoRA svd_k must be a positive integer, got {self.svd_k!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
                                        or self.top_k < 0):
             raise ConfigError(f"BA-LoRA top_k must be an integer >= 0 (0: full entropy), got {self.top_k!r}")
-        if self.temperature is not None and not (isinstance(self.temperature, (int, float))
-                                                 and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"BA-LoRA temperature must be > 0, got {self.temperature!r}")
+        if self.temperature is not None:
+            check_number("BA-LoRA temperature", self.temperature, low=0, low_open=True)
         if self.schedules not in (None, True, False):
             raise ConfigError(f"BA-LoRA schedules must be true, false or null, got {self.schedules!r}")
 

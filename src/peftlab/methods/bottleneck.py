@@ -21,7 +21,6 @@ DeprecationWarning.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.method import Method, MethodConfig
+from ..core.method import Method, MethodConfig, check_number
 from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
 from ..core.typology import Typology
 
@@ -87,9 +86,7 @@ class BottleneckConfig(MethodConfig):
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"adapter activation {self.activation!r} is unknown; choose one of "
                               f"{tuple(ACTIVATIONS)}")
-        s = self.scale
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ConfigError(f"adapter scale must be a finite number, got {s!r}")
+        check_number("adapter scale", self.scale)
         if self.init not in INITS:
             raise ConfigError(f"adapter init {self.init!r} is unknown; choose one of {INITS}")
 

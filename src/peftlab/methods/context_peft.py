@@ -65,7 +65,7 @@ from torch import nn
 
 from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabError
 from ..core.layer import AdaptedLayer, Delta, InputHook
-from ..core.method import Capability, Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.sites import Site
 from ..core.typology import Typology
 from .bitfit import BiasDelta, bias_slot
@@ -128,8 +128,7 @@ class ContextConfig(MethodConfig):
             self._validate_group(name, spec)
         if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"Context-PEFT rank r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ConfigError(f"Context-PEFT alpha must be > 0, got {self.alpha!r}")
+        check_number("Context-PEFT alpha", self.alpha, low=0, low_open=True)
         if self.init not in INITS:
             raise ConfigError(f"Context-PEFT init {self.init!r} is unknown; choose one of {INITS}")
         if not isinstance(self.multiplier, dict):
@@ -137,15 +136,13 @@ class ContextConfig(MethodConfig):
                               f"{self.multiplier!r}")
         for name, value in self.multiplier.items():
             self._known_group(name, "multiplier")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"multiplier[{name!r}] must be a finite number, got {value!r}")
+            check_number(f"ContextConfig.multiplier[{name!r}]", value)
         drops = self.dropout if isinstance(self.dropout, dict) else {"": self.dropout}
         for name, p in drops.items():
             if name:
                 self._known_group(name, "dropout")
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ConfigError(f"Context-PEFT dropout{f'[{name!r}]' if name else ''} must be in "
-                                  f"[0, 1), got {p!r}")
+            check_number(f"Context-PEFT dropout{f'[{name!r}]' if name else ''}", p, low=0, high=1,
+                         high_open=True)
         check_feedforward(self.feedforward, "ContextConfig")
 
     def _known_group(self, name: str, what: str) -> None:

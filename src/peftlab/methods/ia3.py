@@ -19,7 +19,13 @@ from torch import nn
 
 from ..core.errors import AdapterError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
+from ..core.method import (
+    Capability,
+    Method,
+    MethodConfig,
+    check_pattern_keys,
+    pattern_value,
+)
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, dims, match_targets, sites_at
 from ..core.typology import Typology
@@ -36,13 +42,7 @@ def check_feedforward(value: Any, owner: str) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
         raise ConfigError(f"{owner}.feedforward must be a list of roles or module-name patterns "
                           f"(non-empty strings such as 'ffn.down' or 'mlp.c_proj'), got {value!r}")
-    for key in items:
-        try:
-            matches_path(key, "")
-        except re.error as e:
-            raise ConfigError(f"{owner}.feedforward entry {key!r} is neither a role nor a valid "
-                              f"regex ({e}); roles: ffn.down, ffn.up, ...; or a module name such "
-                              "as 'mlp.down_proj'") from None
+    check_pattern_keys(f"{owner}.feedforward", items)
     return list(items)
 
 

@@ -52,7 +52,13 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.method import Capability, Method, MethodConfig
+from ..core.method import (
+    Capability,
+    Method,
+    MethodConfig,
+    check_number,
+    check_positive_int,
+)
 from ..core.sites import Site
 from ..core.terms import LossContext, LossTerm
 from ..core.typology import Typology
@@ -81,17 +87,11 @@ class KasaConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"KaSA rank r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(f"KaSA alpha must be > 0, got {self.alpha!r} (the usual choice is 2·r)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"KaSA dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_int("KaSA rank r", self.r)
+        check_number("KaSA alpha", self.alpha, low=0, low_open=True, hint=" (the usual choice is 2·r)")
+        check_number("KaSA dropout", self.dropout, low=0, high=1, high_open=True)
         for name in ("beta", "gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"KaSA {name} must be a finite number ≥ 0, got {value!r}")
+            check_number(f"KaSA {name}", getattr(self, name), low=0)
         for name in ("normalise_by_layers", "code_compat"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"KaSA {name} must be true or false, got {getattr(self, name)!r}")

@@ -26,7 +26,16 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
-from ..core.method import Capability, Method, MethodConfig, matches_path, pattern_value
+from ..core.method import (
+    Capability,
+    Method,
+    MethodConfig,
+    check_number,
+    check_pattern_keys,
+    check_positive_int,
+    matches_path,
+    pattern_value,
+)
 from ..core.model import AdaptedModel, Adapter
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
@@ -58,25 +67,49 @@ class LoraConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r} (the usual choice is r or 2·r)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_int("LoRA rank r", self.r)
+        check_number("LoRA alpha", self.alpha, low=0, low_open=True, hint=" (the usual choice is r or 2·r)")
+        check_number("LoRA dropout", self.dropout, low=0, high=1, high_open=True)
         if self.init not in INITS:
             raise ConfigError(f"LoRA init {self.init!r} is unknown; choose one of {INITS}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"LoraConfig.{name} must be a dict from roles or module-path regexes "
+                                  f"to values, got {patterns!r}")
+            check_pattern_keys(f"LoraConfig.{name}", patterns)
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            check_positive_int(f"LoraConfig.rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            if not value > 0:
-                raise ConfigError(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
+            check_number(f"LoraConfig.alpha_pattern[{key!r}]", value, low=0, low_open=True)
         if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ConfigError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
 
     def rank_for(self, site: Site) -> int:
         return pattern_value(self.rank_pattern, site) or self.r
+
+    def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
+        """The site's rank, checked against the layer's size before anything is allocated.
+
+        ΔW = B A has rank at most min(d_in, d_out); a larger r adds parameters but no
+        expressiveness. peft allows it, and so does peftlab, up to max(d_in, d_out): beyond
+        that both factors are larger than the weight along each side, which is never useful
+        and with a typo (r=10**12) would try to allocate terabytes. PiSSA's start is the top-r
+        singular triplets of W, so there r ≤ min(d_in, d_out)."""
+        r = self.rank_for(site)
+        d_in, d_out = layer.in_features, layer.out_features
+        field_name = "rank_pattern" if pattern_value(self.rank_pattern, site) else "r"
+        if r > max(d_in, d_out):
+            raise ConfigError(
+                f"LoRA rank {field_name}={r} at {site.path!r} ({d_out}×{d_in}) exceeds max(d_in, d_out)="
+                f"{max(d_in, d_out)}; ΔW's rank is at most min(d_in, d_out)={min(d_in, d_out)}, so "
+                "lower r (or give this site its own rank with rank_pattern)")
+        if self.init == "pissa" and r > min(d_in, d_out):
+            raise ConfigError(
+                f"LoRA rank {field_name}={r} with init='pissa' at {site.path!r} ({d_out}×{d_in}): PiSSA "
+                f"starts from the top-r singular triplets and the weight has only min(d_in, d_out)="
+                f"{min(d_in, d_out)}; lower r or exclude this site")
+        return r
 
     def scaling_for(self, site: Site) -> float:
         r = self.rank_for(site)
@@ -395,7 +428,7 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
     weight = layer.base_layer.weight
     dtype = getattr(torch, config.dtype) if config.dtype else weight.dtype
     delta = LowRankDelta(
-        layer.in_features, layer.out_features, config.rank_for(site), config.scaling_for(site),
+        layer.in_features, layer.out_features, config.rank_at(layer, site), config.scaling_for(site),
         dropout=0.0 if embedding else config.dropout, embedding=embedding,
         padding_idx=layer.base_layer.padding_idx if embedding else None,
         dora=config.dora, pissa=config.init == "pissa", dtype=dtype, device=weight.device)
@@ -405,7 +438,7 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[str, tuple[int, ...]]:
-    r, d_in, d_out = config.rank_for(site), layer.in_features, layer.out_features
+    r, d_in, d_out = config.rank_at(layer, site), layer.in_features, layer.out_features
     shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
     if config.dora:
         shapes["magnitude"] = (d_out,)

@@ -65,7 +65,7 @@ from torch import nn
 
 from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.method import Capability, Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.sites import (
     Site,
     attention_heads,
@@ -130,9 +130,7 @@ class S2FTConfig(MethodConfig):
     def validate(self) -> None:
         for kind in KINDS:
             name = _RATIO_FIELD[kind]
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"S2FTConfig.{name} must be a fraction in [0, 1], got {value!r}")
+            check_number(f"S2FTConfig.{name} (a fraction)", getattr(self, name), low=0, high=1)
         if self.selected is None and not any(getattr(self, _RATIO_FIELD[k]) > 0 for k in KINDS):
             raise ConfigError("S2FTConfig selects nothing: set at least one of v_ratio, o_ratio, "
                               "u_ratio, d_ratio > 0 (the paper's LLaMA-3 setting is d_ratio=0.03)")

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, close_matches
+from ..core.method import check_number, check_positive_int
 
 OPTIMIZERS = ("adamw", "galore", "natural-galore", "loraplus")
 PROJ_SIDES = ("auto", "left", "right")
@@ -67,33 +68,24 @@ _ADAMW_EPS = 1e-8         # torch.optim.AdamW
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _positive_int(what: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-
-
 def _positive(what: str, value: Any, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{what} must be a number > 0, got {value!r}{hint}")
+    check_number(what, value, low=0, low_open=True, hint=hint)
 
 
 def _check_adam_options(group: Mapping[str, Any]) -> None:
-    lr, wd, eps, betas = group["lr"], group["weight_decay"], group["eps"], group["betas"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-        raise ConfigError(f"learning rate must be a number >= 0, got {lr!r}")
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0:
-        raise ConfigError(f"weight_decay must be a number >= 0, got {wd!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ConfigError(f"eps must be a number >= 0, got {eps!r}")
+    check_number("learning rate", group["lr"], low=0)
+    check_number("weight_decay", group["weight_decay"], low=0)
+    check_number("eps", group["eps"], low=0)
+    betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
         raise ConfigError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
 
 
 def _check_subspace_options(group: Mapping[str, Any]) -> None:
-    _positive_int("GaLore rank", group["rank"])
-    _positive_int("GaLore update_gap (steps between projector refreshes)", group["update_gap"])
-    _positive_int("Natural GaLore history (number of past gradients)", group["history"])
+    check_positive_int("GaLore rank", group["rank"])
+    check_positive_int("GaLore update_gap (steps between projector refreshes)", group["update_gap"])
+    check_positive_int("Natural GaLore history (number of past gradients)", group["history"])
     _positive("GaLore scale", group["scale"], " (the paper uses 0.25 for pre-training, 4 for fine-tuning)")
     _positive("Natural GaLore damping λ", group["damping"], " (the paper code uses 1e-3)")
     if group["proj_side"] not in PROJ_SIDES:
@@ -345,8 +337,7 @@ def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], name: str 
         raise ConfigError("build_optimizer got no trainable parameters: pass model.named_parameters() "
                           "after marking what to train (am.set_trainable(name) or requires_grad_(True))")
     _positive("learning rate lr", lr)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ConfigError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    check_number("weight_decay", weight_decay, low=0)
     lr_scale = dict(lr_scale or {})
     _check_lr_scale(lr_scale, [n for n, _ in named])
     subspace_options = {"rank": rank, "update_gap": update_gap, "scale": scale, "proj_side": proj_side,
