@@ -40,6 +40,7 @@ from .core.errors import (
     MissingAssetError,
     PeftlabError,
     TargetNotFoundError,
+    TrainingError,
 )
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
@@ -163,6 +164,7 @@ __all__ = [
     "TargetNotFoundError",
     "TrainConfig",
     "TrainResult",
+    "TrainingError",
     "Typology",
     "UnknownAdapterError",
     "WordPairs",

@@ -38,6 +38,10 @@ class CapabilityError(PeftlabError):
     """The method does not declare the capability an operation needs."""
 
 
+class TrainingError(PeftlabError):
+    """Training cannot go on: the loss or the adapter stopped being finite."""
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates that look most like `word`, best first (for "did you mean" hints)."""
     pool = sorted(set(candidates))

@@ -32,6 +32,12 @@ rows into model inputs, computes the loss and evaluates. The rest is fixed:
   at the end only if `train` created it.
 * **Checkpoints** (rank 0, when `out` is set): `out/last` at every evaluation point and at the end,
   `out/best` whenever the task's metric improves. Saves are atomic (peftlab.core.io.commit_files).
+* **Non-finite numbers**: a step whose loss or gradient norm is not finite (inf or NaN) is skipped:
+  no optimiser update, its gradients dropped, the lr schedule moves on, the step is listed in
+  `TrainResult.skipped` (its loss in `losses` as it was). One more than `max_nonfinite_steps`
+  such steps in a run (default 3) stop training with a TrainingError naming the step. An adapter
+  whose tensors are not all finite is never saved: at a checkpoint it stops training the same
+  way, and out/last and out/best keep the last finite adapter.
 * **Ctrl-C**: a KeyboardInterrupt stops training and `train` returns with `interrupted=True`.
   Nothing is saved on interrupt: `out/last` keeps the adapter of the last evaluation point, a
   known, consistent state, rather than one from the middle of a step or of an accumulation.
@@ -55,7 +61,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from ..core.errors import AdapterError, ConfigError, PeftlabError
+from ..core.errors import AdapterError, ConfigError, PeftlabError, TrainingError
+from ..core.method import check_number, check_positive_int
 from .tasks import format_metrics
 
 if TYPE_CHECKING:
@@ -99,21 +106,26 @@ class TrainConfig:
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # build_optimizer keywords (rank, ...)
     lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier
     progress: bool = True               # False: no progress bar and no printed lines
+    max_nonfinite_steps: int = 3        # steps with a non-finite loss skipped before training fails
 
     def validate(self) -> None:
+        """ConfigError naming the first bad field; every number must be finite."""
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            check_positive_int(f"TrainConfig.{name}", getattr(self, name))
+        for name in ("eval_every", "max_nonfinite_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ConfigError(f"TrainConfig.eval_every must be an integer >= 0 (0: evaluate only at "
-                              f"the end), got {self.eval_every!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"TrainConfig.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
+        check_number("TrainConfig.lr", self.lr, low=0, low_open=True)
+        check_number("TrainConfig.weight_decay", self.weight_decay, low=0)
+        check_number("TrainConfig.warmup_ratio", self.warmup_ratio, low=0, high=1)
+        if self.max_grad_norm is not None:
+            check_number("TrainConfig.max_grad_norm", self.max_grad_norm, hint=" (None or <= 0: no clipping)")
+        if not isinstance(self.lr_scale, dict):
+            raise ConfigError(f"TrainConfig.lr_scale must be a dict from parameter-name globs to lr "
+                              f"multipliers, got {self.lr_scale!r}")
+        for pattern, factor in self.lr_scale.items():
+            check_number(f"TrainConfig.lr_scale[{pattern!r}]", factor, low=0, low_open=True)
 
     @property
     def warmup_steps(self) -> int:
@@ -131,6 +143,7 @@ class TrainResult:
     interrupted: bool                        # stopped by KeyboardInterrupt
     saved: dict[str, Path]                   # "last" / "best" -> directory written by this call (rank 0)
     lrs: list[float] = field(default_factory=list)  # learning rate used at each completed step
+    skipped: list[int] = field(default_factory=list)  # steps (1-based) skipped for a non-finite loss
     world_size: int = 1
     rank: int = 0
 
@@ -204,6 +217,10 @@ def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+_NONFINITE_FIX = ("To fix: lower the learning rate, keep gradient clipping on (max_grad_norm), check the "
+                  "data for invalid values, or train in float32 (bf16=False).")
+
+
 def _check_trainable(am: AdaptedModel, adapter: str) -> list[nn.Parameter]:
     ad = am.adapter(adapter)   # AdapterError with "did you mean" for a wrong name
     params = [p for p in am.parameters() if p.requires_grad]
@@ -302,12 +319,21 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
     say: Callable[[str], None] = (bar.write if bar is not None else print) if main and config.progress \
         else (lambda _msg: None)
 
+    saved_at: dict[str, int] = {}
+
+    def kept() -> str:
+        """What the save directory holds now, for errors that stop training."""
+        if out is None:
+            return "Nothing was saved (no out directory)."
+        if "last" not in saved_at:
+            return f"This run saved nothing to {out} (what was there before is untouched)."
+        return f"{out / 'last'} keeps the adapter of step {saved_at['last']}."
+
     def checkpoint(step: int) -> None:
-        """Evaluate (rank 0, when there are eval rows) and save out/last and, if improved, out/best."""
-        if not main:
-            return
+        """Evaluate (rank 0, when there are eval rows) and save out/last and, if improved, out/best;
+        TrainingError, on every rank, rather than save an adapter that is not finite."""
         improved = False
-        if eval_rows:
+        if main and eval_rows:
             am.eval()
             try:
                 with torch.no_grad(), autocast():
@@ -326,8 +352,17 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
             if improved:
                 result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
             say(f"step {step}/{config.steps}  {format_metrics(metrics)}" + ("  (best)" if improved else ""))
-        if out is not None:
+        if out is None:
+            return
+        # DDP ranks hold the same adapter, so every rank stops here together
+        bad = next((key for key, t in am.adapter_tensors(adapter).items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise TrainingError(f"training stopped at step {step}: adapter {adapter!r} is not finite "
+                                f"(its tensor {bad[1]!r} at {bad[0]!r} holds inf or NaN), so it was not "
+                                f"saved. {kept()} {_NONFINITE_FIX}")
+        if main:
             result.saved["last"] = am.save_adapter(out / "last", adapter)
+            saved_at["last"] = step
             if improved:
                 result.saved["best"] = am.save_adapter(out / "best", adapter)
 
@@ -357,15 +392,32 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                             loss = loss + aux
                     (loss.float() / config.grad_accum).backward()
                 total += loss.detach().float()
+            mean_loss = total / config.grad_accum
+            if world_size > 1:   # before the update: every rank then skips the same steps
+                mean_loss = _all_reduce_mean(mean_loss, world_size)
             if config.max_grad_norm is not None and config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            # one host sync for both; the gradients are averaged across ranks, so is the norm
+            loss_value, norm_value = torch.stack([mean_loss.float(), norm.float().to(device)]).tolist()
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
+                optimizer.step()
+            else:    # no update from inf / NaN; the step still counts and the schedule moves on
+                result.skipped.append(step + 1)
+                if len(result.skipped) > config.max_nonfinite_steps:
+                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                    value = loss_value if what == "loss" else norm_value
+                    earlier = ", ".join(map(str, result.skipped[:-1])) or "none"
+                    raise TrainingError(
+                        f"training stopped at step {step + 1}: its {what} is not finite ({value}), and "
+                        f"steps {earlier} were skipped before it for a non-finite loss or gradient "
+                        f"(max_nonfinite_steps={config.max_nonfinite_steps}). {kept()} {_NONFINITE_FIX}")
+                say(f"step {step + 1}: non-finite loss or gradient ({loss_value}, norm {norm_value}); "
+                    f"skipped without an update ({len(result.skipped)} of at most "
+                    f"{config.max_nonfinite_steps})")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            mean_loss = total / config.grad_accum
-            if world_size > 1:
-                mean_loss = _all_reduce_mean(mean_loss, world_size)
-            loss_value = float(mean_loss)
             train_seconds += time.perf_counter() - t0
             result.losses.append(loss_value)
             result.lrs.append(lr)
