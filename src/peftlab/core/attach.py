@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,39 @@ def lookup(adapters: Mapping[str, Adapter], name: str) -> Adapter:
                            + f" Adapters: {list(adapters) or 'none'}") from None
 
 
+def name_list(names: str | Iterable[str] | None) -> tuple[str, ...]:
+    """One adapter name or several as a tuple (None: none); AdapterError for anything that is
+    not a name, before it could reach a lookup as a TypeError."""
+    if names is None:
+        return ()
+    items = (names,) if isinstance(names, str) else names
+    if isinstance(items, (bytes, bytearray)) or not isinstance(items, Iterable):
+        raise AdapterError(f"adapter names must be strings: one name or a list of names, got {names!r}")
+    items = tuple(items)
+    if not all(isinstance(n, str) for n in items):
+        raise AdapterError(f"adapter names must be strings: one name or a list of names, got {names!r}")
+    return items
+
+
+# model -> weakref to the AdaptedModel wrapping it: one live wrapper per model (`claim`). Weak
+# both ways, so neither the model nor the wrapper is kept alive by it, and nothing is written
+# onto the user's model (which must stay picklable).
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def claim(model: nn.Module, am: AdaptedModel) -> None:
+    """Record that `am` wraps `model`, or raise AdapterError (nothing changed) while another
+    AdaptedModel that was not unloaded wraps it: adapters added through one wrapper would be
+    invisible to the other, whose forward then silently ignores them."""
+    ref = _WRAPPERS.get(model)
+    holder = ref() if ref is not None else None
+    if holder is not None and not holder._unloaded and holder.model is model:
+        raise AdapterError("this model is already wrapped by an AdaptedModel (adapt() was called on it "
+                           "before): keep and reuse that AdaptedModel (a second one would not see its "
+                           "adapters), or call its unload() first")
+    _WRAPPERS[model] = weakref.ref(am)
+
+
 def check_new_name(adapters: Mapping[str, Adapter], name: str) -> None:
     """AdapterError unless `name` can name a new adapter."""
     if not isinstance(name, str) or not name or any(c in name for c in ".:/\\ "):
@@ -106,6 +140,9 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
             trainable: bool, provenance: dict | None) -> Adapter:
     """`AdaptedModel.install` (see there) once the model is known to be usable."""
     check_new_name(am.adapters, name)
+    # The adapter owns its config: a caller reusing (and changing) the object for the next
+    # adapter must not rewrite this one's, which its tensors and checkpoint follow.
+    config = copy.deepcopy(config)
     config.validate()
     method = method_of(config)
     roles = am.site_roles()

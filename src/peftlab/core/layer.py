@@ -69,8 +69,9 @@ def forwarding_getattr(child: str):
 
 class Delta(nn.Module):
     """Base of all deltas. Subclasses set `stage` (see the module docstring), `algebra`, and
-    implement the method of their stage plus, when their method declares MERGE, `merge_into` /
-    `unmerge_from` (and `check_merge` for its merge condition).
+    implement the method of their stage plus, when their method declares MERGE, `merge_into`
+    (and `check_merge` for its merge condition). Unmerging needs nothing from the delta: the
+    machinery puts back the base parameters it copied before the first merge (core/merging.py).
 
     `algebra` says which deltas it commutes with when merged: "add" (additive deltas commute with
     each other), "scale" (output rescalings), "input" (input rescalings: they commute with
@@ -107,9 +108,8 @@ class Delta(nn.Module):
         any weight changes, so a refused merge leaves the model as it was."""
 
     def merge_into(self, layer: AdaptedLayer) -> None:
-        raise NotImplementedError
-
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
+        """Fold this delta into `layer`'s base parameters in place (rewriting them, or creating a
+        missing bias), so that the base layer alone computes what it computed with the delta live."""
         raise NotImplementedError
 
 
@@ -188,8 +188,11 @@ class AdaptedLayer(nn.Module):
         self._modules["base_layer"] = base_layer
         self._modules["deltas"] = nn.ModuleDict()
         # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
-        self.__dict__.update(kind=kind, state=state, merged=[], _active=(), _before=(), _params=(),
-                             _weighted={}, _seen_version=-1, _mixed=None, _mixed_memo=(None, None))
+        # merged: adapter names in merge order; unmerged: the base layer's parameters before the
+        # first merge, for an exact unmerge (core/merging.py), or None
+        self.__dict__.update(kind=kind, state=state, merged=[], unmerged=None, _active=(), _before=(),
+                             _params=(), _weighted={}, _seen_version=-1, _mixed=None,
+                             _mixed_memo=(None, None))
 
     @property
     def original_module(self) -> nn.Module:

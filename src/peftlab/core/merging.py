@@ -2,20 +2,26 @@
 order that merges several exactly, and the checks that refuse a merge or unmerge before any
 weight changes (a capability the method lacks, tied weights, a non-commuting neighbour).
 
-A layer's `merged` list records the order its deltas went in; unmerging takes them out last first.
+A layer's `merged` list records the order its deltas went in. Unmerging is exact: the first merge
+into a layer keeps a copy of the base layer's parameters as they were (`AdaptedLayer.unmerged`),
+and unmerging puts those bits back and merges again whatever stays merged there. Subtracting ΔW
+instead (or dividing by DoRA's row scale) loses a rounding per cycle in bf16 / fp16, which
+accumulates (DoRA: 5× the weight's norm after 200 cycles), and would shift the base for good if
+the adapter changed while merged (an optimiser step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .attach import Adapter, lookup
 from .errors import AdapterError, CapabilityError
 from .layer import AdaptedLayer, Delta
 from .routing import RoutingState
-from .sites import iter_modules
+from .sites import iter_modules, weight_axes
 
 
 def commutes(a: Delta, b: Delta) -> bool:
@@ -27,8 +33,13 @@ def commutes(a: Delta, b: Delta) -> bool:
 
 
 def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter],
-          names: Sequence[str]) -> None:
-    """Fold the named active adapters into `model`'s base weights, or raise before any changes."""
+          names: Sequence[str] | None, *, keep_copy: bool = True) -> None:
+    """Fold the named active adapters (None: the active unmerged ones) into `model`'s base
+    weights, or raise before any changes.
+    `keep_copy`: keep each layer's parameters as they were before its first merge, for an exact
+    unmerge (False only when nothing will be unmerged: merge_and_unload)."""
+    if names is None:
+        names = tuple(n for n in state.active if not adapters[n].merged)
     for n in names:
         adapter = lookup(adapters, n)
         if not adapter.method.supports("merge"):
@@ -50,6 +61,9 @@ def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter]
         for n in order:
             layer.deltas[n].check_merge(layer)
     for layer, order in plans:
+        if keep_copy and not layer.merged:
+            layer.__dict__["unmerged"] = {name: None if p is None else p.detach().clone()
+                                          for name, p in layer.base_layer._parameters.items()}
         for n in order:
             layer.deltas[n].merge_into(layer)
             layer.merged.append(n)
@@ -109,13 +123,42 @@ def unmerge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapte
                 raise AdapterError(f"{bad[0]!r} was merged after {n!r} at {_path_of(model, layer)} "
                                    f"and does not commute with it; unmerge both together")
     for layer in layers.values():
-        for n in reversed(list(layer.merged)):  # last merged first
-            if n in names:
-                layer.deltas[n].unmerge_from(layer)
-                layer.merged.remove(n)
+        stay = [n for n in layer.merged if n not in names]
+        if len(stay) == len(layer.merged):
+            continue
+        _restore(layer)
+        layer.merged.clear()
+        for n in stay:     # in their merge order: the same weight as merging them alone
+            layer.deltas[n].merge_into(layer)
+            layer.merged.append(n)
+        if not stay:
+            layer.__dict__["unmerged"] = None
     for n in names:
         adapters[n].merged = False
     state.changed()
+
+
+def kept_weight(layer: AdaptedLayer) -> torch.Tensor | None:
+    """The copy of the base weight that unmerging restores, as an (out, in) view (None while
+    nothing is merged into `layer`). A delta that rewrites the base weight outside merging while
+    others are merged (KaSA giving back its truncated triplets) rewrites this copy the same way."""
+    if layer.unmerged is None:
+        return None
+    w = layer.unmerged["weight"]
+    return w if w.dim() == 1 or weight_axes(layer.base_layer)[0] == 0 else w.t()
+
+
+@torch.no_grad()
+def _restore(layer: AdaptedLayer) -> None:
+    """Put back the base layer's parameters as they were before its first merge, bit for bit, into
+    the same Parameter objects (optimisers and tied references keep pointing at them); a slot that
+    was None (a bias BitFit's merge created) becomes None again."""
+    base = layer.base_layer._parameters
+    for name, saved in layer.unmerged.items():
+        if saved is None:
+            base[name] = None
+        else:
+            base[name].copy_(saved)
 
 
 def _path_of(model: nn.Module, layer: nn.Module) -> str:

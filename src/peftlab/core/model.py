@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import attach, io, merging, report
-from .attach import Adapter, lookup, remove_delta, replace_module
+from .attach import Adapter, claim, lookup, name_list, remove_delta, replace_module
 from .errors import AdapterError, CapabilityError, ConfigError
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
 from .method import MethodConfig
@@ -37,12 +37,6 @@ from .terms import LossContext, LossTerm, weighted_sum
 __all__ = ["AdaptedModel", "Adapter", "LayerStatus", "adapt"]
 
 
-def _name_list(names: str | Sequence[str] | None) -> tuple[str, ...]:
-    if names is None:
-        return ()
-    return (names,) if isinstance(names, str) else tuple(names)
-
-
 class AdaptedModel(nn.Module):
     """A pretrained model with named PEFT adapters attached in place.
 
@@ -54,6 +48,7 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, model: nn.Module, *, freeze_base: bool = True) -> None:
         super().__init__()
+        claim(model, self)      # one live wrapper per model; raises before anything changes
         self.model = model
         self.state = RoutingState()
         self.adapters: dict[str, Adapter] = {}
@@ -227,7 +222,7 @@ class AdaptedModel(nn.Module):
         """Make exactly these adapters contribute, in this order (additive deltas sum). `weights`
         scales each one's effect about its identity: w·ΔW for additive deltas, 1 + w·(l − 1) for
         rescaling vectors (None: all 1). Does not touch requires_grad."""
-        names = _name_list(names)
+        names = name_list(names)
         for n in names:
             self.adapter(n)
         if len(set(names)) != len(names):
@@ -260,7 +255,7 @@ class AdaptedModel(nn.Module):
     def set_trainable(self, names: str | Sequence[str] | None) -> None:
         """Give exactly these adapters' parameters gradients (None: freeze all adapters).
         Does not change which adapters are active, nor the base model's parameters."""
-        names = _name_list(names)
+        names = name_list(names)
         for n in names:
             self.adapter(n)
         for adapter in self.adapters.values():
@@ -343,23 +338,25 @@ class AdaptedModel(nn.Module):
 
     # ---- merging ------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold active mergeable adapters into the base weights (default: the active unmerged ones)."""
+        """Fold active mergeable adapters into the base weights (default: the active unmerged ones).
+        Memory: the first merge into a layer keeps a copy of its base parameters (weight and bias,
+        on their device and in their dtype) until the last adapter merged there is unmerged, so
+        `unmerge` restores them bit for bit, even in bf16 / fp16 and after the adapter changed
+        while merged; merge_and_unload keeps no copy."""
         self._check_usable()
-        if names is None:
-            names = tuple(n for n in self.state.active if not self.adapters[n].merged)
-        merging.merge(self.model, self.state, self.adapters, _name_list(names))
+        merging.merge(self.model, self.state, self.adapters, None if names is None else name_list(names))
 
     def unmerge(self, names: str | Sequence[str] | None = None) -> None:
         """Take merged adapters back out of the base weights (default: all merged ones)."""
         self._check_usable()
-        wanted = _name_list(names) if names is not None else tuple(self.adapters)
+        wanted = name_list(names) if names is not None else tuple(self.adapters)
         merging.unmerge(self.model, self.state, self.adapters, wanted, named=names is not None)
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain base model with no peftlab modules;
         modules_to_save copies of the first active adapter replace the originals."""
         self._check_usable()
-        self.merge()
+        merging.merge(self.model, self.state, self.adapters, None, keep_copy=False)   # never unmerged
         return self.unload(_merged_ok=True)
 
     def unload(self, *, _merged_ok: bool = False) -> nn.Module:

@@ -10,7 +10,7 @@ with one module per token group g (a modality or a task's token set); tokens in 
 token's rank slices to its group's and applies (G·r × d): no Python loop over groups.
 
 With φ = identity and a single group the module is linear in e and folds into the embedding
-table: E ← E + E D U (unmerge inverts I + D U with the Woodbury identity).
+table: E ← E + E D U (unmerging restores the copied table, core/merging.py).
 """
 
 from __future__ import annotations
@@ -139,11 +139,6 @@ class AdaLinkDelta(Delta):
                    else f"it has {self.groups} token-group modules")
             raise CapabilityError(f"this AdaLink adapter cannot be merged: {why}. Only a single-group "
                                   "AdaLink with activation='identity' folds into the embedding table")
-        D, U = self.D[0].float(), self.U[0].float()
-        core = torch.eye(self.r, device=D.device) + U @ D        # (I + D U) is invertible iff this is
-        if torch.linalg.cond(core) > 1e6:
-            raise CapabilityError("this AdaLink adapter cannot be merged exactly: I + D·U is (nearly) "
-                                  "singular, so unmerging could not recover the embedding table")
 
     @torch.no_grad()
     def merge_into(self, layer: AdaptedLayer) -> None:
@@ -151,16 +146,6 @@ class AdaLinkDelta(Delta):
         D, U = self.D[0].float(), self.U[0].float()
         wf = w.float()
         w.copy_((wf + (wf @ D) @ U).to(w.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        # E = E' (I + D U)^{-1} = E' − E' D (I_r + U D)^{-1} U   (Woodbury)
-        w = layer.base_layer.weight
-        D, U = self.D[0].float(), self.U[0].float()
-        core = torch.eye(self.r, device=D.device) + U @ D
-        wf = w.float()
-        w.copy_((wf - (wf @ D) @ torch.linalg.solve(core, U)).to(w.dtype))
-
 
 def _token_groups(config: AdaLinkConfig, vocab: int, site: Site) -> list[list[int]]:
     groups = [list(config.groups[name]) for name in config.group_names()[1:]]

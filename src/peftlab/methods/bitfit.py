@@ -3,8 +3,8 @@
 Each targeted layer gets a bias delta b ∈ R^{d_out} (zeros at start) added to its output:
 y = f(x) + b. For a layer with a bias this is training that bias; a layer without one (Llama's
 bias-free projections and RMSNorms) gains one. Merging adds b into the base bias, creating a
-frozen zero bias first where the layer has none (and removing it again on unmerge, so the base is
-restored exactly). A norm whose forward has no bias term at all (RMSNorm) cannot hold a merged
+frozen zero bias first where the layer has none (unmerging restores the copied base, "no bias"
+included: core/merging.py). A norm whose forward has no bias term at all (RMSNorm) cannot hold a merged
 bias: merging there raises CapabilityError, and the delta stays an output addition.
 """
 
@@ -57,7 +57,6 @@ class BiasDelta(Delta):
 
     def __init__(self, size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.__dict__["created_bias"] = False   # merge made the base bias (the layer had none)
         self._parameters["bias"] = nn.Parameter(torch.zeros(size, dtype=dtype, device=device),
                                                 requires_grad=False)
 
@@ -80,23 +79,7 @@ class BiasDelta(Delta):
             base._parameters["bias"] = nn.Parameter(
                 torch.zeros(self.bias.shape, dtype=weight.dtype, device=weight.device),
                 requires_grad=False)
-            self.__dict__["created_bias"] = True
         base.bias.add_(self.bias.to(base.bias.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        base = layer.base_layer
-        base.bias.sub_(self.bias.to(base.bias.dtype))
-        if self.created_bias:
-            self.__dict__["created_bias"] = False
-            # Another BitFit delta still merged here keeps the bias it also wrote to; else the
-            # layer gets back its original "no bias" exactly.
-            heir = next((layer.deltas[n] for n in layer.merged
-                         if layer.deltas[n] is not self and isinstance(layer.deltas[n], BiasDelta)), None)
-            if heir is not None:
-                heir.__dict__["created_bias"] = True
-            else:
-                base._parameters["bias"] = None
 
 
 def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bool = True) -> BiasDelta:

@@ -273,7 +273,7 @@ class ContextDelta(Delta):
     def __init__(self, refusal: str | None) -> None:
         super().__init__()
         # plain __dict__ writes: the holder is shared, not a submodule; nothing else to register
-        self.__dict__.update(holder=None, merge_refusal=refusal, _merged_as=None)
+        self.__dict__.update(holder=None, merge_refusal=refusal)
 
     def single(self) -> Delta:
         """The one-group method's delta (LowRankDelta / IA3Delta / BiasDelta) equal to group 0
@@ -285,13 +285,7 @@ class ContextDelta(Delta):
             raise CapabilityError(self.merge_refusal)
 
     def merge_into(self, layer: AdaptedLayer) -> None:
-        helper = self.single()
-        helper.merge_into(layer)
-        self.__dict__["_merged_as"] = helper      # unmerge takes out exactly what went in
-
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        self._merged_as.unmerge_from(layer)
-        self.__dict__["_merged_as"] = None
+        self.single().merge_into(layer)
 
 
 class ContextLoraDelta(ContextDelta):
@@ -367,14 +361,6 @@ class ContextIA3Delta(ContextDelta):
     def transform_input(self, layer, x):
         g = self.gate(x.shape[:-1])
         return x * (g if g.dtype == x.dtype else g.to(x.dtype))
-
-    def check_merge(self, layer: AdaptedLayer) -> None:
-        super().check_merge(layer)
-        zeros = int((self.single().ia3_l == 0).sum())
-        if zeros:
-            raise AdapterError(f"the Context-PEFT IA3 gate has {zeros} zero entries at a {layer.kind} "
-                               "layer; merging would erase those weights and unmerge could not divide "
-                               "them back. Keep the adapter unmerged")
 
     def single(self) -> IA3Delta:
         l = self.ia3_l

@@ -4,7 +4,8 @@ An output-scaled site computes y = l ⊙ (W x + b) with l ∈ R^{d_out}; a feed-
 (input-scaled) site computes y = W (l ⊙ x) + b with l ∈ R^{d_in}, which scales the FFN's
 intermediate activation when placed on the down projection. l starts at ones, so a new adapter
 is a no-op. Both forms fold into the base weight: W ← diag(l) W, b ← l ⊙ b (output) or
-W ← W diag(l) (input); unmerging divides back, so a zero entry of l cannot be merged.
+W ← W diag(l) (input). Unmerging restores the copied base bits (core/merging.py), so a zero
+entry of l merges and unmerges exactly too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..core.method import (
     Capability,
@@ -112,19 +113,6 @@ class IA3Delta(Delta):
     def transform_input(self, layer, x):
         return x * self.ia3_l
 
-    def _name_in(self, layer: AdaptedLayer) -> str:
-        return next((n for n, d in layer.deltas.items() if d is self), "?")
-
-    def check_merge(self, layer: AdaptedLayer) -> None:
-        """Raise when merging would be irreversible: a zero scale erases a row or column."""
-        zeros = int((self.ia3_l == 0).sum())
-        if zeros:
-            raise AdapterError(
-                f"IA3 adapter {self._name_in(layer)!r} has {zeros} zero entries in ia3_l at a "
-                f"{layer.kind} layer; merging would erase those weight "
-                f"{'columns' if self.scale_input else 'rows'} and unmerge could not divide them "
-                "back. Keep the adapter unmerged (or make the entries non-zero)")
-
     @torch.no_grad()
     def merge_into(self, layer: AdaptedLayer) -> None:
         w = layer.weight_out_in()          # (out, in) view: Conv1D's transposed weight included
@@ -136,19 +124,6 @@ class IA3Delta(Delta):
             bias = layer.base_layer.bias
             if bias is not None:
                 bias.mul_(l.to(bias.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        self.check_merge(layer)
-        w = layer.weight_out_in()
-        l = self.ia3_l.to(w.dtype)
-        if self.scale_input:
-            w.div_(l[None, :])
-        else:
-            w.div_(l[:, None])
-            bias = layer.base_layer.bias
-            if bias is not None:
-                bias.div_(l.to(bias.dtype))
 
 
 def _size(layer: AdaptedLayer, scale_input: bool) -> int:

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
+from ..core.merging import kept_weight
 from ..core.method import (
     Capability,
     Method,
@@ -117,8 +118,8 @@ class KasaDelta(Delta):
                  dropout: float = 0.0, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         # `_layer` is a plain reference (not a submodule): the wrapper whose base weight we truncated.
-        self.__dict__.update(r=r, scaling=scaling, n_drop=n_drop, _layer=None, _merged=False,
-                             _released=True, _fresh=None)
+        self.__dict__.update(r=r, scaling=scaling, n_drop=n_drop, _layer=None, _released=True,
+                             _fresh=None)
         empty = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)
         params = self._parameters
         params["lora_A"] = nn.Parameter(empty(r, d_in), requires_grad=False)       # (r, d_in)
@@ -157,8 +158,10 @@ class KasaDelta(Delta):
         self.__dict__.update(_released=True, _layer=None)
         if not self.n_drop:
             return
-        w = layer.weight_out_in()
-        w.copy_((w.float() + self.residual()).to(w.dtype))
+        # and into the copy an exact unmerge of adapters merged here will restore
+        for w in (layer.weight_out_in(), kept_weight(layer)):
+            if w is not None:
+                w.copy_((w.float() + self.residual()).to(w.dtype))
 
     def loaded(self, layer: AdaptedLayer, path: str) -> None:
         _verify_loaded(self, path)
@@ -166,10 +169,10 @@ class KasaDelta(Delta):
     def release(self) -> None:
         """Leaving the model. Unmerged (delete_adapter, unload, a failed attach): give the base its
         dropped triplets back. Merged (merge_and_unload): the weight stays W_world + ΔW."""
-        if self._merged:
+        layer = self._layer
+        if layer is not None and any(layer.deltas[n] is self for n in layer.merged):
             self.__dict__.update(_released=True, _layer=None)
             return
-        layer = self._layer
         if layer is not None and not self._released:
             odd = [n for n in layer.merged if layer.deltas[n].algebra != "add"]
             if odd:
@@ -196,13 +199,6 @@ class KasaDelta(Delta):
     def merge_into(self, layer: AdaptedLayer) -> None:
         w = layer.weight_out_in()
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        self.__dict__["_merged"] = True
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        w = layer.weight_out_in()
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        self.__dict__["_merged"] = False
 
     @torch.no_grad()
     def initialise(self) -> None:

@@ -3,7 +3,7 @@ affine parameters.
 
 Each targeted norm (LayerNorm, RMSNorm, ...) gets deltas Δγ (and Δβ where the norm has a bias),
 zeros at start, added to its weight (and bias) for the forward: y = norm(x; γ + Δγ, β + Δβ).
-Merging adds them into the base parameters; unmerging subtracts them again.
+Merging adds them into the base parameters (unmerging restores the copied ones: core/merging.py).
 """
 
 from __future__ import annotations
@@ -80,13 +80,6 @@ class NormDelta(Delta):
         for name, d in self.param_deltas(layer).items():
             p = getattr(base, name)
             p.add_(d.to(p.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        base = layer.base_layer
-        for name, d in self.param_deltas(layer).items():
-            p = getattr(base, name)
-            p.sub_(d.to(p.dtype))
 
 
 def _shapes(layer: AdaptedLayer, config: LNTuningConfig) -> dict[str, tuple[int, ...]]:

@@ -244,8 +244,7 @@ class LowRankDelta(Delta):
         # Plain attributes and registrations go straight into the module's dicts: adding an
         # adapter builds hundreds of deltas, and nn.Module.__setattr__ costs microseconds each.
         self.__dict__.update(r=r, scaling=scaling, embedding=embedding, padding_idx=padding_idx,
-                             dora=dora, pissa=pissa, _cast=(), algebra="none" if dora else "add",
-                             _merge_scale=None)  # DoRA row scale used at merge time
+                             dora=dora, pissa=pissa, _cast=(), algebra="none" if dora else "add")
         empty = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)
         params = self._parameters
         params["lora_A"] = nn.Parameter(empty(r, d_in), requires_grad=False)       # (r, d_in)
@@ -405,19 +404,9 @@ class LowRankDelta(Delta):
     def merge_into(self, layer: AdaptedLayer) -> None:
         w = layer.weight_out_in()
         merged = w.float() + self.delta_weight()
-        if self.magnitude is not None:
-            self._merge_scale = self.magnitude.float() / torch.linalg.norm(merged, dim=1)
-            merged *= self._merge_scale[:, None]
+        if self.magnitude is not None:    # DoRA: rows rescaled to m / ‖W + ΔW‖
+            merged *= (self.magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None]
         w.copy_(merged.to(w.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        w = layer.weight_out_in()
-        base = w.float()
-        if self.magnitude is not None:
-            base = base / self._merge_scale[:, None]
-            self._merge_scale = None
-        w.copy_((base - self.delta_weight()).to(w.dtype))
 
 
 def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> LowRankDelta:

@@ -401,21 +401,15 @@ class SliceDelta(Delta):
         return y if y.dtype == out.dtype else y.to(out.dtype)
 
     @torch.no_grad()
-    def _add(self, layer: AdaptedLayer, sign: float) -> None:
+    def merge_into(self, layer: AdaptedLayer) -> None:
         if not self.n_sel:
             return
         w = layer.weight_out_in()
         idx = self.index
         if self.kind == "column":
-            w[idx] = (w[idx].float() + sign * self.S.float()).to(w.dtype)
+            w[idx] = (w[idx].float() + self.S.float()).to(w.dtype)
         else:
-            w[:, idx] = (w[:, idx].float() + sign * self.S.float()).to(w.dtype)
-
-    def merge_into(self, layer: AdaptedLayer) -> None:
-        self._add(layer, 1.0)
-
-    def unmerge_from(self, layer: AdaptedLayer) -> None:
-        self._add(layer, -1.0)
+            w[:, idx] = (w[:, idx].float() + self.S.float()).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, n_sel={self.n_sel}"
