@@ -60,10 +60,11 @@ def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter]
     for layer, order in plans:
         for n in order:
             layer.deltas[n].check_merge(layer)
-    for layer, order in plans:
+    for layer, _ in plans:   # every copy first: running out of memory here changes no weight
         if keep_copy and not layer.merged:
             layer.__dict__["unmerged"] = {name: None if p is None else p.detach().clone()
                                           for name, p in layer.base_layer._parameters.items()}
+    for layer, order in plans:
         for n in order:
             layer.deltas[n].merge_into(layer)
             layer.merged.append(n)

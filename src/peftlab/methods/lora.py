@@ -89,13 +89,10 @@ class LoraConfig(MethodConfig):
         return pattern_value(self.rank_pattern, site) or self.r
 
     def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
-        """The site's rank, checked against the layer's size before anything is allocated.
-
-        ΔW = B A has rank at most min(d_in, d_out); a larger r adds parameters but no
-        expressiveness. peft allows it, and so does peftlab, up to max(d_in, d_out): beyond
-        that both factors are larger than the weight along each side, which is never useful
-        and with a typo (r=10**12) would try to allocate terabytes. PiSSA's start is the top-r
-        singular triplets of W, so there r ≤ min(d_in, d_out)."""
+        """The site's rank, checked against the layer before anything is allocated. ΔW's rank is
+        at most min(d_in, d_out); a larger r adds parameters, not expressiveness. peft allows it,
+        so does peftlab up to max(d_in, d_out): beyond, each factor outgrows the weight, which is
+        never useful (r=10**12 would try to allocate terabytes). PiSSA: r ≤ min(d_in, d_out)."""
         r = self.rank_for(site)
         d_in, d_out = layer.in_features, layer.out_features
         field_name = "rank_pattern" if pattern_value(self.rank_pattern, site) else "r"

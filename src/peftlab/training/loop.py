@@ -106,7 +106,7 @@ class TrainConfig:
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # build_optimizer keywords (rank, ...)
     lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier
     progress: bool = True               # False: no progress bar and no printed lines
-    max_nonfinite_steps: int = 3        # steps with a non-finite loss skipped before training fails
+    max_nonfinite_steps: int = 3        # steps with a non-finite loss / gradient skipped; one more fails
 
     def validate(self) -> None:
         """ConfigError naming the first bad field; every number must be finite."""
@@ -143,7 +143,7 @@ class TrainResult:
     interrupted: bool                        # stopped by KeyboardInterrupt
     saved: dict[str, Path]                   # "last" / "best" -> directory written by this call (rank 0)
     lrs: list[float] = field(default_factory=list)  # learning rate used at each completed step
-    skipped: list[int] = field(default_factory=list)  # steps (1-based) skipped for a non-finite loss
+    skipped: list[int] = field(default_factory=list)  # steps (1-based) not applied: non-finite loss / grad
     world_size: int = 1
     rank: int = 0
 
