@@ -14,12 +14,14 @@ refuse and tells the client nothing about paths it will not load.
 | 15 | two prompts just under the body limit (~1 MB each) | tokenized in a worker thread: /health within 0.5 s; 413 from the token limit | /health waited ~1.3 s |
 | 15 | `peftlab serve --max-body-bytes 0` | exit 2 naming the option | no such option |
 | 16 | POST /v1/adapters of a directory holding a 538 MB (sparse) tensors file | 400 in < 1 s, the file never read | the 538 MB were read before the refusal |
-| 16 | a missing path, a file, an empty directory, a broken or foreign adapter | one identical message; the detail in the server log | "does not exist", "is a file", "is not an adapter directory", ... with the path |
+| 16 | `max_adapter_bytes` one byte below an adapter's tensors file; `--max-adapter-bytes 0` | CheckpointError naming size and limit; exit 2 | no such setting |
+| 16 | a missing path, a file, an empty directory, a FIFO for the tensors, a broken or foreign adapter | one identical message; the detail in the server log | "does not exist", "is a file", "is not an adapter directory", ... with the path |
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -253,7 +255,7 @@ def test_item_15_the_body_limit_is_configurable(tok, lm_adapters, clients, capsy
 
 
 # ---- item 16: loading by path ---------------------------------------------------------------------
-def test_item_16_a_huge_tensors_file_is_refused_unread(tok, lm_adapters, clients, tmp_path):
+def test_item_16_a_huge_tensors_file_is_refused_unread(tok, lm_adapters, clients, tmp_path, caplog):
     client = lm_client(clients, tok, lm_adapters)
     huge = tmp_path / "huge"
     shutil.copytree(lm_adapters / "alpha", huge)
@@ -266,6 +268,20 @@ def test_item_16_a_huge_tensors_file_is_refused_unread(tok, lm_adapters, clients
     if before is not None:
         assert after - before < 2**20, f"read {after - before:,} bytes"
     assert client.get("/health").json()["loaded"] == []
+    # the log says why: the tiny model's default limit is the 64 MiB floor
+    assert "is 538,000,000 bytes, above this bank's limit of 67,108,864" in caplog.text
+
+
+def test_item_16_the_adapter_size_limit_is_configurable(adapters, tmp_path, capsys):
+    root, _ = adapters
+    size = (root / "alpha" / TENSORS_FILE).stat().st_size
+    bank = AdapterBank(peftlab.adapt(tiny_llama()), root, max_adapter_bytes=size - 1)
+    with pytest.raises(CheckpointError, match=f"is {size:,} bytes, above this bank's limit of {size - 1:,}"):
+        bank.load("alpha")
+    assert bank.loaded() == [] and not bank.am.adapters
+    AdapterBank(bank.am, root, max_adapter_bytes=size).load("alpha")
+    assert main(["serve", "--model", "smollm2", "--adapters", ".", "--max-adapter-bytes", "0"]) == 2
+    assert "--max-adapter-bytes must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, clients, tmp_path, caplog):
@@ -276,8 +292,11 @@ def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, c
     shutil.copy(lm_adapters / "alpha" / CONFIG_FILE, tmp_path / "no_tensors")
     server_broken_copy(lm_adapters / "beta", tmp_path / "broken")
     save_random_lora(peftlab.adapt(tiny_gpt2()), tmp_path / "foreign", "g", 0)
+    shutil.copytree(tmp_path / "no_tensors", tmp_path / "pipe")
+    os.mkfifo(tmp_path / "pipe" / TENSORS_FILE)   # reading it would wait for a writer forever
     refused = ["/nonexistent/adapter", tmp_path / "missing", tmp_path / "file.txt", tmp_path / "empty",
-               tmp_path / "no_tensors", tmp_path / "broken", tmp_path / "foreign", "/etc/passwd", "/etc"]
+               tmp_path / "no_tensors", tmp_path / "pipe", tmp_path / "broken", tmp_path / "foreign",
+               "/etc/passwd", "/etc"]
     details = set()
     for path in refused:
         r = client.post("/v1/adapters", json={"name": "x", "path": str(path)})
@@ -288,7 +307,8 @@ def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, c
     assert "adapter_config.json" in detail and "server log" in detail
     # the server's log keeps the reason for each refusal
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    for reason in ("does not exist", "is a file", "truncated or corrupted", str(tmp_path / "foreign")):
+    for reason in ("does not exist", "is a file", "is not a regular file", "truncated or corrupted",
+                   str(tmp_path / "foreign")):
         assert reason in logged, reason
     ok = client.post("/v1/adapters", json={"name": "x", "path": str(lm_adapters / "alpha")})
     assert ok.status_code == 200 and ok.json()["loaded"] == ["x"]

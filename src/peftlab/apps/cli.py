@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest input in tokens (default: the model's context length)")
     p.add_argument("--num-labels", type=int, default=2, help="classification models: outputs of the head")
     p.add_argument("--labels", default=None, help="classification models: comma-separated label names")
-    p.add_argument("--max-body-bytes", type=int, default=2**20,
+    p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body; larger ones get 413 unread (default 1 MiB)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="largest adapter tensors file loaded (default: half the base model's size, at least 64 MiB)")

@@ -297,7 +297,11 @@ class AdapterBank:
             try:
                 self.am.install(name, **new)
             except BaseException:
-                self.am.install(name, **old)   # what was validated and served a moment ago
+                try:   # what was validated and served a moment ago
+                    self.am.install(name, **old)
+                except BaseException:
+                    self._forget(name)   # out of memory, say: gone from both, never a zombie
+                    raise
                 raise
         finally:
             self.am.delete_adapter(spare)
