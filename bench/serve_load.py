@@ -15,11 +15,14 @@ unloaded while serving; every answer checked against the same request served alo
      generates with it and unloads it again, in a loop.
   5. Checks: no 5xx, every answer names its adapter and equals that adapter's reference answer.
      Reports p50 / p99 latency, requests/s and generated tokens/s for both phases.
+  6. Hostile prompts: FLOOD prompts of FLOOD_MB MB each sent at once while /health is polled:
+     every /health must answer within 0.5 s and every big request get 413 (the server's body
+     limit, answered before the body is read).
 
 Usage: python bench/serve_load.py [--tiny] [--requests 72] [--max-tokens 8] [--adapters 8]
                                   [--extra 2] [--max-adapters 6]
                                   [--max-batch-size 16] [--max-wait-ms 10] [--threads 1]
-                                  [--out PATH]
+                                  [--flood 3] [--flood-mb 10] [--out PATH]
 About 3 minutes on a 2-core CPU with SmolLM2. Writes docs/results/serve_load.md (not with --tiny
 unless --out is given). Exits 1 when a check fails.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import socket
@@ -50,6 +54,7 @@ from common import print_columns  # bench/common.py
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("Write one sentence about the sea.", "What is the capital of France?",
            "Name three colours.", "Describe a cat in five words.")
+HEALTH_WITHIN_S = 0.5   # the longest /health may take while hostile prompts arrive
 
 
 def build_model(tiny: bool, workdir: Path) -> tuple[str, torch.nn.Module]:
@@ -135,6 +140,30 @@ async def churn(client: httpx.AsyncClient, extra: dict[str, Path], stop: asyncio
     return done
 
 
+async def flood(port: int, args: argparse.Namespace) -> dict:
+    """Send `--flood` prompts of `--flood-mb` MB at once while polling /health; the /health
+    latencies and the big requests' statuses."""
+    body = json.dumps({"prompt": "word " * (args.flood_mb * 2**20 // 5)}).encode()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        big = [asyncio.create_task(client.post("/v1/generate", content=body,
+                                               headers={"content-type": "application/json"}))
+               for _ in range(args.flood)]
+        latencies = []
+        while not all(task.done() for task in big) or len(latencies) < 5:
+            started = time.perf_counter()
+            (await client.get("/health")).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+        statuses = Counter(r.status_code for r in await asyncio.gather(*big))
+    return {"statuses": dict(statuses), "health_polls": len(latencies),
+            "health_max_ms": 1000 * max(latencies)}
+
+
+def flood_failed(result: dict, args: argparse.Namespace) -> bool:
+    return args.flood > 0 and (result["flood"]["health_max_ms"] > 1000 * HEALTH_WITHIN_S
+                               or result["flood"]["statuses"] != {413: args.flood})
+
+
 def summary(latencies: list[float], tokens: int, wall: float) -> dict[str, float]:
     cut = statistics.quantiles(latencies, n=100, method="inclusive")
     return {"requests": len(latencies), "wall_s": wall, "rps": len(latencies) / wall,
@@ -181,7 +210,8 @@ async def measure(port: int, args: argparse.Namespace, extra: dict[str, Path]) -
     together = summary([s for s, _ in ok], sum(r.json()["tokens"] for _, r in ok), wall)
     return {"alone": alone, "together": together, "statuses": dict(statuses), "wrong": wrong,
             "admin": dict(admin_counts), "health": health,
-            "distinct_answers": len(set(reference.values())), "references": len(reference)}
+            "distinct_answers": len(set(reference.values())), "references": len(reference),
+            "flood": await flood(port, args) if args.flood > 0 else None}
 
 
 def report(result: dict, args: argparse.Namespace, model: str) -> str:
@@ -210,6 +240,10 @@ def report(result: dict, args: argparse.Namespace, model: str) -> str:
         f"* meanwhile {args.extra} extra adapters were loaded, used and unloaded: {result['admin']}",
         f"* batches run (size: count): {h['batch_sizes']}; adapter loads {h['loads']}, "
         f"evictions {h['evictions']}",
+        *([f"* {args.flood} prompts of {args.flood_mb} MB sent at once: statuses "
+            f"{result['flood']['statuses']}; /health answered {result['flood']['health_polls']} "
+            f"times meanwhile, the slowest in {result['flood']['health_max_ms']:.0f} ms (limit "
+            f"{1000 * HEALTH_WITHIN_S:.0f})"] if result["flood"] else []),
         f"* {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other "
         f"work), torch {torch.__version__}, server with {args.threads} torch thread(s)",
     ]
@@ -233,6 +267,8 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
+    p.add_argument("--flood", type=int, default=3, help="hostile prompts sent at once at the end (0: none)")
+    p.add_argument("--flood-mb", type=int, default=10, help="size of each hostile prompt in MB")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown report (default docs/results/serve_load.md; none with --tiny)")
     args = p.parse_args()
@@ -259,7 +295,7 @@ def main() -> int:
                        f"{' --tiny' if args.tiny else ''}`\n\n" + text)
         print(f"written: {out}")
     failed = result["wrong"] or any(s >= 500 for s in result["statuses"]) or \
-        result["statuses"].get(200) != args.requests
+        result["statuses"].get(200) != args.requests or flood_failed(result, args)
     return 1 if failed else 0
 
 

@@ -332,13 +332,13 @@ def test_malformed_requests_are_4xx_with_the_reason(tok, lm_adapters, reference,
     r = client.post("/v1/generate", json={"prompt": "hi", "adapter": "alpah"})
     assert r.json()["close"] == ["alpha"]
     assert client.post("/v1/classify", json={"text": "hi"}).status_code == 400
-    # loading: a path that is not an adapter is a 400 naming the path and the problem
-    for body, reason in [({"name": "x", "path": str(lm_adapters / "nope")}, "does not exist"),
-                         ({"name": "x", "path": str(lm_adapters)}, "is not an adapter directory"),
+    # loading: a path that is not an adapter is a 400 that says what the server loads (one
+    # message for every such path: tests/test_reliability_server.py), a bad name one naming it
+    for body, reason in [({"name": "x", "path": str(lm_adapters / "nope")}, "cannot load an adapter"),
+                         ({"name": "x", "path": str(lm_adapters)}, "cannot load an adapter"),
                          ({"name": "a/b", "path": str(lm_adapters / "alpha")}, "is not usable")]:
         r = client.post("/v1/adapters", json=body)
         assert r.status_code == 400 and reason in r.json()["detail"], r.text
-        assert body["path"] in r.json()["detail"] or reason == "is not usable"
     assert client.post("/v1/adapters", json={"name": "x"}).status_code == 422
     # ... and the server still answers
     assert client.get("/health").json()["status"] == "ok"

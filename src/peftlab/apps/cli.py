@@ -402,7 +402,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import load_engine, serve
 
     transformers.logging.set_verbosity_error()
-    for name in ("max_adapters", "max_batch_size", "max_new_tokens_limit", "max_input_tokens", "num_labels"):
+    for name in ("max_adapters", "max_batch_size", "max_new_tokens_limit", "max_input_tokens", "num_labels",
+                 "max_body_bytes", "max_adapter_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise PeftlabError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -412,13 +413,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(args.model, args.adapters, causal=is_causal(args.model),
                          max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
                          max_input_tokens=args.max_input_tokens,
-                         max_new_tokens=args.max_new_tokens_limit)
+                         max_new_tokens=args.max_new_tokens_limit,
+                         max_adapter_bytes=args.max_adapter_bytes)
     found = engine.bank.available()
     print(f"serving {args.model} ({engine.kind}) with {len(found)} adapters from {args.adapters} "
           f"({', '.join(list(found)[:10]) or 'none yet'}{' ...' if len(found) > 10 else ''}) on "
           f"http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms)
+          max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes)
     return 0
 
 
@@ -555,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest input in tokens (default: the model's context length)")
     p.add_argument("--num-labels", type=int, default=2, help="classification models: outputs of the head")
     p.add_argument("--labels", default=None, help="classification models: comma-separated label names")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body; larger ones get 413 unread (default 1 MiB)")
+    p.add_argument("--max-adapter-bytes", type=int, default=None,
+                   help="largest adapter tensors file loaded (default: half the base model's size, at least 64 MiB)")
     p.set_defaults(run=cmd_serve)
     return parser
 

@@ -7,25 +7,39 @@
 
 Adapters are attached to and removed from the one model in place (`load_adapter` /
 `delete_adapter`), so memory holds the base model plus the loaded adapters only.
+
+Every change keeps the bank and the model in step: a name is in `loaded()` exactly when the
+model holds that adapter. A load that fails changes nothing (it evicts nothing either), and a
+failed replace leaves the old adapter serving.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from .attach import Adapter
 from .errors import AdapterError, CheckpointError, close_matches
-from .io import CONFIG_FILE
+from .io import CONFIG_FILE, TENSORS_FILE
 from .model import AdaptedModel
 
 # The adapter directories `peftlab train --out RUN` writes inside a run directory, in the order
 # a run directory stands for them (as `peftlab compose` reads RUN).
 RUN_CHECKPOINTS = ("last", "best")
+
+# Size limits checked before a file is read. A config is a few KB even with a long compose
+# provenance. A parameter-efficient adapter is a small part of its base model, so by default
+# its tensors may take at most half the base model's bytes (at least 64 MiB for tiny models).
+MAX_CONFIG_BYTES = 2**20
+MIN_ADAPTER_BYTES_LIMIT = 64 * 2**20
 
 
 class UnknownAdapterError(AdapterError):
@@ -65,6 +79,24 @@ def adapter_directory(path: str | Path) -> Path:
                           "directory written by am.save_adapter or peftlab train")
 
 
+def default_adapter_bytes_limit(am: AdaptedModel) -> int:
+    """Half the base model's parameters and buffers in bytes, at least MIN_ADAPTER_BYTES_LIMIT:
+    the default largest tensors file an AdapterBank loads."""
+    tensors = [*am.model.parameters(), *am.model.buffers()]
+    return max(MIN_ADAPTER_BYTES_LIMIT, sum(t.numel() * t.element_size() for t in tensors) // 2)
+
+
+def _installed(adapter: Adapter) -> dict[str, Any]:
+    """The arguments of `AdaptedModel.install` that put `adapter` in again as it is now, from
+    its tensors in memory (references: install copies them into fresh modules)."""
+    return {"config": adapter.config, "sites": [s.path for s in adapter.sites],
+            "tensors": {(path, tname): t for path, part in adapter.parts().items()
+                        for tname, t in part.state_dict().items()},
+            "copies": {path: wrapper.copies[adapter.name].state_dict()
+                       for path, wrapper in adapter.copies.items()},
+            "provenance": adapter.provenance}
+
+
 def valid_name(name: object) -> bool:
     """Whether `name` can name an adapter (AdaptedModel's rule). Such a name holds no '/' or
     '.', so DIR/<name> never leaves DIR."""
@@ -85,15 +117,19 @@ class AdapterBank:
     """
 
     def __init__(self, am: AdaptedModel, directory: str | Path | None = None, *,
-                 max_adapters: int = 8, paths: Mapping[str, str | Path] | None = None) -> None:
-        if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
-            raise AdapterError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
+                 max_adapters: int = 8, paths: Mapping[str, str | Path] | None = None,
+                 max_adapter_bytes: int | None = None) -> None:
+        for setting, value in (("max_adapters", max_adapters), ("max_adapter_bytes", max_adapter_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise AdapterError(f"{setting} must be an integer >= 1, got {value!r}")
         self.am = am
         self.directory = None if directory is None else Path(directory).expanduser()
         if self.directory is not None and not self.directory.is_dir():
             raise CheckpointError(f"adapter directory {self.directory} does not exist or is not a "
                                   "directory; give the folder that holds one sub-folder per adapter")
         self.max_adapters = max_adapters
+        # The largest tensors file loaded (adapter_model.safetensors), checked before reading it.
+        self.max_adapter_bytes = max_adapter_bytes or default_adapter_bytes_limit(am)
         self._lock = threading.RLock()        # the model: held while changing it or running it
         self._tables = threading.Lock()       # the name tables below: held briefly
         self._registered: dict[str, Path] = {}
@@ -146,11 +182,13 @@ class AdapterBank:
     def load(self, name: str, path: str | Path | None = None, *, replace: bool = False) -> Path:
         """Load adapter `name` now, from `path` (which registers it under that name) or from
         where the bank finds it; returns its directory. A loaded `name` is an error unless
-        `replace`, which swaps in the adapter at `path`, restoring the old one if that fails."""
+        `replace`, which swaps in the adapter at `path`; when that fails, the old one serves on
+        and the error says why the new one failed. Files above the size limits are refused
+        before they are read (`max_adapter_bytes`)."""
         self._check_name(name)
         with self._lock:
             source = adapter_directory(path) if path is not None else self.path_of(name)
-            if name in self._loaded:
+            if self._held(name):
                 if not replace:
                     raise AdapterError(f"adapter {name!r} is already loaded (from "
                                        f"{self._loaded[name]}); unload it first or replace it")
@@ -203,44 +241,113 @@ class AdapterBank:
 
     # ---- internals (called with the model lock held) ----------------------------------------------
     def _ensure(self, name: str, source: Path | None) -> None:
-        """Mark `name` most recently used, loading it (from `source` or where it is found) and
-        evicting the least recently used unpinned adapter when the bank is full."""
-        if name in self._loaded:
+        """Mark `name` most recently used, loading it (from `source` or where it is found) when
+        the model does not hold it, and then evicting the least recently used unpinned adapter
+        when the bank is over capacity. The load comes first, so that a load that fails (a
+        broken or foreign adapter) evicts nothing: for a moment the model holds one adapter
+        more than `max_adapters`."""
+        if self._held(name):
             with self._tables:
                 self._loaded.move_to_end(name)
             return
         source = source if source is not None else self.path_of(name)
-        while len(self._loaded) >= self.max_adapters:
-            victim = next((n for n in self._loaded if not self._pins[n]), None)
-            if victim is None:
-                raise BankFullError(f"all {self.max_adapters} loaded adapters are in use by the "
-                                    f"running batch, so {name!r} cannot be loaded; raise "
-                                    "max_adapters")
-            self._evict(victim)
-            self.evictions += 1
+        victims = self._victims(name, len(self._loaded) + 1 - self.max_adapters)
+        self._check_files(source)
         self.am.load_adapter(source, name)
         with self._tables:
             self._loaded[name] = source
         self.loads += 1
+        for victim in victims:
+            self._evict(victim)
+            self.evictions += 1
+
+    def _held(self, name: str) -> bool:
+        """Whether `name` is loaded. An entry whose adapter was deleted from the model behind
+        the bank's back is dropped first: the model is the truth, so the adapter loads again
+        when asked for rather than its name failing until a restart."""
+        if name in self._loaded and name not in self.am.adapters:
+            self._forget(name)
+        return name in self._loaded
+
+    def _victims(self, name: str, count: int) -> list[str]:
+        """The `count` least recently used unpinned adapters, to evict for `name`; BankFullError
+        (before anything changes) when too many are pinned."""
+        free = [n for n in self._loaded if not self._pins[n]]
+        if count > len(free):
+            raise BankFullError(f"all {self.max_adapters} loaded adapters are in use by the "
+                                f"running batch, so {name!r} cannot be loaded; raise max_adapters")
+        return free[:max(count, 0)]
 
     def _swap(self, name: str, source: Path) -> None:
+        """Replace loaded adapter `name` by the one at `source`. The new one loads under a
+        spare name first, while the old one stays in place: any failure there (missing,
+        broken, made for another model) leaves the old one serving and raises the new one's
+        error. Only then is the old one taken out and the new one put in under `name` from
+        the tensors already in memory, so no step of the swap reads the disk again."""
         if self._pins[name]:
             raise AdapterError(f"adapter {name!r} is in use by the running batch; replace it after "
                                "the batch")
-        old = self._loaded[name]
-        self.am.delete_adapter(name)
+        self._check_files(source)
+        spare = self._spare_name(name)
+        self.am.load_adapter(source, spare)
         try:
-            self.am.load_adapter(source, name)
-        except Exception:
-            self.am.load_adapter(old, name)   # the old adapter serves on; the caller sees why
-            raise
+            old = _installed(self.am.adapter(name))
+            new = _installed(self.am.adapter(spare))
+            self.am.delete_adapter(name)
+            try:
+                self.am.install(name, **new)
+            except BaseException:
+                try:   # what was validated and served a moment ago
+                    self.am.install(name, **old)
+                except BaseException:
+                    self._forget(name)   # out of memory, say: gone from both, never a zombie
+                    raise
+                raise
+        finally:
+            self.am.delete_adapter(spare)
         with self._tables:
             self._loaded[name] = source
             self._loaded.move_to_end(name)
         self.loads += 1
 
+    def _spare_name(self, name: str) -> str:
+        spare, n = f"{name}_replacing", 1
+        while spare in self.am.adapters:
+            spare, n = f"{name}_replacing{n}", n + 1
+        return spare
+
+    def _check_files(self, directory: Path) -> None:
+        """CheckpointError unless `directory` holds both adapter files as regular files within
+        the size limits. Checked with stat before a byte is read, so that a huge file (or a
+        device, or a pipe) is refused at once instead of being read whole first."""
+        limits = {CONFIG_FILE: (MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES"),
+                  TENSORS_FILE: (self.max_adapter_bytes, "max_adapter_bytes")}
+        for file, (limit, setting) in limits.items():
+            path = directory / file
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                raise CheckpointError(f"{path} does not exist: the adapter directory is "
+                                      "incomplete") from None
+            except OSError as e:
+                raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"{path} is not a regular file; an adapter directory holds "
+                                      f"{CONFIG_FILE} and {TENSORS_FILE} as plain files")
+            if not os.access(path, os.R_OK):
+                raise CheckpointError(f"{path} cannot be read (permission denied)")
+            if info.st_size > limit:
+                raise CheckpointError(
+                    f"{path} is {info.st_size:,} bytes, above this bank's limit of {limit:,} "
+                    f"({setting}); no adapter for this model should be that large: check the "
+                    "path, or raise the limit")
+
     def _evict(self, name: str) -> None:
-        self.am.delete_adapter(name)
+        if name in self.am.adapters:   # unless deleted behind the bank's back
+            self.am.delete_adapter(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
         with self._tables:
             del self._loaded[name]
 

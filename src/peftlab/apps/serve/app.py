@@ -2,14 +2,20 @@
 
 Every error answer is JSON with a `detail` string that names the problem and the fix: 404 for
 an unknown adapter (with `close` look-alike names), 422 for a malformed body (with `errors`,
-one per field) or a parameter above a limit, 413 for an input above the token limits, 400 for
-other requests peftlab refuses (e.g. loading a path that is not an adapter), 503 while the
+one per field) or a parameter above a limit, 413 for a body above `max_body_bytes` or an input
+above the token limits, 400 for other requests peftlab refuses (e.g. loading a path that is not
+an adapter: one message for every such path, the reason in the server log), 503 while the
 server starts or shuts down, and 500 with the reason when the server itself failed.
+
+Nothing a request sends can stall the others: the body is refused past its size limit before
+it is read (`BodyLimit`), and tokenizing, like all other blocking work, runs in a worker thread,
+never on the event loop that answers `/health`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -19,13 +25,27 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...core.bank import UnknownAdapterError
-from ...core.errors import PeftlabError
+from ...core.errors import CapabilityError, CheckpointError, PeftlabError
 from .batcher import Batcher, ServerClosing
 from .engine import Engine, Job, RequestError, Sampling
 
 DEFAULT_MAX_TOKENS = 16
+# The largest request body read, in bytes: a prompt of ~1M characters, whose tokenizing takes
+# about a second (in a worker thread); larger bodies are refused before they are read.
+DEFAULT_MAX_BODY_BYTES = 2**20
+
+log = logging.getLogger(__name__)
+
+# The one answer to POST /v1/adapters for every path the server will not load, whatever the
+# reason (missing, not a directory, unreadable, too large, broken, made for another model), so
+# that the answers tell a client nothing about the server's files; the reason goes to the log.
+NOT_LOADABLE = ("the server cannot load an adapter from this path: give a readable directory "
+                "holding adapter_config.json and adapter_model.safetensors, written by "
+                "am.save_adapter or peftlab train (RUN or RUN/last) for this server's model; the "
+                "server log says why this one was refused")
 
 
 class _Body(BaseModel):
@@ -52,6 +72,54 @@ class LoadRequest(_Body):
     name: str
     path: str = Field(min_length=1)
     replace: bool = False
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body is over `limit` bytes is answered 413 before the
+    app sees it. A declared Content-Length is judged before a byte of the body is read; a
+    chunked body is counted as it arrives and refused as soon as the count passes the limit.
+    A body within the limit is handed on whole (the app would read it whole anyway)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(f"{int(declared):,} bytes", scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":   # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(f"more than {self.limit:,} bytes", scope, receive, send)
+                return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()   # after the body: the disconnect, when it comes
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: str, scope: Scope, receive: Receive, send: Send) -> None:
+        # The connection stays open: uvicorn discards the rest of the body as it arrives (it
+        # stores none of it), and the client, which reads the answer once it has sent its
+        # body, gets the 413. Closing instead resets a connection still sending, and the
+        # client sees a connection error in place of the answer.
+        await _error(413, f"the request body is {size}; this server takes at most "
+                          f"{self.limit:,} bytes (--max-body-bytes)")(scope, receive, send)
 
 
 def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -95,9 +163,13 @@ async def _answer(future: Future) -> Any:
         return error_response(e)
 
 
-def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0) -> FastAPI:
+def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`; its batcher's worker runs while the app does (use
-    `with TestClient(app)` in tests, so that start-up and shut-down run)."""
+    `with TestClient(app)` in tests, so that start-up and shut-down run). Request bodies over
+    `max_body_bytes` are answered 413 unread."""
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise PeftlabError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
     batcher = Batcher(engine.run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_adapters=engine.bank.max_adapters)
     bank = engine.bank
@@ -113,6 +185,7 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
     app = FastAPI(title="peftlab", summary="PEFT adapters served from one base model",
                   lifespan=lifespan)
     app.state.engine, app.state.batcher = engine, batcher
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -137,9 +210,16 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
             raise RequestError(400, f"{route} needs a {kind} model; this server serves "
                                     f"{engine.model_name!r}, a {engine.kind} model: use {other}")
 
-    def known(adapter: str | None) -> None:
+    def prepare(adapter: str | None, encode: Callable[[str], list[int]], text: str,
+                max_tokens: int = 0) -> list[int]:
+        """The token ids of a request's text, after its adapter is known to exist (a 404 now,
+        not an error from the worker), within the token limits. In a worker thread: looking
+        the adapter up may list the adapter folder, and tokenizing a long text takes a while."""
         if adapter is not None:
-            bank.path_of(adapter)   # an unknown name is a 404 now, not an error from the worker
+            bank.path_of(adapter)
+        ids = encode(text)
+        engine.check_input(len(ids), max_tokens)
+        return ids
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -158,10 +238,18 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
 
     @app.post("/v1/adapters")
     def load(req: LoadRequest) -> Any:
-        """Load (or with `replace`, swap) adapter `name` from `path`; waits for the running batch."""
-        return _sync(lambda: {"name": req.name, "path": str(bank.load(req.name, req.path,
-                                                                      replace=req.replace)),
-                              "loaded": bank.loaded()})
+        """Load (or with `replace`, swap) adapter `name` from `path`; waits for the running batch.
+        Every path it will not load gets the same answer (NOT_LOADABLE); the log says why."""
+        try:
+            path = bank.load(req.name, req.path, replace=req.replace)
+        except (CheckpointError, CapabilityError, OSError) as e:
+            log.warning("POST /v1/adapters refused %r for adapter %r: %s", req.path, req.name, e)
+            return _error(400, NOT_LOADABLE)
+        except PeftlabError:
+            raise
+        except Exception as e:
+            return error_response(e)
+        return {"name": req.name, "path": str(path), "loaded": bank.loaded()}
 
     @app.delete("/v1/adapters/{name}")
     def unload(name: str) -> Any:
@@ -177,9 +265,7 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
         if max_tokens > engine.max_new_tokens:
             raise RequestError(422, f"max_tokens {max_tokens} is above this server's limit of "
                                     f"{engine.max_new_tokens} (--max-new-tokens-limit)")
-        known(req.adapter)
-        ids = engine.encode_prompt(req.prompt)
-        engine.check_input(len(ids), max_tokens)
+        ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_prompt, req.prompt, max_tokens)
         sampling = Sampling(req.temperature, req.top_p, req.seed)
         return await _answer(submit(Job("generate", ids, req.adapter, max_tokens, sampling)))
 
@@ -187,9 +273,7 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
     async def classify(req: ClassifyRequest) -> Any:
         """`{"label", "probs", "adapter"}` (a regression head: `{"score", "adapter"}`)."""
         require("classification", "/v1/classify")
-        known(req.adapter)
-        ids = engine.encode_text(req.text)
-        engine.check_input(len(ids))
+        ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_text, req.text)
         return await _answer(submit(Job("classify", ids, req.adapter)))
 
     return app
@@ -206,8 +290,11 @@ def _sync(action: Callable[[], dict[str, Any]]) -> Any:
 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
-          max_wait_ms: float = 10.0, log_level: str = "info") -> None:
-    """Serve `engine` over HTTP with uvicorn until interrupted."""
+          max_wait_ms: float = 10.0, max_body_bytes: int | None = None,
+          log_level: str = "info") -> None:
+    """Serve `engine` over HTTP with uvicorn until interrupted (`max_body_bytes` None:
+    DEFAULT_MAX_BODY_BYTES)."""
     import uvicorn
-    uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
+    uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES),
                 host=host, port=port, log_level=log_level)

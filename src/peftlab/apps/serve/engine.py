@@ -3,6 +3,7 @@ in which every example uses its own adapter."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -107,14 +108,17 @@ class Engine:
             if len(self.labels) != config.num_labels:
                 raise PeftlabError(f"{len(self.labels)} labels {self.labels} for a head of "
                                    f"{config.num_labels} outputs; give one label per output")
-        # Fast tokenizers refuse concurrent use of one instance ("Already borrowed"); handlers
-        # encode while the worker decodes.
+        # Fast tokenizers refuse concurrent use of one instance ("Already borrowed"): request
+        # handlers take turns encoding, and the worker decodes with its own copy, so that a long
+        # prompt being tokenized never holds up a batch's answers.
         self._tok_lock = threading.Lock()
+        self._decoder = copy.deepcopy(tokenizer)
 
     # ---- tokenising (request handlers) ------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a generate prompt: as a user turn of the chat template when the tokenizer
-        has one (as `peftlab generate` does), else the plain text with special tokens."""
+        has one (as `peftlab generate` does), else the plain text with special tokens. Takes
+        about a second per million characters: call it off the event loop."""
         with self._tok_lock:
             if getattr(self.tokenizer, "chat_template", None):
                 return list(self.tokenizer.apply_chat_template(
@@ -164,8 +168,7 @@ class Engine:
         stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
         if stop is not None:
             new = new[: stop + 1]   # the end-of-sequence token counts, as in a lone generate
-        with self._tok_lock:
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text = self._decoder.decode(new, skip_special_tokens=True)
         return {"text": text, "adapter": job.adapter, "tokens": len(new)}
 
     def _classify(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
@@ -221,10 +224,12 @@ class Engine:
 
 def load_engine(model: str, adapters: str | Path | None, *, causal: bool,
                 max_adapters: int = 8, labels: Sequence[str] | None = None, num_labels: int = 2,
-                max_input_tokens: int | None = None, max_new_tokens: int = 256) -> Engine:
+                max_input_tokens: int | None = None, max_new_tokens: int = 256,
+                max_adapter_bytes: int | None = None) -> Engine:
     """An Engine for a model name (`smollm2`, `minilm`) or local model directory, serving the
     adapters under `adapters`. Classification models get a head of `num_labels` outputs (the
-    length of `labels` when given), which each adapter's trained head replaces."""
+    length of `labels` when given), which each adapter's trained head replaces.
+    `max_adapter_bytes`: the largest tensors file the bank loads (None: its default)."""
     from ... import adapt
     from ...assets import load_model
 
@@ -234,7 +239,7 @@ def load_engine(model: str, adapters: str | Path | None, *, causal: bool,
         base, tokenizer = load_model(model, kind="classification",
                                      num_labels=len(labels) if labels else num_labels)
     am = adapt(base)
-    bank = AdapterBank(am, adapters, max_adapters=max_adapters)
+    bank = AdapterBank(am, adapters, max_adapters=max_adapters, max_adapter_bytes=max_adapter_bytes)
     return Engine(am, tokenizer, bank, kind="causal-lm" if causal else "classification",
                   model_name=model, labels=labels, max_input_tokens=max_input_tokens,
                   max_new_tokens=max_new_tokens)
