@@ -35,10 +35,12 @@ from .core.errors import (
     AdapterError,
     CapabilityError,
     CheckpointError,
+    CheckpointWarning,
     ConfigError,
     DataError,
     MissingAssetError,
     PeftlabError,
+    PeftlabWarning,
     TargetNotFoundError,
 )
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
@@ -127,6 +129,7 @@ __all__ = [
     "CapabilityError",
     "CausalLMTask",
     "CheckpointError",
+    "CheckpointWarning",
     "ClassificationTask",
     "CompositionWarning",
     "ConfigError",
@@ -152,6 +155,7 @@ __all__ = [
     "ModuleCopies",
     "PatchConfig",
     "PeftlabError",
+    "PeftlabWarning",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "PrunePlan",

@@ -38,6 +38,15 @@ class CapabilityError(PeftlabError):
     """The method does not declare the capability an operation needs."""
 
 
+class PeftlabWarning(UserWarning):
+    """Base class of every warning peftlab gives: it went ahead, but something looks wrong."""
+
+
+class CheckpointWarning(PeftlabWarning):
+    """A checkpoint loaded, but it was made for another base model or holds NaN/inf values;
+    `load_adapter(..., strict=True)` refuses such a checkpoint with a CheckpointError instead."""
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates that look most like `word`, best first (for "did you mean" hints)."""
     pool = sorted(set(candidates))
