@@ -2,14 +2,14 @@
 
 item | case | expected | observed before the fix
 ---- | ---- | -------- | -----------------------
-1 | SIGKILL a saving process at every fault point of the writer (each file written / fsynced, the carry-over of other files, the new directory fsynced, the swap, the directory fsync, the clean-up) and at random instants, ≥ 50 kills, saves alternating versions of different rank and alpha | the directory loads bit-exactly as one saved version every time; a user's README and run.json survive; no temp entry after the next save | no fault points; 7 of 20 random kills left new tensors with the old config (nothing loads, or the wrong alpha loads silently); 15 orphaned full-size temp files
+1 | SIGKILL a saving process at every fault point of the writer (each file written / fsynced, the carry-over of other files, the new directory fsynced, the swap, the directory fsync, the clean-up; run.json's rename) and at random instants, ≥ 50 kills, saves alternating versions of different rank and alpha | the directory loads bit-exactly as one saved version every time; a user's README and run.json survive; no temp entry after the next save | no fault points; a random kill left a directory that is no saved version (the issue: 7 of 20 kills left new tensors with the old config, so nothing loads or the wrong alpha loads silently; 20 kills left 15 orphaned full-size temp files)
 1 | two threads save the same adapter name into one directory while a third rewrites run.json there | every save succeeds, the directory loads as one version, run.json holds the last write, no temp entries | the temp name `.{file}.{pid}.tmp` is shared by the threads: saves fail with FileNotFoundError or write each other's files
 1 | a stale temp entry of a live writer and one of a dead writer beside the directory | the next save removes the dead one only | not cleaned at all
-1 | no RENAME_EXCHANGE (old kernel, other file system) | the save still switches whole, other files survive | (no such path)
-1 | save into the working directory | the process's working directory is still the saved directory | (one directory, files renamed in place)
+1 | no RENAME_EXCHANGE (old kernel, other file system): saves, and kills between its two renames | the save switches whole, other files survive; killed in the gap: no directory, the load error names the whole previous version beside it, the next save puts it back | (no such path)
+1 | save into the working directory | the process's working directory is still the saved directory | passes (files renamed in place): guards the swap
 7 | load an adapter whose tensors hold NaN / inf | CheckpointWarning naming the tensor; `strict=True`: CheckpointError, model unchanged | loads silently
 8 | adapter of a 2-layer Llama loaded into a 3-layer Llama with the same shapes | CheckpointWarning naming num_parameters with both values; `strict=True`: CheckpointError, model unchanged; the same model: no warning | loads silently (`strict` unknown: TypeError)
-10 | adapter_config.json with format_version "2"/null, method a list, alpha "8", dropout "x", config null/5/[], sites 5, rank_pattern "x", modules_to_save 5, base_model malformed | CheckpointError naming the file and the field | raw TypeError / AttributeError, or loads (base_model 5), or ValueError from the message builder
+10 | adapter_config.json with format_version "2"/null, method a list, alpha "8", dropout "x", config null/5/[], sites 5, rank_pattern "x", modules_to_save 5, base_model malformed | CheckpointError naming the file and the field | raw TypeError / AttributeError; a malformed base_model loads silently, and into a model of other shapes the message builder raises ValueError
 10 | the directory is a symlink loop / a file; the config or the tensors file is a directory; the config cannot be read (permission) | CheckpointError saying which | "truncated or corrupted", "does not exist", or raw OSError
 10 | a peft directory with lora_alpha "x", modules_to_save 5, r "4" | CheckpointError naming the file | raw ValueError / TypeError, or loads
 13 | the files and the directory a save writes | mode 0o666 / 0o777 less the process umask | the tensors file 0o600, the config 0o644
@@ -71,9 +71,11 @@ def io_child(target: str, refs: str) -> None:
 
     It imports torch once, saves the reference versions and version A, then serves commands from
     stdin, one per line, answering one line each:
-      kill POINT SKIP DELAY  fork a saver that saves B, C, B, ... (and run.json after each) with the
+      kill POINT SKIP DELAY FALLBACK
+                             fork a saver that saves B, C, B, ... (and run.json after each) with the
                              fault point POINT armed after SKIP saves ('-': none; this process
-                             SIGKILLs it after DELAY seconds instead); answer its wait status
+                             SIGKILLs it after DELAY seconds instead), switching by two renames
+                             if FALLBACK is 1; answer its wait status
       save                   save version A and run.json here; answer 'saved'
     Forking is what makes ≥ 50 kills cheap: a fresh interpreter costs seconds, a fork milliseconds.
     """
@@ -102,6 +104,7 @@ def io_child(target: str, refs: str) -> None:
         point, skip, delay = args[0], int(args[1]), float(args[2])
         pid = os.fork()
         if pid == 0:
+            pio.RENAME_EXCHANGE_USABLE = args[3] == "0"
             try:
                 for i in range(2000):
                     if i == skip and point != "-":
@@ -113,6 +116,21 @@ def io_child(target: str, refs: str) -> None:
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
         print(os.waitpid(pid, 0)[1], flush=True)
+
+
+def io_check_version(am: peftlab.AdaptedModel, target: Path, expected: dict, ref_tensors: dict,
+                     point: str) -> None:
+    """`target` is one whole saved version, bit for bit, and loads as it; other files survive."""
+    version = [v for v, files in expected.items() if io_files(target) == files]
+    assert len(version) == 1, f"after a kill at {point!r} the directory is no saved version"
+    loaded = am.load_adapter(target, "x")
+    assert (loaded.config.r, loaded.config.alpha) == IO_VERSIONS[version[0]][:2]
+    tensors = am.adapter_tensors("x")
+    assert tensors.keys() == ref_tensors[version[0]].keys()
+    assert all(torch.equal(tensors[k], ref_tensors[version[0]][k]) for k in tensors)
+    am.delete_adapter("x")
+    assert (target / "README.md").read_text() == IO_README
+    assert json.loads((target / "run.json").read_text())["version"] in IO_VERSIONS
 
 
 IO_POINTS = ["written", "written:adapter_config.json", "synced", "synced:adapter_config.json",
@@ -148,30 +166,29 @@ def test_item_1_torn_checkpoints(tmp_path):
             check.load_adapter(refs / v, v)
             ref_tensors[v] = check.adapter_tensors(v)
         rng = random.Random(0)
-        plan = [(p, rng.randrange(3), 0.0) for p in IO_POINTS for _ in range(3)]
-        plan += [("-", 0, rng.uniform(0.0, 0.04)) for _ in range(25)]
+        plan = [(p, rng.randrange(3), 0.0, 0) for p in IO_POINTS for _ in range(3)]
+        plan += [("-", 0, rng.uniform(0.0, 0.04), 0) for _ in range(25)]
+        plan += [(p, rng.randrange(3), 0.0, 1) for p in ("aside", "swapped", "written") for _ in range(2)]
         rng.shuffle(plan)
         kills = orphaned = 0
-        for point, skip, delay in plan:
-            status = int(ask(f"kill {point} {skip} {delay}"))
+        for point, skip, delay, fallback in plan:
+            status = int(ask(f"kill {point} {skip} {delay} {fallback}"))
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
             assert killed or point == "-", f"the saver never reached fault point {point!r}"
             kills += killed
-            # whatever instant the kill hit, the directory is one whole saved version
-            version = [v for v, files in expected.items() if io_files(target) == files]
-            assert len(version) == 1, f"after a kill at {point!r} the directory is no saved version"
-            loaded = check.load_adapter(target, "x")
-            assert loaded.config.r == IO_VERSIONS[version[0]][0]
-            assert loaded.config.alpha == IO_VERSIONS[version[0]][1]
-            tensors = check.adapter_tensors("x")
-            assert tensors.keys() == ref_tensors[version[0]].keys()
-            assert all(torch.equal(tensors[k], ref_tensors[version[0]][k]) for k in tensors)
-            check.delete_adapter("x")
-            assert (target / "README.md").read_text() == IO_README
-            assert json.loads((target / "run.json").read_text())["version"] in IO_VERSIONS
+            if point == "aside":
+                # the fallback's one gap: no directory, the previous version whole beside it
+                with pytest.raises(peftlab.CheckpointError, match=r"previous version at \S+\.old"):
+                    check.load_adapter(target, "x")
+                aside, = target.parent.glob(".adapter.peftlab-*.old")
+                assert io_files(aside) in expected.values()
+                assert (aside / "README.md").read_text() == IO_README
+            else:
+                io_check_version(check, target, expected, ref_tensors, point)
             orphaned += bool(io_temp_entries(target.parent, target))
             assert ask("save") == "saved"
             assert io_temp_entries(target.parent, target) == []
+            assert (target / "README.md").read_text() == IO_README
         assert kills >= 50 and orphaned > 0    # the kills did leave temp entries to clean
     finally:
         watchdog.cancel()
@@ -293,9 +310,9 @@ def test_item_7_non_finite_tensors_on_load(tmp_path, bad):
 
 
 # ---- item 8: the base identity is compared -------------------------------------------------------
-def io_llama(layers: int) -> LlamaForCausalLM:
+def io_llama(layers: int, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48,
                                         num_hidden_layers=layers, num_attention_heads=4,
                                         num_key_value_heads=2, max_position_embeddings=64)).eval()
 
@@ -345,8 +362,9 @@ def test_item_10_malformed_config_fields(tmp_path, case):
         record = record[p]
     record[key] = value
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
-    # a model the adapter does not fit too: the error names the field, not a crash of the message
-    for model in (tiny_llama(), io_llama(1)):
+    # a model whose shapes the adapter does not fit too: the error names the field, not a crash
+    # of the message that describes the recorded base
+    for model in (tiny_llama(), io_llama(2, hidden=48)):
         fresh = peftlab.adapt(model)
         with pytest.raises(peftlab.CheckpointError) as info:
             fresh.load_adapter(tmp_path / "ad", "a")

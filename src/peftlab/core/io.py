@@ -26,7 +26,7 @@ Writing: `commit_files(directory, {name: writer})` and `commit_directory(target,
   RENAME_EXCHANGE (Linux before 3.15, some network and FUSE file systems, other systems) the
   switch is two renames, target -> aside and new -> target: still never a mix, but a crash
   between them leaves no directory at the target, the old version whole beside it
-  (`.NAME.peftlab-….old`, named by the error of a load) until the next save removes it.
+  (`.NAME.peftlab-….old`, named by the error of a load), which the next save puts back first.
   A process whose working directory is the swapped directory keeps the old one (deleted): this
   process is moved to the new one; others see what `cd .` gives them.
 - Switches are serialised among peftlab writers by an exclusive flock on the parent directory,
@@ -326,6 +326,18 @@ def _cwd_within(target: Path) -> str | None:
     return cwd if cwd == str(target) or cwd.startswith(str(target) + os.sep) else None
 
 
+def _restore_aside(target: Path) -> None:
+    """Put back the previous version that a fallback switch, killed between its two renames,
+    left beside the missing `target` (the next save then carries its other entries over)."""
+    prefix = f".{target.name}.peftlab-"
+    for entry in os.scandir(target.parent):
+        match = _TEMP.search(entry.name)
+        if match and entry.name.startswith(prefix) and entry.name.endswith(".old") and _writer_gone(match):
+            with contextlib.suppress(OSError):      # another writer restored it first
+                os.rename(entry.path, target)
+            return
+
+
 def _inode(path: Path) -> int | None:
     try:
         return os.lstat(path).st_ino
@@ -348,6 +360,8 @@ def _commit_folder(target: str | Path, fill: Callable[[Path], None], written: fr
     if os.path.ismount(target):
         raise CheckpointError(f"{target} is a mount point, which cannot be swapped for its new "
                               "version: save into a directory inside it")
+    if not os.path.lexists(target):
+        _restore_aside(target)
     _remove_stale(parent)
     if target.is_dir():
         _remove_stale(target)
