@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -74,6 +73,11 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CapabilityError, CheckpointError, CheckpointWarning, PeftlabError
 from .method import describe_type, get_method, value_fits
 from .sites import Site, sites_at
+
+try:
+    import fcntl
+except ImportError:          # not a POSIX system: switches are not serialised (each stays atomic)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .model import AdaptedModel, Adapter
@@ -225,17 +229,17 @@ def _switch_lock(directory: Path) -> Iterator[None]:
     """Exclusive among peftlab writers (threads too: each opens its own descriptor) while held.
     A directory this user cannot open, or a file system without flock, leaves the switches
     unserialised, each still atomic."""
-    try:
+    fd = None
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        yield
-        return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None and fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)                                # releases the lock
+        if fd is not None:
+            os.close(fd)                            # releases the lock
 
 
 # ---- the switch -------------------------------------------------------------------------------
@@ -405,7 +409,10 @@ def _commit_file(directory: Path, filename: str, write: Callable[[Path], None]) 
     mode = _file_mode()
     tmp = directory / temp_name(filename, "tmp")
     try:
-        _write(tmp, filename, write, mode)
+        try:                        # unlocked: a swap of `directory` may take the temp file away
+            _write(tmp, filename, write, mode)
+        except FileNotFoundError:
+            pass
         with _switch_lock(directory.parent):        # the lock a swap of `directory` takes
             if not tmp.exists():    # the directory was swapped while we wrote: write into the new one
                 _write(tmp, filename, write, mode)
