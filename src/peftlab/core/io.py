@@ -209,7 +209,7 @@ def _fsync(path: str | Path, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
-    except OSError as e:      # a few file systems cannot fsync a directory; its entries are then as durable as they get
+    except OSError as e:      # some file systems cannot fsync a directory: nothing more to do there
         if not directory or e.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
     finally:
@@ -336,7 +336,8 @@ def _restore_aside(target: Path) -> None:
     prefix = f".{target.name}.peftlab-"
     for entry in os.scandir(target.parent):
         match = _TEMP.search(entry.name)
-        if match and entry.name.startswith(prefix) and entry.name.endswith(".old") and _writer_gone(match):
+        if (match and entry.name.startswith(prefix) and entry.name.endswith(".old")
+                and _writer_gone(match)):
             with contextlib.suppress(OSError):      # another writer restored it first
                 os.rename(entry.path, target)
             return
@@ -543,6 +544,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               "or restore the file") from None
 
 
+_EDITED = "the file is damaged or was edited: save it again"
+
+
 def check_fields(record: Mapping[str, Any], schema: Mapping[str, Any], source: Path, *,
                  required: Sequence[str] = (), prefix: str = "") -> None:
     """CheckpointError naming `source` and the field when a required field is missing or a
@@ -554,8 +558,7 @@ def check_fields(record: Mapping[str, Any], schema: Mapping[str, Any], source: P
     for name, kind in schema.items():
         if name in record and not value_fits(record[name], kind):
             raise CheckpointError(f"{source}: field {prefix + name!r} must be {describe_type(kind)}, "
-                                  f"found {record[name]!r:.60}; the file is damaged or was edited: "
-                                  "save it again")
+                                  f"found {record[name]!r:.60}; {_EDITED}")
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -614,7 +617,9 @@ def _identity_differences(source: Path, recorded: Mapping[str, Any], am: Adapted
     here = base_identity(am, [by_path[p] for p in site_paths])
 
     def show(key: str, value: Any) -> str:
-        return f"{value:,}" if key == "num_parameters" else f"{value[:12]}…" if key.endswith("sha256") else value
+        if key == "num_parameters":
+            return f"{value:,}"
+        return f"{value[:12]}…" if key.endswith("sha256") else value
     diffs = [f"{key}: checkpoint {show(key, recorded[key])}, this model {show(key, here[key])}"
              for key in _COMPARED if key in recorded and recorded[key] != here[key]]
     return [f"{source} was saved from another base model ({'; '.join(diffs)})"] if diffs else []
@@ -622,7 +627,8 @@ def _identity_differences(source: Path, recorded: Mapping[str, Any], am: Adapted
 
 def _describe_base(base: Mapping[str, Any]) -> str:
     count = base.get("num_parameters")
-    return f"{base.get('class', 'an unrecorded model')}" + (f" with {count:,} parameters" if count else "")
+    counted = f" with {count:,} parameters" if count else ""
+    return f"{base.get('class', 'an unrecorded model')}{counted}"
 
 
 # ---- save / load --------------------------------------------------------------------------------
@@ -679,7 +685,7 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
     try:
         config = method.config_cls.from_dict(meta["config"])
     except PeftlabError as e:
-        raise CheckpointError(f"{config_file}, field 'config': {e}") from None
+        raise CheckpointError(f"{config_file}, field 'config': {e}; {_EDITED}") from None
     sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
     tensors = read_tensors(directory / TENSORS_FILE)
     problems = (_identity_differences(directory, meta.get("base_model", {}), am, sites)

@@ -117,7 +117,8 @@ def value_fits(value: Any, hint: Any) -> bool:
     if hint in (int, float):     # bool is an int to Python, never to a config
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        items = args[0] if args and (origin is not tuple or args[-1] is Ellipsis or len(args) == 1) else Any
+        homogeneous = origin is not tuple or len(args) == 1 or args[-1] is Ellipsis
+        items = args[0] if args and homogeneous else Any      # tuple[int, str]: not looked into
         return isinstance(value, (list, tuple)) and all(value_fits(v, items) for v in value)
     if origin in (dict, Mapping) or hint is dict:
         keys, vals = args if len(args) == 2 else (Any, Any)

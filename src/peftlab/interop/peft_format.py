@@ -3,10 +3,10 @@
 This is the dispatch only: it writes and reads the directory (`adapter_config.json` and
 `adapter_model.safetensors`, atomically, through core/io's writer and validated readers), the
 header every peft config shares and the modules_to_save copies, and finds the method by
-`peft_type` in the registry. Reading checks the types of the peft config fields the codecs read
-(PEFT_FIELDS) before a codec sees them, and warns of tensors holding NaN/inf (strict: refuses). What a method's
-tensors and config fields look like in peft is its own codec, `Method.to_peft` / `from_peft`,
-in its method file (LoRA's in methods/lora.py).
+`peft_type` in the registry. Reading checks the types of the peft config fields the codecs
+read (PEFT_FIELDS) before a codec sees them, and warns of tensors holding NaN/inf (strict:
+refuses). What a method's tensors and config fields look like in peft is its own codec,
+`Method.to_peft` / `from_peft`, in its method file (LoRA's in methods/lora.py).
 """
 
 from __future__ import annotations
