@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core.errors import AdapterError, CapabilityError, ConfigError
+from .core.errors import AdapterError, CapabilityError, ConfigError, PeftlabWarning
 from .methods import METHODS
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ SIGNED_FACTORS = ("lora_B", "pissa_B0")   # LoRA tensors that carry the sign in 
 SHARED_INIT_COSINE = 0.3                  # below this mean cos(A_i, A_1) the inits look unrelated
 
 
-class CompositionWarning(UserWarning):
+class CompositionWarning(PeftlabWarning):
     """Composition that runs but probably does not mean what was intended."""
 
 

@@ -42,6 +42,15 @@ class TrainingError(PeftlabError):
     """Training cannot go on: the loss or the adapter stopped being finite."""
 
 
+class PeftlabWarning(UserWarning):
+    """Base class of every warning peftlab gives: it went ahead, but something looks wrong."""
+
+
+class CheckpointWarning(PeftlabWarning):
+    """A checkpoint loaded, but it was made for another base model or holds NaN/inf values;
+    `load_adapter(..., strict=True)` refuses such a checkpoint with a CheckpointError instead."""
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates that look most like `word`, best first (for "did you mean" hints)."""
     pool = sorted(set(candidates))

@@ -1,17 +1,68 @@
-"""peftlab checkpoints: `adapter_config.json` + `adapter_model.safetensors`, written atomically.
+"""peftlab checkpoints (`adapter_config.json` + `adapter_model.safetensors`), and the one atomic
+writer that every file peftlab writes goes through.
 
-Tensor keys are "<module path>:<tensor name>" (module paths never hold ':'), built and parsed by
-the two functions below. Loading reads JSON and safetensors only: nothing is unpickled.
+Over 600 lines: the writer (first half) and the checkpoints (second half) are one module because
+every call site imports both from here; split along the '# ----' sections if either grows.
+
+Checkpoints. Tensor keys are "<module path>:<tensor name>" (module paths never hold ':'), built and
+parsed by `tensor_key` / `parse_tensor_key`. Loading reads JSON and safetensors only: nothing is
+unpickled. The record is checked field by field (`check_fields`) and the method config against
+its dataclass annotations before anything uses them; a value of the wrong type, an unreadable
+path or a damaged file is a CheckpointError naming the file and the field or the OS problem. The
+base model's identity recorded at save (class, parameter count, hash of the targeted weights'
+shapes) is compared on load, and tensors holding NaN/inf are found: either warns
+(CheckpointWarning) or, with `strict=True`, refuses before the model changes.
+
+Writing: `commit_files(directory, {name: writer})` and `commit_directory(target, build)`.
+- One file (run.json, a compare cell, a prune plan, a debias patch): written under a temporary
+  name in its directory, fsynced, renamed over the target with one os.replace, then the
+  directory is fsynced. A reader sees the old file or the new one.
+- Several files (an adapter directory; peft reads those exact names, so no manifest or
+  content-addressed names): a complete new directory is built beside the target, the target's
+  other entries (a README, run.json, a prune plan) are hard-linked into it (copied where links
+  fail), and it is exchanged with the target in ONE step, Linux renameat2(RENAME_EXCHANGE); the
+  old version, now under the temporary name, is deleted. A crash at any instant leaves the old
+  directory or the new one, never a mix. Where the kernel or file system refuses
+  RENAME_EXCHANGE (Linux before 3.15, some network and FUSE file systems, other systems) the
+  switch is two renames, target -> aside and new -> target: still never a mix, but a crash
+  between them leaves no directory at the target, the old version whole beside it
+  (`.NAME.peftlab-….old`, named by the error of a load), which the next save puts back first.
+  A process whose working directory is the swapped directory keeps the old one (deleted): this
+  process is moved to the new one; others see what `cd .` gives them.
+- Switches are serialised among peftlab writers by an exclusive flock on the parent directory,
+  and a one-file commit into a directory takes the same lock to rename, so threads and processes
+  saving into one directory all succeed (the last switch wins) and no committed file is lost to a
+  concurrent swap. Entries another program adds to the directory during a switch are moved into
+  the new version after it.
+- Temporary names carry the writer (a hash of host name and pid namespace, the boot, the pid and
+  the process start time) and a thread id and counter: unique per thread, and a later commit can
+  tell leftovers of dead writers (a crash, SIGKILL, a reboot) from those of live ones. Every commit
+  first deletes dead writers' leftovers in the directories it writes; those of live writers, and
+  those of other machines or containers (no way to tell), are kept.
+- Files get 0o666 less the process umask (safetensors alone leaves 0o600); a new directory
+  0o777 less the umask, a swapped-in one the mode of the directory it replaces.
+- `_fault_point(name, detail)` marks each step (listed in FAULT_POINTS); when the environment
+  variable PEFTLAB_FAULT names a point ("swapped") or a point and file ("written:run.json"), the
+  process SIGKILLs itself there: the crash test (tests/test_reliability_io.py) kills at each one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+import signal
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +70,14 @@ import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-from .errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
-from .method import get_method
+from .errors import AdapterError, CapabilityError, CheckpointError, CheckpointWarning, PeftlabError
+from .method import describe_type, get_method, value_fits
+from .sites import Site, sites_at
+
+try:
+    import fcntl
+except ImportError:          # not a POSIX system: switches are not serialised (each stays atomic)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .model import AdaptedModel, Adapter
@@ -42,26 +99,371 @@ def parse_tensor_key(key: str, source: Path) -> tuple[str, str]:
     return path, name
 
 
-# ---- files ------------------------------------------------------------------------------------
-def commit_files(directory: Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
-    """Write every file to a temporary name beside its target, then rename them into place, so
-    an exception or crash while writing leaves the previous files untouched."""
-    directory.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, Path] = {}
+# ---- fault injection --------------------------------------------------------------------------
+FAULT_ENV = "PEFTLAB_FAULT"
+# Every step of a commit, in order. ':FILE' points fire per file ("written" alone: the first).
+FAULT_POINTS = ("written:FILE", "synced:FILE", "replaced:FILE", "carried", "new-dir-synced",
+                "aside", "swapped", "dir-synced", "cleaned")
+
+
+def _fault_point(point: str, detail: str = "") -> None:
+    """Kill this process (SIGKILL: no clean-up runs) when PEFTLAB_FAULT names this step."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and (spec == point or spec == f"{point}:{detail}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- temporary names and their writers --------------------------------------------------------
+def _read_proc(path: str) -> str | None:
     try:
-        for filename, write in writers.items():
-            temps[filename] = tmp = directory / f".{filename}.{os.getpid()}.tmp"
-            write(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        for filename, tmp in temps.items():
-            os.replace(tmp, directory / filename)
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks since boot) of a process; None when it is gone."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rpartition(")")[2].split()     # the command name may hold spaces and ')'
+    return fields[0], fields[19]
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+_PROC = _process_state(os.getpid()) is not None     # Linux: liveness and start times from /proc
+# Pids are only comparable within one machine and pid namespace (a container): others are kept.
+_HOST = hashlib.sha256(f"{socket.gethostname()}:{_pid_namespace()}".encode()).hexdigest()[:8]
+_BOOT = (_read_proc("/proc/sys/kernel/random/boot_id") or "0").strip().replace("-", "")[:8]
+_TEMP = re.compile(r"\.peftlab-([0-9a-f]{8})-(\w+)-(\d+)-(\d+)-\d+-\d+\.(?:tmp|new|old)$")
+_SEQUENCE = itertools.count()
+_writer: tuple[int, str] = (-1, "")
+
+
+def temp_name(stem: str, kind: str) -> str:
+    """A hidden name for a temporary entry beside `stem`, unique to this thread, that tells a
+    later commit which writer made it: '.STEM.peftlab-HOST-BOOT-PID-START-THREAD-N.KIND'.
+    `kind`: 'tmp' (a file being written), 'new' (a directory being built), 'old' (swapped out)."""
+    global _writer
+    pid = os.getpid()
+    if _writer[0] != pid:                           # first use, or a forked child
+        state = _process_state(pid) if _PROC else None
+        _writer = (pid, f"{_HOST}-{_BOOT}-{pid}-{state[1] if state else 0}")
+    return f".{stem}.peftlab-{_writer[1]}-{threading.get_native_id()}-{next(_SEQUENCE)}.{kind}"
+
+
+def _writer_gone(match: re.Match[str]) -> bool:
+    """Whether the writer that named this temporary entry is dead (never guessed: unknown = alive)."""
+    host, boot, pid, start = match.groups()
+    if host != _HOST:
+        return False                                # another machine or container: cannot tell
+    if boot != _BOOT:
+        return True                                 # written before the last reboot
+    if not _PROC:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    state = _process_state(int(pid))
+    return state is None or state[0] in "ZX" or state[1] != start   # gone, a zombie, or pid reused
+
+
+def _remove_stale(directory: Path) -> None:
+    """Delete what dead writers left in `directory`: temp files, half-built or swapped-out folders."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(".") and ".peftlab-" in e.name]
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP.search(entry.name)
+        if match and _writer_gone(match):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+# ---- steps ------------------------------------------------------------------------------------
+def _file_mode() -> int:
+    """0o666 less the process umask, read from /proc (os.umask would change it for every thread)."""
+    found = re.search(r"^Umask:\s*([0-7]+)", _read_proc("/proc/self/status") or "", re.M)
+    if found:
+        return 0o666 & ~int(found.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: str | Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:      # some file systems cannot fsync a directory: nothing more to do there
+        if not directory or e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _write(path: Path, name: str, write: Callable[[Path], None], mode: int) -> None:
+    write(path)
+    os.chmod(path, mode)
+    _fault_point("written", name)
+    _fsync(path)
+    _fault_point("synced", name)
+
+
+@contextlib.contextmanager
+def _switch_lock(directory: Path) -> Iterator[None]:
+    """Exclusive among peftlab writers (threads too: each opens its own descriptor) while held.
+    A directory this user cannot open, or a file system without flock, leaves the switches
+    unserialised, each still atomic."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+    try:
+        if fd is not None and fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)                            # releases the lock
+
+
+# ---- the switch -------------------------------------------------------------------------------
+RENAME_EXCHANGE_USABLE = sys.platform.startswith("linux")
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _renameat2() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2   # glibc 2.28+, musl 1.2.3+
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _renameat2() if RENAME_EXCHANGE_USABLE else None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step; False where the kernel or file system cannot."""
+    if not RENAME_EXCHANGE_USABLE or _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _switch(new: Path, target: Path) -> Path | None:
+    """Put directory `new` at `target`; return where the previous version now is (None: none)."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return None
+    if _exchange(new, target):
+        return new
+    aside = target.parent / temp_name(target.name, "old")
+    os.rename(target, aside)
+    _fault_point("aside")
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    return aside
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:                                 # no hard links here (FAT, some network shares)
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path, written: frozenset[str]) -> None:
+    """Every entry of `old` the commit does not write, into `new` (hard links: no data copied)."""
+    for entry in os.scandir(old):
+        if entry.name in written or _TEMP.search(entry.name):
+            continue
+        dst = new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
+
+
+def _bring_back(old: Path, target: Path, written: frozenset[str]) -> None:
+    """Entries another program added to (or renamed into) the directory after the carry-over:
+    into the new version, so they are not deleted with the old one."""
+    for entry in os.scandir(old):
+        if entry.name in written or _TEMP.search(entry.name):
+            continue
+        mine = target / entry.name
+        if not os.path.lexists(mine) or (not entry.is_dir(follow_symlinks=False)
+                                         and os.lstat(mine).st_ino != entry.inode()):
+            os.replace(entry.path, mine)
+
+
+def _cwd_within(target: Path) -> str | None:
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    return cwd if cwd == str(target) or cwd.startswith(str(target) + os.sep) else None
+
+
+def _restore_aside(target: Path) -> None:
+    """Put back the previous version that a fallback switch, killed between its two renames,
+    left beside the missing `target` (the next save then carries its other entries over)."""
+    prefix = f".{target.name}.peftlab-"
+    for entry in os.scandir(target.parent):
+        match = _TEMP.search(entry.name)
+        if (match and entry.name.startswith(prefix) and entry.name.endswith(".old")
+                and _writer_gone(match)):
+            with contextlib.suppress(OSError):      # another writer restored it first
+                os.rename(entry.path, target)
+            return
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _commit_folder(target: str | Path, fill: Callable[[Path], None], written: frozenset[str] | None,
+                   keep_theirs: Callable[[Path], bool] | None = None) -> None:
+    """Build a new version of directory `target` with `fill(folder)` beside it and switch it in.
+    `written`: the names `fill` writes, every other entry of the target being carried over;
+    None: the new version replaces the target whole. `keep_theirs(target)`: whether a version
+    another writer switched in while this one was built is whole (then it stays)."""
+    target = Path(os.path.realpath(target))         # a symlink's directory, not the link
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(target) and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory (a file, or a broken "
+                              "link): save to a directory path, or move it away")
+    if os.path.ismount(target):
+        raise CheckpointError(f"{target} is a mount point, which cannot be swapped for its new "
+                              "version: save into a directory inside it")
+    if not os.path.lexists(target):
+        _restore_aside(target)
+    _remove_stale(parent)
+    if target.is_dir():
+        _remove_stale(target)
+    new = parent / temp_name(target.name, "new")
+    os.mkdir(new)                                   # 0o777 less the umask
+    old: Path | None = None
+    seen = _inode(target)
+    try:
+        fill(new)
+        with _switch_lock(parent):
+            if keep_theirs is not None and _inode(target) != seen and keep_theirs(target):
+                return
+            existing = target.is_dir()
+            if existing and written is not None:
+                _carry_over(target, new, written)
+                _fault_point("carried")
+            if existing:
+                shutil.copymode(target, new)
+            _fsync(new, directory=True)
+            _fault_point("new-dir-synced")
+            cwd = _cwd_within(target)
+            old = _switch(new, target)
+            _fault_point("swapped")
+            _fsync(parent, directory=True)
+            _fault_point("dir-synced")
+            if old is not None and written is not None:
+                _bring_back(old, target, written)
+            if cwd is not None:
+                with contextlib.suppress(OSError):
+                    os.chdir(cwd)
+    finally:
+        for leftover in {new, old} - {None}:
+            shutil.rmtree(leftover, ignore_errors=True)
+    _fault_point("cleaned")
+
+
+def _commit_file(directory: Path, filename: str, write: Callable[[Path], None]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory = directory.resolve()
+    _remove_stale(directory)
+    mode = _file_mode()
+    tmp = directory / temp_name(filename, "tmp")
+    try:
+        try:                        # unlocked: a swap of `directory` may take the temp file away
+            _write(tmp, filename, write, mode)
+        except FileNotFoundError:
+            pass
+        with _switch_lock(directory.parent):        # the lock a swap of `directory` takes
+            if not tmp.exists():    # the directory was swapped while we wrote: write into the new one
+                _write(tmp, filename, write, mode)
+            os.replace(tmp, directory / filename)
+            _fault_point("replaced", filename)
+            _fsync(directory, directory=True)
+            _fault_point("dir-synced")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# ---- the writer's interface -------------------------------------------------------------------
+def commit_files(directory: str | Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write these files into `directory` (created if needed) so that readers, and whatever
+    survives a crash, see all of them old or all of them new (see the module docstring).
+
+    `writers`: file name -> a function writing the file's content to the path it is given (a
+    temporary name: the extension is hidden). One file is renamed into place; several switch
+    the whole directory, the entries not written here carried over unchanged."""
+    if len(writers) == 1:
+        (filename, write), = writers.items()
+        _commit_file(Path(directory), filename, write)
+    elif writers:
+        def fill(folder: Path) -> None:
+            mode = _file_mode()
+            for filename, write in writers.items():
+                _write(folder / filename, filename, write, mode)
+        _commit_folder(directory, fill, frozenset(writers))
+
+
+def commit_directory(target: str | Path, build: Callable[[Path], None], *,
+                     keep_theirs: Callable[[Path], bool] = Path.is_dir) -> None:
+    """Build a whole folder with `build(folder)` and switch it in at `target`, replacing a folder
+    already there whole: for folders whose file names the caller does not choose (a model that
+    `save_pretrained` writes). Interrupted, it leaves the previous folder (or none) at `target`.
+    When another writer switches its own folder in while this one builds, theirs is kept if
+    `keep_theirs(target)` says it is whole."""
+    def fill(folder: Path) -> None:
+        build(folder)
+        mode = _file_mode()
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, mode)
+                _fsync(path)
+    _commit_folder(target, fill, None, keep_theirs)
 
 
 def write_json(data: Any) -> Callable[[Path], None]:
+    """A writer of `data` as indented JSON with sorted keys."""
     def write(path: Path) -> None:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return write
@@ -69,6 +471,7 @@ def write_json(data: Any) -> Callable[[Path], None]:
 
 def write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
                   ) -> Callable[[Path], None]:
+    """A writer of a safetensors file (`metadata`: its string header fields)."""
     def write(path: Path) -> None:
         save_file({k: t.detach().contiguous() for k, t in tensors.items()}, str(path), metadata)
     return write
@@ -83,48 +486,49 @@ def write_text(text: str) -> Callable[[Path], None]:
     return write
 
 
-def commit_directory(target: Path, build: Callable[[Path], None], *,
-                     keep_theirs: Callable[[Path], bool] = Path.is_dir) -> None:
-    """Build a whole folder with `build(folder)` and rename it into place at `target`.
+# ---- reading ----------------------------------------------------------------------------------
+def _unreadable(path: Path, e: OSError) -> CheckpointError:
+    """What an OS error reading a checkpoint file means, in words, with the fix."""
+    if isinstance(e, FileNotFoundError):
+        if not path.parent.exists():
+            left = sorted(path.parent.parent.glob(f".{path.parent.name}.peftlab-*.old"))
+            hint = (f"; an interrupted save left the previous version at {left[-1]}: rename it "
+                    f"to {path.parent}" if left else "")
+            return CheckpointError(f"{path.parent} does not exist{hint}")
+        return CheckpointError(f"{path} does not exist: is {path.parent} an adapter directory "
+                               "(written by save_adapter or peftlab train) and complete?")
+    if isinstance(e, NotADirectoryError):
+        return CheckpointError(f"{path.parent} is a file, not a directory: give the adapter's "
+                               "directory")
+    if isinstance(e, IsADirectoryError):
+        return CheckpointError(f"{path} is a directory, not a file: the adapter directory is "
+                               "damaged; save the adapter again")
+    if isinstance(e, PermissionError):
+        return CheckpointError(f"{path}: permission denied: this user cannot read it (check "
+                               "its permissions and its directory's)")
+    if e.errno == errno.ELOOP:
+        return CheckpointError(f"{path}: a symbolic link loop (a link that points back to "
+                               "itself) is in the path: fix the link")
+    return CheckpointError(f"{path} cannot be read: {e.strerror or e}")
 
-    For folders whose file names the caller does not choose (a model that `save_pretrained`
-    writes), where `commit_files` cannot name the files: the folder is built under a temporary
-    name beside `target`, so an interruption never leaves a half-written folder at `target`, and
-    a folder already there is replaced. When another process renames its own folder into place
-    first, theirs is kept if `keep_theirs(target)` says it is whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
-    old: Path | None = None
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        build(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        if target.exists():   # move it aside first, delete it after the swap
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not keep_theirs(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return path.read_bytes()
+    except OSError as e:
+        raise _unreadable(path, e) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; a CheckpointError saying what is wrong with the path or file."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist: is {path.parent} an adapter directory?") from None
-    try:
-        data = json.loads(text)
+        data = json.loads(_read_bytes(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); "
                               "the file is damaged: save the adapter again") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: the file is damaged; save the adapter "
+                              "again") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -132,19 +536,68 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a clear CheckpointError when it is missing or damaged."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: the adapter directory is incomplete")
+    data = _read_bytes(path)
     try:   # one read and one parse beat per-tensor reads through safe_open (~2.5× here)
-        return safetensors.torch.load(path.read_bytes())
+        return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path} is truncated or corrupted ({e}); save the adapter again "
                               "or restore the file") from None
 
 
+_EDITED = "the file is damaged or was edited: save it again"
+
+
+def check_fields(record: Mapping[str, Any], schema: Mapping[str, Any], source: Path, *,
+                 required: Sequence[str] = (), prefix: str = "") -> None:
+    """CheckpointError naming `source` and the field when a required field is missing or a
+    field's value does not fit its type in `schema` (field -> annotation, see value_fits)."""
+    for name in required:
+        if name not in record:
+            raise CheckpointError(f"{source} lacks the field {prefix + name!r}: the file is "
+                                  "damaged or not a complete record; save it again")
+    for name, kind in schema.items():
+        if name in record and not value_fits(record[name], kind):
+            raise CheckpointError(f"{source}: field {prefix + name!r} must be {describe_type(kind)}, "
+                                  f"found {record[name]!r:.60}; {_EDITED}")
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def suspect_tensors(source: Path, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The non-finite-values problem of a loaded tensor file, in words (empty: none)."""
+    bad = non_finite_tensors(tensors)
+    if not bad:
+        return []
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return [f"{source}: tensor(s) {', '.join(bad[:3])}{more} hold NaN or inf values: the adapter "
+            "would turn outputs into NaN. Restore a good checkpoint or train again"]
+
+
+def refuse_if_strict(problems: Sequence[str], strict: bool) -> None:
+    """With strict, a CheckpointError listing the problems (call it before the model changes)."""
+    if strict and problems:
+        raise CheckpointError("; ".join(problems) + " (strict=True refuses it; without strict it "
+                              "loads with a warning)")
+
+
+def warn_of(problems: Sequence[str], stacklevel: int) -> None:
+    """A CheckpointWarning per problem, once the load succeeded (`stacklevel`: the caller's)."""
+    for problem in problems:
+        warnings.warn(problem + " (strict=True refuses such a checkpoint)", CheckpointWarning,
+                      stacklevel=stacklevel + 1)
+
+
 # ---- identity of the base model ---------------------------------------------------------------
-def base_identity(am: AdaptedModel, adapter: Adapter) -> dict[str, Any]:
-    """What the adapter was made for: class, size, and a hash of the targeted weights' shapes."""
-    shapes = "\n".join(f"{s.path}={list(s.module.weight.shape)}" for s in adapter.sites
+_BASE_FIELDS = {"class": str, "name_or_path": str, "num_parameters": int, "site_shapes_sha256": str}
+_COMPARED = ("class", "num_parameters", "site_shapes_sha256")   # a path may differ for one model
+
+
+def base_identity(am: AdaptedModel, sites: Sequence[Site]) -> dict[str, Any]:
+    """What an adapter on these sites is made for: class, size, a hash of the sites' weight shapes."""
+    shapes = "\n".join(f"{s.path}={list(s.module.weight.shape)}" for s in sites
                        if getattr(s.module, "weight", None) is not None)
     return {
         "class": type(am.model).__name__,
@@ -154,7 +607,36 @@ def base_identity(am: AdaptedModel, adapter: Adapter) -> dict[str, Any]:
     }
 
 
+def _identity_differences(source: Path, recorded: Mapping[str, Any], am: AdaptedModel,
+                          site_paths: Sequence[str]) -> list[str]:
+    """How this model differs from the one the checkpoint records (empty: it does not)."""
+    try:
+        by_path = {s.path: s for s in sites_at(am.model, site_paths, am.site_roles())}
+    except PeftlabError:
+        return []                  # a recorded site is missing: installing says which, as an error
+    here = base_identity(am, [by_path[p] for p in site_paths])
+
+    def show(key: str, value: Any) -> str:
+        if key == "num_parameters":
+            return f"{value:,}"
+        return f"{value[:12]}…" if key.endswith("sha256") else value
+    diffs = [f"{key}: checkpoint {show(key, recorded[key])}, this model {show(key, here[key])}"
+             for key in _COMPARED if key in recorded and recorded[key] != here[key]]
+    return [f"{source} was saved from another base model ({'; '.join(diffs)})"] if diffs else []
+
+
+def _describe_base(base: Mapping[str, Any]) -> str:
+    count = base.get("num_parameters")
+    counted = f" with {count:,} parameters" if count else ""
+    return f"{base.get('class', 'an unrecorded model')}{counted}"
+
+
 # ---- save / load --------------------------------------------------------------------------------
+_RECORD = {"format_version": int, "method": str, "config": dict[str, Any], "sites": list[str],
+           "modules_to_save": list[str], "name": str, "peftlab_version": str,
+           "base_model": dict[str, Any], "provenance": dict[str, Any] | None}
+
+
 def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
     """Save adapter `name` of `am` to `directory` (created if needed); returns the directory."""
     from .. import __version__
@@ -170,7 +652,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "config": adapter.config.to_dict(),
         "sites": [s.path for s in adapter.sites],
         "modules_to_save": list(adapter.copies),
-        "base_model": base_identity(am, adapter),
+        "base_model": base_identity(am, adapter.sites),
         **({"provenance": adapter.provenance} if adapter.provenance else {}),
     }
     commit_files(directory, {TENSORS_FILE: write_tensors(tensors), CONFIG_FILE: write_json(meta)})
@@ -178,27 +660,37 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
 
 
 def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
-                 trainable: bool = False) -> Adapter:
+                 trainable: bool = False, strict: bool = False) -> Adapter:
     """Load a peftlab adapter directory into `am` as `name` (inactive). Every check runs before
-    the model changes, so a failed load leaves it as it was."""
+    the model changes, so a failed load leaves it as it was. A checkpoint saved from another base
+    model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
+    with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
     directory = Path(directory)
-    meta = read_json(directory / CONFIG_FILE)
+    config_file = directory / CONFIG_FILE
+    meta = read_json(config_file)
     if meta.get("format") != FORMAT:
         if "peft_type" in meta:
             raise CheckpointError(f"{directory} holds a Hugging Face peft adapter; load it with "
                                   "peftlab.import_peft(am, directory, name)")
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a peftlab adapter config")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{config_file} is not a peftlab adapter config")
+    check_fields(meta, _RECORD, config_file, required=("format_version", "method", "config", "sites"))
+    check_fields(meta.get("base_model", {}), _BASE_FIELDS, config_file, prefix="base_model.")
+    if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was written by a newer peftlab (format "
                               f"{meta['format_version']}); upgrade peftlab to load it")
     try:
-        config = get_method(meta["method"]).config_cls.from_dict(meta["config"])
-        sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
-    except KeyError as e:
-        raise CheckpointError(f"{directory / CONFIG_FILE} lacks the field {e}") from None
+        method = get_method(meta["method"])
     except PeftlabError as e:
-        raise CheckpointError(f"{directory}: {e}") from None
+        raise CheckpointError(f"{config_file}, field 'method': {e}") from None
+    try:
+        config = method.config_cls.from_dict(meta["config"])
+    except PeftlabError as e:
+        raise CheckpointError(f"{config_file}, field 'config': {e}; {_EDITED}") from None
+    sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
     tensors = read_tensors(directory / TENSORS_FILE)
+    problems = (_identity_differences(directory, meta.get("base_model", {}), am, sites)
+                + suspect_tensors(directory / TENSORS_FILE, tensors))
+    refuse_if_strict(problems, strict)
     site_tensors: dict[tuple[str, str], torch.Tensor] = {}
     copies: dict[str, dict[str, torch.Tensor]] = {path: {} for path in copy_paths}
     for key, t in tensors.items():
@@ -208,15 +700,15 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
         else:
             site_tensors[(path, tname)] = t
     try:
-        return am.install(name, config, sites=sites, tensors=site_tensors, copies=copies,
-                          trainable=trainable, provenance=meta.get("provenance"))
+        adapter = am.install(name, config, sites=sites, tensors=site_tensors, copies=copies,
+                             trainable=trainable, provenance=meta.get("provenance"))
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint
     except CheckpointError as e:
-        base = meta.get("base_model", {})
         raise CheckpointError(
-            f"{directory}: {e}. Checkpoint base: {base.get('class')} with "
-            f"{base.get('num_parameters', 0):,} parameters; this model: {type(am.model).__name__} "
-            f"with {am.base_parameters():,}") from None
+            f"{directory}: {e}. Checkpoint base: {_describe_base(meta.get('base_model', {}))}; "
+            f"this model: {type(am.model).__name__} with {am.base_parameters():,}") from None
     except PeftlabError as e:     # its config or sites do not fit this model
         raise CheckpointError(f"{directory}: {e}") from None
+    warn_of(problems, stacklevel=3)     # the caller of AdaptedModel.load_adapter
+    return adapter

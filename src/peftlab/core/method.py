@@ -12,7 +12,9 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,11 +79,62 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
+        """The config these fields (as a checkpoint records them) describe. ConfigError naming the
+        field for an unknown field or a value of the wrong type (checked against the dataclass
+        annotations, before validate() could trip over it with a raw TypeError)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} fields must be a mapping of field names to values, "
+                              f"got {type(data).__name__} {data!r:.60}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
+        cls._check_types(data)
         return cls(**data)
+
+    def check_types(self) -> None:
+        """ConfigError naming the first field whose value does not fit its annotation (for
+        configs built from other files' fields, such as a peft codec's)."""
+        self._check_types(self.to_dict())
+
+    @classmethod
+    def _check_types(cls, values: Mapping[str, Any]) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in values and not value_fits(values[f.name], hints[f.name]):
+                raise ConfigError(f"{cls.__name__}.{f.name} must be {describe_type(hints[f.name])}, "
+                                  f"got {values[f.name]!r:.60}")
+
+
+def value_fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON-like value fits a type annotation: str, int, float (an int fits), bool,
+    None, lists / tuples / dicts of those, unions, Literal, Any. A class it cannot look into fits
+    when the value is an instance; anything else passes (the config's validate() decides)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint in (int, float):     # bool is an int to Python, never to a config
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        homogeneous = origin is not tuple or len(args) == 1 or args[-1] is Ellipsis
+        items = args[0] if args and homogeneous else Any      # tuple[int, str]: not looked into
+        return isinstance(value, (list, tuple)) and all(value_fits(v, items) for v in value)
+    if origin in (dict, Mapping) or hint is dict:
+        keys, vals = args if len(args) == 2 else (Any, Any)
+        return isinstance(value, dict) and all(value_fits(k, keys) and value_fits(v, vals)
+                                               for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def describe_type(hint: Any) -> str:
+    """An annotation as a message shows it: 'float', 'list[str] | None'."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def matches_path(pattern: str, path: str) -> bool:

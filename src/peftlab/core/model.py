@@ -383,9 +383,11 @@ class AdaptedModel(nn.Module):
         """Write `adapter_config.json` and `adapter_model.safetensors` atomically."""
         return io.save_adapter(self, directory, name)
 
-    def load_adapter(self, directory: str | Path, name: str, *, trainable: bool = False) -> Adapter:
-        """Load a saved adapter under `name` (inactive). Checks the fit before changing anything."""
-        return io.load_adapter(self, directory, name, trainable=trainable)
+    def load_adapter(self, directory: str | Path, name: str, *, trainable: bool = False,
+                     strict: bool = False) -> Adapter:
+        """Load a saved adapter under `name` (inactive). Checks the fit before changing anything;
+        one saved from another base model or holding NaN/inf warns (strict=True: refused)."""
+        return io.load_adapter(self, directory, name, trainable=trainable, strict=strict)
 
     # ---- reporting ----------------------------------------------------------------------------
     def status(self) -> list[LayerStatus]:

@@ -1,10 +1,12 @@
 """Hugging Face `peft` adapter directories (shared/specs/peft-format.md), both directions.
 
 This is the dispatch only: it writes and reads the directory (`adapter_config.json` and
-`adapter_model.safetensors`, atomically), the header every peft config shares and the
-modules_to_save copies, and finds the method by `peft_type` in the registry. What a method's
-tensors and config fields look like in peft is its own codec, `Method.to_peft` / `from_peft`,
-in its method file (LoRA's in methods/lora.py).
+`adapter_model.safetensors`, atomically, through core/io's writer and validated readers), the
+header every peft config shares and the modules_to_save copies, and finds the method by
+`peft_type` in the registry. Reading checks the types of the peft config fields the codecs
+read (PEFT_FIELDS) before a codec sees them, and warns of tensors holding NaN/inf (strict:
+refuses). What a method's tensors and config fields look like in peft is its own codec,
+`Method.to_peft` / `from_peft`, in its method file (LoRA's in methods/lora.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
-from ..core.io import commit_files, read_json, read_tensors, write_json, write_tensors
+from ..core.io import (
+    check_fields,
+    commit_files,
+    read_json,
+    read_tensors,
+    refuse_if_strict,
+    suspect_tensors,
+    warn_of,
+    write_json,
+    write_tensors,
+)
 from ..core.method import METHODS
 from ..core.model import AdaptedModel, Adapter
 from .peft_names import (
@@ -26,6 +38,22 @@ from .peft_names import (
     TENSORS_FILE,
     task_type,
 )
+
+
+# The types (as peft's config classes declare them, numbers as JSON has them) of the fields the
+# codecs read; a file whose field has another type is refused before a codec converts it.
+PEFT_FIELDS: dict[str, Any] = {
+    "peft_type": str, "task_type": str | None, "base_model_name_or_path": str | None,
+    "inference_mode": bool, "modules_to_save": list[str] | None,
+    "target_modules": list[str] | str | None, "layers_to_transform": list[int] | int | None,
+    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "use_dora": bool,
+    "fan_in_fan_out": bool, "bias": str, "init_lora_weights": bool | str,
+    "rank_pattern": dict[str, int] | None, "alpha_pattern": dict[str, float] | None,
+    "feedforward_modules": list[str] | str | None,
+    "num_virtual_tokens": int, "token_dim": int | None, "num_transformer_submodules": int | None,
+    "num_attention_heads": int | None, "num_layers": int | None,
+    "encoder_hidden_size": int | None, "prefix_projection": bool,
+}
 
 
 def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
@@ -59,12 +87,14 @@ def export_peft(am: AdaptedModel, name: str, directory: str | Path, *,
 
 
 def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
-                trainable: bool = False) -> Adapter:
+                trainable: bool = False, strict: bool = False) -> Adapter:
     """Load a peft adapter directory into `am` as adapter `name` (inactive). CapabilityError for
     a peft_type peftlab does not import; CheckpointError (naming the directory) for a file that
-    does not fit the model; either way the model is left as it was."""
+    does not fit the model or a config field of the wrong type; either way the model is left as
+    it was. Tensors holding NaN/inf load with a CheckpointWarning (strict=True: refused)."""
     directory = Path(directory)
     cfg = read_json(directory / CONFIG_FILE)
+    check_fields(cfg, PEFT_FIELDS, directory / CONFIG_FILE)
     peft_type = cfg.get("peft_type")
     method = next((m for m in METHODS.values() if m.peft_type == peft_type and m.from_peft), None)
     if method is None:
@@ -72,16 +102,21 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
         raise CapabilityError(f"{directory}: peft_type {peft_type!r} is not imported; peftlab "
                               f"imports {', '.join(known)}")
     tensors = read_tensors(directory / TENSORS_FILE)
+    problems = suspect_tensors(directory / TENSORS_FILE, tensors)
+    refuse_if_strict(problems, strict)
     try:
         config, sites, site_tensors = method.from_peft(am, cfg, tensors, directory)
+        config.check_types()
         config.validate()
         # the codec returns modules_to_save tensors too, keyed by the copied module's path
         copies: dict[str, dict[str, torch.Tensor]] = {p: {} for p in config.modules_to_save or []}
         for path, tname in [k for k in site_tensors if k[0] in copies]:
             copies[path][tname] = site_tensors.pop((path, tname))
-        return am.install(name, config, sites=[s.path for s in sites], tensors=site_tensors,
-                          copies=copies, trainable=trainable)
+        adapter = am.install(name, config, sites=[s.path for s in sites], tensors=site_tensors,
+                             copies=copies, trainable=trainable)
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint
     except PeftlabError as e:
         raise CheckpointError(f"{directory}: {e}") from None
+    warn_of(problems, stacklevel=2)
+    return adapter

@@ -326,12 +326,14 @@ def write_report(out: Path, settings: Settings, grid: dict[str, Any], records: l
     data = {"command": command, "settings": asdict(settings), "grid": grid, "environment": env,
             "wall_seconds": round(seconds, 1), "summary": rows, "cells": records}
     plots = {f"{name}.png": _png_writer(fig) for name, fig in figs.items()}
-    commit_files(out, {
+    files = {
         **plots,
         "results.json": write_text(json.dumps(data, indent=1) + "\n"),
         "results.md": write_text(markdown_report(settings, grid, records, env, seconds=seconds,
                                                  command=command, plots=list(figs))),
-    })
+    }
+    for name, write in files.items():   # each atomic; together they would swap all of `out`, cells too
+        commit_files(out, {name: write})
     return [out / "results.json", out / "results.md", *(out / name for name in plots)]
 
 
