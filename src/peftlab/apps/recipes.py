@@ -233,7 +233,7 @@ def check_output_dir(directory: Path, need_bytes: int = 0, *, option: str = "--o
     file can be created (tried, since root ignores mode bits), or a file system with less free
     space than `need_bytes`."""
     existing = directory
-    while not existing.is_dir():
+    while not existing.is_dir() and existing.parent != existing:   # ("." when the cwd was removed)
         if existing.exists() or existing.is_symlink():   # a file, or a broken or looping link
             what = "it is a file" if existing.is_file() else "it is a link to nowhere or a loop" \
                 if existing.is_symlink() else "it is a special file"
@@ -289,10 +289,9 @@ class RunOutput:
                 return self.directory
             except (OSError, PeftlabError) as e:
                 failures.append(f"{self.directory}: {e}")
-                if self.problem is None:
-                    self.problem = str(e)
-                if self.directory != self.requested:   # a fallback of ours, half written
-                    shutil.rmtree(self.directory, ignore_errors=True)
+                self.problem = self.problem or str(e)
+                if pending is self._writers and self.directory != self.requested:
+                    shutil.rmtree(self.directory, ignore_errors=True)   # our fallback, half written
             self.directory = self._next_fallback(failures)
             pending = self._writers
 
@@ -302,8 +301,7 @@ class RunOutput:
                 return Path(tempfile.mkdtemp(prefix=f"peftlab-{self.requested.name or 'run'}-", dir=parent))
             except OSError as e:
                 failures.append(f"{parent}: {e}")
-        raise CheckpointError("cannot save the run anywhere; the trained adapter is lost: "
-                              + "; ".join(failures))
+        raise CheckpointError("cannot save the whole run anywhere: " + "; ".join(failures))
 
     def report(self) -> str:
         """Where the run went, when it is not where it was asked to go."""
