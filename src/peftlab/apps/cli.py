@@ -8,11 +8,15 @@ import re
 import sys
 from pathlib import Path
 
-from ..core.errors import PeftlabError
+from ..core.errors import CheckpointError, PeftlabError
 from .recipes import (
     CHECKPOINT_NAMES,
     DEFAULT_DENSITY_THRESHOLD,
+    POSITIVE,
+    SEED,
     HeldOutReport,
+    RunOutput,
+    adapter_bytes,
     base_for_run,
     build_job,
     find_adapter,
@@ -24,6 +28,7 @@ from .recipes import (
     prune_plan,
     read_run_record,
     same_model,
+    write_prune_plan,
     write_run_record,
 )
 
@@ -91,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     out = Path(args.out or f"runs/{Path(args.model).name}-{Path(args.task).stem}-{args.method}")
+    output = RunOutput(out)   # a bad --out is refused now, before the model loads, not after training
     started = time.perf_counter()
     model, _, task, data = build_job(args.model, args.task, seed=args.seed, max_length=args.max_length)
     eval_rows = data.test[: args.eval_size]
@@ -103,38 +109,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     am.add_adapter(args.method, config)
     am.set_active([args.method])
     am.set_trainable(args.method)
+    output.check(adapter_bytes(am, args.method))   # and room for the adapter
     if density is not None:
         am.add_loss_term(density)
     report = _held_out_report(am, task, eval_rows, args)
     before = report.measure("before training", base=True)
     optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
-    if args.prune:
-        from ..training.pruning import save_plan
-        plan = _early_prune(am, args, task, data.train, optimizer)
-        if plan is None:
-            return 130
-        save_plan(out, plan)
+    plan = _early_prune(am, args, task, data.train, optimizer) if args.prune else None
+    if args.prune and plan is None:
+        return 130
     result = train(am, args.method, task, data.train, None, TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        seed=args.seed, bf16=args.bf16, out=out, **optimizer))
+        seed=args.seed, bf16=args.bf16, **optimizer))
     if result.interrupted:
-        print(f"interrupted after {result.steps_done} steps; the last saved adapter is intact: "
-              f"{result.saved.get('last', 'none saved yet')}")
+        print(f"interrupted after {result.steps_done} steps; nothing was saved")
         return 130
+    # Saved here, not by the loop: a failing save moves the run to a fallback directory.
+    output.write(lambda d: am.save_adapter(d / "last", args.method), lambda d: write_prune_plan(d, plan))
     after = report.measure(f"after {result.steps_done} steps")
-    run = {"model": args.model, "task": args.task, "method": args.method, "seed": args.seed,
-           "max_length": args.max_length, "eval_size": len(eval_rows), "steps": result.steps_done,
-           "metric": task.metric, "before": before, "after": after, "optimizer": args.optimizer,
-           "seconds": round(time.perf_counter() - started, 1)}
+    run = {"model": args.model, "task": args.task, "labels": data.labels, "method": args.method,
+           "seed": args.seed, "max_length": args.max_length, "eval_size": len(eval_rows),
+           "steps": result.steps_done, "metric": task.metric, "before": before, "after": after,
+           "optimizer": args.optimizer, "seconds": round(time.perf_counter() - started, 1)}
     if args.density_loss is not None:
         run["density_loss"] = {"lambda": args.density_loss, "eps": args.density_eps,
                                "start": args.density_start, "ramp": args.density_ramp}
     if args.prune:
         run["prune"] = {"spec": args.prune, "estimate_steps": args.estimate_steps}
-    record = write_run_record(out, run)
+    output.write(lambda d: write_run_record(d, run))
     print(card(am, args.method))
-    print(f"adapter saved: {result.saved['last']}  (run record: {record}; "
+    print(f"adapter saved: {output.directory / 'last'}  (run record: {output.directory / 'run.json'}; "
           f"total {run['seconds']:.0f} s)")
+    if output.problem is not None:
+        raise CheckpointError(output.report())
     return 0
 
 
@@ -307,6 +314,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from ..compose import add, analogy, merge_adapters, negate, scale, subtract
 
     weights = _check_compose_request(args)
+    RunOutput(Path(args.out))   # refuses an --out that cannot be written, before any work
     inputs = [find_adapter(a) for a in args.adapters]
     runs = [read_run_record(record) for _, record in inputs]
     for (_, record), run in zip(inputs, runs, strict=True):
@@ -428,9 +436,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2, minilm or a local model directory")
     p.add_argument("--task", default=None,
                    help="sentiment, imdb, shakespeare, sts, chat, or a .csv/.jsonl file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=96, help="tokens kept per text")
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--max-length", type=POSITIVE, default=96, help="tokens kept per text")
+    p.add_argument("--eval-batch-size", type=POSITIVE, default=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,21 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(p)
     p.set_defaults(model="smollm2", task="sentiment")
     p.add_argument("--method", default="lora", help="a registered method (peftlab methods)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=POSITIVE, default=None)
+    p.add_argument("--batch-size", type=POSITIVE, default=None)
+    p.add_argument("--grad-accum", type=POSITIVE, default=1)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=POSITIVE, default=None)
     p.add_argument("--targets", default=None, help="comma-separated roles, names, globs or all-linear")
-    p.add_argument("--eval-size", type=int, default=300, help="held-out test rows scored before and after")
+    p.add_argument("--eval-size", type=POSITIVE, default=300, help="held-out test rows scored before and after")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs and AMX CPUs)")
     p.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-METHOD)")
     g = p.add_argument_group("training-side methods")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_CHOICES,
                    help="adamw; galore / natural-galore (low-rank optimiser state for the trainable "
                         "matrices wider than --galore-rank); loraplus (LoRA B at lr × --loraplus-ratio)")
-    g.add_argument("--galore-rank", type=int, default=8)
-    g.add_argument("--galore-gap", type=int, default=200, help="steps between projector refreshes")
+    g.add_argument("--galore-rank", type=POSITIVE, default=8)
+    g.add_argument("--galore-gap", type=POSITIVE, default=200, help="steps between projector refreshes")
     g.add_argument("--galore-scale", type=float, default=0.25)
     g.add_argument("--loraplus-ratio", type=float, default=16.0)
     g.add_argument("--density-loss", type=float, default=None, metavar="LAMBDA",
@@ -481,14 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_DENSITY_THRESHOLD} with --density-loss)")
     g.add_argument("--prune", default=None, metavar="SPEC",
                    help="Light-PEFT early pruning, e.g. heads=0.33,neurons=0.33,ranks=0.5")
-    g.add_argument("--estimate-steps", type=int, default=None,
+    g.add_argument("--estimate-steps", type=POSITIVE, default=None,
                    help="Light-PEFT estimation steps before pruning (default: a third of --steps)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="reload a saved adapter and score it on held-out data")
     _add_job_options(p)
     p.add_argument("--adapter", required=True, help="adapter directory written by peftlab train")
-    p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--eval-size", type=POSITIVE, default=None)
     p.add_argument("--density-threshold", type=float, default=None, metavar="TAU",
                    help="also report the FFN activation density (fraction of |z| > TAU)")
     p.set_defaults(run=cmd_eval)
@@ -505,12 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["delta", "parameter"], default=None,
                    help="delta (default; exact ΔW arithmetic) or parameter (LoRA factors combined "
                         "separately, the paper's rule)")
-    p.add_argument("--rank", type=int, default=None,
+    p.add_argument("--rank", type=POSITIVE, default=None,
                    help="re-factor LoRA results by truncated SVD at this rank (merges default to the "
                         "sum of the input ranks)")
     p.add_argument("--density", type=float, default=None,
                    help="fraction of entries kept by magnitude/ties/dare/dare_ties (default 0.5)")
-    p.add_argument("--seed", type=int, default=None, help="seed of DARE's drop masks (default 0)")
+    p.add_argument("--seed", type=SEED, default=None, help="seed of DARE's drop masks (default 0)")
     p.add_argument("--out", required=True, help="directory for the new adapter and its run.json")
     p.set_defaults(run=cmd_compose)
 
@@ -518,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(p)
     p.add_argument("--adapter", required=True)
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("compare", help="train methods and baselines side by side: JSON, table and plots")

@@ -1,19 +1,25 @@
 """The recipes behind `peftlab train`, `eval`, `compose` and `compare`, shared with the bench
-scripts: per-model defaults, the (model, tokenizer, task, dataset) job a model name and a task
-name stand for, a method's config for a run, and the run record (run.json) a run leaves beside
-its adapter, from which later commands rebuild the base model.
+scripts: per-model defaults and the numeric option types, the (model, tokenizer, task, dataset)
+job a model name and a task name stand for, a method's config for a run, the run directory
+(checked before any work; a fallback when writing it fails) and the run record (run.json) a run
+leaves beside its adapter, from which later commands rebuild the base model and check the labels.
 
 Transformers and the assets are imported inside the functions: `peftlab --help` needs neither.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import PeftlabError
+from ..core.errors import CheckpointError, DataError, PeftlabError
 from ..core.io import CONFIG_FILE, commit_files, write_text
 
 if TYPE_CHECKING:
@@ -42,6 +48,26 @@ def model_defaults(model: str) -> dict[str, Any]:
     """`peftlab train`'s per-model defaults (steps, batch_size, lr, rank) for a model name or
     directory."""
     return MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["path"])
+
+
+# ---- numeric options -----------------------------------------------------------------------------
+def whole_number(low: int, high: int | None = None, bound: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (`bound` words the range in the message).
+    argparse refuses any other value with 'argument --NAME: ...' and exit status 2, before a
+    command loads anything."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bound or f'>= {low}'}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE = whole_number(1)   # counts and sizes: 0 or less cannot be meant (0 rows, 0 steps, ...)
+SEED = whole_number(-2 ** 63, 2 ** 64 - 1, "in torch's seed range [-2**63, 2**64 - 1]")
 
 
 # ---- models and jobs ------------------------------------------------------------------------------
@@ -79,14 +105,16 @@ def load_model_skeleton(path: str) -> nn.Module:
         return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
 
 
-def build_job(model_name: str, task_name: str, *, seed: int, max_length: int
-              ) -> tuple[nn.Module, Any, Any, Dataset]:
+def build_job(model_name: str, task_name: str, *, seed: int, max_length: int,
+              labels: Sequence[str] | None = None) -> tuple[nn.Module, Any, Any, Dataset]:
     """(model, tokenizer, task, dataset) for a model name and a task name, as `train` and
-    `eval` both need them."""
+    `eval` both need them. `labels`: the label set a saved adapter was trained for (its run
+    record's); classification data is then labelled by the index in it, and data with a label
+    outside it is refused before the model loads."""
     import torch
     import transformers
 
-    from ..assets import load_dataset, load_model
+    from ..assets import load_model
 
     # Our own progress bar and messages say what happens; silence transformers' load reports.
     transformers.logging.set_verbosity_error()
@@ -98,7 +126,7 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int
         RegressionTask,
     )
 
-    data = load_dataset(task_name, seed=seed)
+    data = _job_data(task_name, seed, labels)
     causal = is_causal(model_name)
     torch.manual_seed(seed)   # a new classification head is drawn here
     if data.kind in ("lm", "chat"):
@@ -119,6 +147,22 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int
         model, tok = load_model(model_name, kind="classification", num_labels=len(data.labels))
         task = ClassificationTask(tok, max_length=max_length)
     return model, tok, task, data
+
+
+def _job_data(task_name: str, seed: int, labels: Sequence[str] | None) -> Dataset:
+    """The task's dataset, labelled by the index in `labels` when given (see `build_job`)."""
+    from ..assets import load_dataset
+    if labels is None:
+        return load_dataset(task_name, seed=seed)
+    try:
+        return load_dataset(task_name, seed=seed, labels=labels)
+    except PeftlabError:
+        own = load_dataset(task_name, seed=seed)   # a damaged file raises its own error here
+        if own.labels is None:   # no classes to compare (LM or regression data): the head decides
+            return own
+        raise DataError(f"task {task_name!r} has the labels {own.labels}, but the adapter was "
+                        f"trained for the labels {list(labels)} (its run.json): a score would "
+                        "compare different classes; score it on data with those labels") from None
 
 
 def method_config(method: Method, targets: str | None, rank: int, *, train_head: bool) -> MethodConfig:
@@ -182,6 +226,99 @@ def write_run_record(directory: Path, run: dict[str, Any]) -> Path:
     return directory / RUN_RECORD
 
 
+# ---- the run directory ----------------------------------------------------------------------------
+def check_output_dir(directory: Path, need_bytes: int = 0, *, option: str = "--out") -> None:
+    """Refuse (CheckpointError, before any work and without creating anything) an output
+    directory that cannot be written: a path that is or lies under a file, a directory in which no
+    file can be created (tried, since root ignores mode bits), or a file system with less free
+    space than `need_bytes`."""
+    existing = directory
+    while not existing.is_dir() and existing.parent != existing:   # ("." when the cwd was removed)
+        if existing.exists() or existing.is_symlink():   # a file, or a broken or looping link
+            what = "it is a file" if existing.is_file() else "it is a link to nowhere or a loop" \
+                if existing.is_symlink() else "it is a special file"
+            raise CheckpointError(f"{option} {directory}: {existing} is not a directory ({what}); "
+                                  "choose a directory for the run")
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".peftlab-write-check-", dir=existing)
+    except OSError as e:
+        raise CheckpointError(f"{option} {directory}: cannot write in {existing} ({e.strerror}); "
+                              "choose a writable directory") from None
+    os.close(fd)
+    os.unlink(probe)
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise CheckpointError(f"{option} {directory}: the adapter needs about {need_bytes:,} bytes "
+                              f"and {existing} has {free:,} bytes free; free some space or choose "
+                              "another directory")
+
+
+def adapter_bytes(am: AdaptedModel, name: str) -> int:
+    """Bytes adapter `name` takes on disk, roughly: its tensors plus room for the JSON files."""
+    return sum(t.numel() * t.element_size() for t in am.adapter_tensors(name).values()) + 2 ** 16
+
+
+class RunOutput:
+    """Where a run is written (the adapter in last/, its Light-PEFT plan, run.json): the requested
+    directory, refused at once when it cannot be written (`check_output_dir`), or, once writing
+    there fails all the same, a fresh fallback directory under the system's temporary directory
+    (else the current one) that receives every file of the run, so a trained adapter is never
+    lost to a bad location. `problem` says why the move happened."""
+
+    def __init__(self, directory: Path) -> None:
+        check_output_dir(directory)   # refused before any work when it cannot be written
+        self.requested = self.directory = directory
+        self.problem: str | None = None
+        self._writers: list[Callable[[Path], None]] = []
+        self._fallbacks = iter((Path(tempfile.gettempdir()), Path.cwd()))
+
+    def check(self, need_bytes: int) -> None:
+        """Refuse the directory when its file system has less than `need_bytes` free."""
+        check_output_dir(self.directory, need_bytes)
+
+    def write(self, *writers: Callable[[Path], None]) -> Path:
+        """Call each writer on the run directory; when one fails (OSError or PeftlabError), call
+        all of them so far on the next fallback directory instead. Returns the directory written."""
+        self._writers.extend(writers)
+        pending, failures = list(writers), []
+        while True:
+            try:
+                for write in pending:
+                    write(self.directory)
+                return self.directory
+            except (OSError, PeftlabError) as e:
+                failures.append(f"{self.directory}: {e}")
+                self.problem = self.problem or str(e)
+                if pending is self._writers and self.directory != self.requested:
+                    shutil.rmtree(self.directory, ignore_errors=True)   # our fallback, half written
+            self.directory = self._next_fallback(failures)
+            pending = self._writers
+
+    def _next_fallback(self, failures: list[str]) -> Path:
+        for parent in self._fallbacks:
+            try:
+                return Path(tempfile.mkdtemp(prefix=f"peftlab-{self.requested.name or 'run'}-", dir=parent))
+            except OSError as e:
+                failures.append(f"{parent}: {e}")
+        raise CheckpointError("cannot save the whole run anywhere: " + "; ".join(failures))
+
+    def report(self) -> str:
+        """Where the run went, when it is not where it was asked to go."""
+        return (f"cannot write the run to {self.requested} ({self.problem}); the trained adapter is "
+                f"safe in {self.directory} (last/ and run.json): move it where you want it")
+
+
+def write_prune_plan(directory: Path, plan: PrunePlan | None) -> None:
+    """Save a run's Light-PEFT plan in `directory`; without one, remove an earlier run's plan
+    there, which would otherwise prune the base this run's adapter is loaded on."""
+    from ..training.pruning import PLAN_FILE, save_plan
+    if plan is not None:
+        save_plan(directory, plan)
+    else:
+        (directory / PLAN_FILE).unlink(missing_ok=True)
+
+
 def run_record_path(adapter_dir: Path) -> Path | None:
     """The run.json that describes an adapter directory: in it, or in the run directory above."""
     for candidate in (adapter_dir / RUN_RECORD, adapter_dir.parent / RUN_RECORD):
@@ -240,12 +377,14 @@ def base_for_run(run: dict[str, Any], adapter_dir: Path, *, model: str | None = 
                  ) -> tuple[AdaptedModel, Any, Any, Dataset]:
     """The fresh base model a run record describes, wrapped for adapters: the run's model and
     task (unless `model` / `task` are given), its seed (which draws a new classification head)
-    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`.
+    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`. Data
+    with other labels than the run's (where it records them) is refused.
     Returns (am, tokenizer, task, data)."""
     from .. import adapt
     model_name, task_name = model or run["model"], task or run["task"]
     base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
-                                          max_length=run.get("max_length", max_length))
+                                          max_length=run.get("max_length", max_length),
+                                          labels=run.get("labels"))
     # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
     plan = prune_plan(adapter_dir)
     if plan is not None:
@@ -257,9 +396,14 @@ def load_run_adapter(adapter_dir: Path, *, model: str | None = None, task: str |
                      seed: int = 0, max_length: int = 96
                      ) -> tuple[AdaptedModel, Any, Any, Dataset, dict[str, Any]]:
     """A saved adapter on the base its run record describes (or on `model` and `task`, when both
-    are given: then no run record is needed), active as "adapter", in eval mode. Returns
-    (am, tokenizer, task, data, run record)."""
-    run = run_record(adapter_dir) if not (model and task) else {}
+    are given: then no run record is needed, but the label set of one found is still checked),
+    active as "adapter", in eval mode. Returns (am, tokenizer, task, data, run record)."""
+    if model and task:
+        path = run_record_path(adapter_dir)
+        labels = read_run_record(path).get("labels") if path is not None else None
+        run = {"labels": labels} if labels is not None else {}
+    else:
+        run = run_record(adapter_dir)
     am, tok, task_obj, data = base_for_run(run, adapter_dir, model=model, task=task, seed=seed,
                                            max_length=max_length)
     am.load_adapter(adapter_dir, "adapter")

