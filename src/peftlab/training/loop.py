@@ -62,6 +62,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import AdapterError, ConfigError, PeftlabError, TrainingError
+from ..core.io import non_finite_tensors
 from ..core.method import check_number, check_positive_int
 from .tasks import format_metrics
 
@@ -352,14 +353,17 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
             if improved:
                 result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
             say(f"step {step}/{config.steps}  {format_metrics(metrics)}" + ("  (best)" if improved else ""))
+        # Checked whether or not this loop saves (a caller such as the CLI saves the result
+        # itself): a non-finite adapter ends training here. DDP ranks hold the same adapter, so
+        # every rank stops together.
+        bad = non_finite_tensors({f"{name} at {path!r}": t
+                                  for (path, name), t in am.adapter_tensors(adapter).items()})
+        if bad:
+            raise TrainingError(f"training stopped at step {step}: adapter {adapter!r} is not finite "
+                                f"(its tensor {bad[0]} holds inf or NaN), so it was not saved. "
+                                f"{kept()} {_NONFINITE_FIX}")
         if out is None:
             return
-        # DDP ranks hold the same adapter, so every rank stops here together
-        bad = next((key for key, t in am.adapter_tensors(adapter).items() if not torch.isfinite(t).all()), None)
-        if bad is not None:
-            raise TrainingError(f"training stopped at step {step}: adapter {adapter!r} is not finite "
-                                f"(its tensor {bad[1]!r} at {bad[0]!r} holds inf or NaN), so it was not "
-                                f"saved. {kept()} {_NONFINITE_FIX}")
         if main:
             result.saved["last"] = am.save_adapter(out / "last", adapter)
             saved_at["last"] = step
