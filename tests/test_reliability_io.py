@@ -33,7 +33,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftlab
-import peftlab.core.io as pio
+import peftlab.core.files as pio
 from conftest import VOCAB, tiny_llama
 
 # Versions the crash test alternates: B and C have the same shapes (a torn B/C pair loads silently
@@ -81,7 +81,7 @@ def io_child(target: str, refs: str) -> None:
     """
     import signal
 
-    from peftlab.core.io import commit_files, write_text
+    from peftlab.core.files import commit_files, write_text
 
     torch.set_num_threads(1)          # no OpenMP pool to inherit across fork
     am = io_versions_model()

@@ -66,6 +66,7 @@ from .methods.lora import LoraConfig, LowRankDelta
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.s2ft import S2FTConfig, s2ft_to_lora, select_by_gradient
+
 # training-side methods (full interfaces in peftlab.training.debias / objectives / optim / pruning)
 from .training.debias import (
     PatchConfig,

@@ -36,34 +36,12 @@ from .recipes import (
 OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
 
 
-def _compress(paths: list[str]) -> list[str]:
-    """'model.layers.{0-29}.self_attn.q_proj' for a run of paths that differ in the layer index."""
-    from ..core.sites import layer_index
-    groups: dict[str, list[int]] = {}
-    singles = []
-    for p in paths:
-        idx = layer_index(p)
-        if idx is None:
-            singles.append(p)
-            continue
-        parts = p.split(".")
-        at = next(i for i, part in enumerate(parts) if part.isdigit())
-        groups.setdefault(".".join(parts[:at] + ["{}"] + parts[at + 1:]), []).append(idx)
-    out = []
-    for template, idx in groups.items():
-        idx = sorted(idx)
-        span = str(idx[0]) if len(idx) == 1 else (
-            f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx)))
-        out.append(template.replace("{}", "{" + span + "}"))
-    return out + singles
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.sites import describe_sites, model_family
+    from ..core.sites import compress_paths, describe_sites, model_family
     model = load_model_skeleton(args.model)
     print(f"{type(model).__name__}  (architecture map: {model_family(model)})")
     for role, paths in describe_sites(model).items():
-        shown = paths if args.full else _compress(paths)
+        shown = paths if args.full else compress_paths(paths)
         print(f"  {role:<9} {len(paths):>4}  {shown[0]}")
         for p in shown[1:]:
             print(f"  {'':<9} {'':>4}  {p}")

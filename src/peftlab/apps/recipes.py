@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import CheckpointError, DataError, PeftlabError
-from ..core.io import CONFIG_FILE, commit_files, write_text
+from ..core.files import commit_files, write_text
+from ..core.io import CONFIG_FILE
 
 if TYPE_CHECKING:
     from torch import nn

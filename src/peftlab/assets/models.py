@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, MissingAssetError
-from ..core.io import commit_directory, commit_files, write_text
+from ..core.files import commit_directory, commit_files, write_text
 from .packages import ASSET_PACKAGES, _asset_file, _distribution_version, _package_dir
 
 if TYPE_CHECKING:

@@ -293,6 +293,28 @@ def _not_found_message(target: str, model: nn.Module, modules: dict[str, nn.Modu
     return msg
 
 
+def compress_paths(paths: list[str]) -> list[str]:
+    """Module paths shortened for people: one 'model.layers.{0-29}.self_attn.q_proj' for each run
+    of paths that differ only in the layer index, then the paths without one."""
+    groups: dict[str, list[int]] = {}
+    singles = []
+    for p in paths:
+        idx = layer_index(p)
+        if idx is None:
+            singles.append(p)
+            continue
+        parts = p.split(".")
+        at = next(i for i, part in enumerate(parts) if part.isdigit())
+        groups.setdefault(".".join(parts[:at] + ["{}"] + parts[at + 1:]), []).append(idx)
+    out = []
+    for template, idx in groups.items():
+        idx = sorted(idx)
+        span = str(idx[0]) if len(idx) == 1 else (
+            f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx)))
+        out.append(template.replace("{}", "{" + span + "}"))
+    return out + singles
+
+
 def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     """Role -> module paths, in ROLES order, for `peftlab inspect` and error messages."""
     by_role: dict[str, list[str]] = {}

@@ -17,15 +17,14 @@ from typing import Any
 import torch
 
 from ..core.errors import AdapterError, CapabilityError, CheckpointError, PeftlabError
+from ..core.files import commit_files, write_json
 from ..core.io import (
     check_fields,
-    commit_files,
     read_json,
     read_tensors,
     refuse_if_strict,
     suspect_tensors,
     warn_of,
-    write_json,
     write_tensors,
 )
 from ..core.method import METHODS
@@ -38,7 +37,6 @@ from .peft_names import (
     TENSORS_FILE,
     task_type,
 )
-
 
 # The types (as peft's config classes declare them, numbers as JSON has them) of the fields the
 # codecs read; a file whose field has another type is refused before a codec converts it.

@@ -63,7 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, DataError
-from ..core.io import commit_files, read_json, write_json
+from ..core.files import commit_files, write_json
+from ..core.io import read_json
 from ..core.method import MethodConfig
 from ..methods.lora import LoraConfig
 from .loop import TaskLike, TrainConfig, TrainResult, train

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...core.errors import PeftlabError
-from ...core.io import commit_files, write_text
+from ...core.files import commit_files, write_text
 from ...core.model import AdaptedModel, adapt
 from ...core.typology import summarise_sites
 from ...methods import get_method

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...core.errors import MissingAssetError
-from ...core.io import commit_files, write_text
+from ...core.files import commit_files, write_text
 from .settings import Settings
 
 if TYPE_CHECKING:   # matplotlib is imported when a plot is drawn (an extra)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...core.errors import CheckpointError, ConfigError
-from ...core.io import commit_files, write_json
+from ...core.files import commit_files, write_json
 from ...core.model import AdaptedModel
 from ...core.sites import iter_modules
 from .blocks import Block, find_blocks
