@@ -153,9 +153,11 @@ def test_dropout_only_in_training():
     assert not torch.equal(am(x), am(x))
 
 
-def test_bf16_adapter_follows_base_dtype():
+def test_bf16_base_gets_fp32_factors_unless_dtype_says_otherwise():
     model = tiny_llama().to(torch.bfloat16)
     am = peftlab.adapt(model)
     am.add_adapter("a", peftlab.LoraConfig(targets="attn.q"))
-    assert delta_of(am, "model.layers.0.self_attn.q_proj", "a").lora_A.dtype == torch.bfloat16
+    assert delta_of(am, "model.layers.0.self_attn.q_proj", "a").lora_A.dtype == torch.float32
+    am.add_adapter("b", peftlab.LoraConfig(targets="attn.q", dtype="bfloat16"))
+    assert delta_of(am, "model.layers.0.self_attn.q_proj", "b").lora_A.dtype == torch.bfloat16
     assert isinstance(am.model.model.layers[0].self_attn.q_proj, AdaptedLayer)

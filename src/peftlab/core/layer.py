@@ -113,6 +113,10 @@ class Delta(nn.Module):
         raise NotImplementedError
 
 
+def _like(t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == base.dtype else t.to(base.dtype)
+
+
 def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-example vectors (B, d) as (B, 1, ..., 1, d), broadcasting over the positions of `like`."""
     return values.view(values.shape[0], *([1] * (like.dim() - 2)), values.shape[-1])
@@ -281,6 +285,8 @@ class AdaptedLayer(nn.Module):
             w = weighted.get(delta, 1.0)
             for name, d in delta.param_deltas(self).items():
                 params[name] = params.get(name, base.get_parameter(name)) + (d if w == 1.0 else w * d)
+        # summed in the wider dtype (fp32 deltas on a bf16 norm), rounded once to the base's
+        params = {n: _like(t, base.get_parameter(n)) for n, t in params.items()}
         return functional_call(base, params, (x, *args), kwargs)
 
     def _forward_weighted(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -335,7 +341,8 @@ class AdaptedLayer(nn.Module):
         for group in groups:
             for name, d in group.param_deltas(self, index).items():
                 deltas[name] = deltas[name] + d if name in deltas else d
-        params = {n: per_example(base.get_parameter(n) + d, x) for n, d in deltas.items()}  # (B, 1.., d)
+        params = {n: per_example(_like(base.get_parameter(n) + d, base.get_parameter(n)), x)
+                  for n, d in deltas.items()}                                      # (B, 1.., d)
         if isinstance(base, (nn.LayerNorm, nn.RMSNorm)):
             if isinstance(base, nn.LayerNorm):
                 y = F.layer_norm(x, base.normalized_shape, None, None, base.eps)

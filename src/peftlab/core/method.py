@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import CapabilityError, ConfigError, close_matches
 from .layer import AdaptedLayer, Delta, InputHook
+from .precision import dtype_named
 from .sites import Site
 from .terms import LossTerm
 from .typology import Typology
@@ -49,7 +50,9 @@ def _capability(value: Any) -> Capability | Any:
 
 @dataclass
 class MethodConfig:
-    """Fields every method shares: where it attaches and which whole modules get trained copies."""
+    """Fields every method shares: where it attaches, which whole modules get trained copies, and
+    the dtype its trained tensors are stored in (`dtype`, a torch dtype name: None is fp32 on a
+    bf16 / fp16 base, as peft, else the base's dtype; see core/precision.py)."""
 
     # The name of the method this config class belongs to; set by `register` from the Method
     # record (never declared in the class body), inherited by unregistered subclasses.
@@ -58,9 +61,11 @@ class MethodConfig:
     layers: int | list[int] | None = None
     exclude: str | list[str] | None = None
     modules_to_save: list[str] | None = None
+    dtype: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and what would be valid."""
+        dtype_named(self.dtype, f"{type(self).__name__}.dtype")
         if not self.targets:
             raise ConfigError(f"{type(self).__name__}.targets is empty; name roles such as "
                               "'attn.q', module names, globs, 're:...' or 'all-linear'")

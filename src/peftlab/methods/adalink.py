@@ -25,6 +25,7 @@ from torch import nn
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Capability, Method, MethodConfig
+from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site
 from ..core.typology import Typology
 
@@ -116,8 +117,9 @@ class AdaLinkDelta(Delta):
                 self.U.zero_()
 
     def contribute(self, layer, x, base_out, out):
-        D, U = self.D, self.U
-        e = out if out.dtype == D.dtype else out.to(D.dtype)
+        dtype = compute_dtype(self.D.dtype, out.dtype, out.device)
+        D, U = cast_at_use(self, (self.D, self.U), dtype)     # cached between updates
+        e = out if out.dtype == dtype else out.to(dtype)
         if self.groups == 1:
             h = e @ D[0]
             if self.act is not None:
@@ -161,7 +163,7 @@ def _build(site: Site, layer: AdaptedLayer, config: AdaLinkConfig, initialise: b
     weight = layer.base_layer.weight
     vocab, d = weight.shape
     delta = AdaLinkDelta(vocab, d, config.r, config.activation, _token_groups(config, vocab, site),
-                         dtype=weight.dtype, device=weight.device)
+                         dtype=adapter_dtype(config, weight.dtype), device=weight.device)
     if initialise:
         delta.initialise(config.init)
     return delta

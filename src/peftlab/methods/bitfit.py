@@ -18,6 +18,7 @@ from torch import nn
 from ..core.errors import CapabilityError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
 from ..core.method import Capability, Method, MethodConfig
+from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site
 from ..core.typology import Typology
 
@@ -40,12 +41,12 @@ class MixedBiases(MixedDeltas):
     """The BitFit biases of a routed batch stacked (S, d_out), zeros where a slot has none; every
     row adds its own slot's bias."""
 
-    def stack(self, layer: AdaptedLayer) -> torch.Tensor:
-        zero = torch.zeros_like(next(d for d in self.slots if d is not None).bias)
-        return torch.stack([d.bias if d is not None else zero for d in self.slots])
+    def stack(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
+        zero = torch.zeros_like(next(d for d in self.slots if d is not None).bias, dtype=dtype)
+        return torch.stack([d.bias.to(dtype) if d is not None else zero for d in self.slots])
 
     def contribute(self, layer, x, base_out, out, index):
-        return out + per_example(self.rows(self.stacks(layer), index), out)
+        return out + per_example(self.rows(self.stacks(layer, out.dtype), index), out)
 
 
 class BiasDelta(Delta):
@@ -61,7 +62,7 @@ class BiasDelta(Delta):
                                                 requires_grad=False)
 
     def contribute(self, layer, x, base_out, out):
-        return out + self.bias
+        return out + cast_one(self, self.bias, out.dtype)    # cast at use, cached between updates
 
     def check_merge(self, layer: AdaptedLayer) -> None:
         if not bias_slot(layer):
@@ -79,14 +80,14 @@ class BiasDelta(Delta):
             base._parameters["bias"] = nn.Parameter(
                 torch.zeros(self.bias.shape, dtype=weight.dtype, device=weight.device),
                 requires_grad=False)
-        base.bias.add_(self.bias.to(base.bias.dtype))
+        base.bias.copy_((base.bias.float() + self.bias.float()).to(base.bias.dtype))   # one rounding
 
 
 def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bool = True) -> BiasDelta:
     weight = layer.base_layer.weight
     bias = getattr(layer.base_layer, "bias", None)
     dtype = bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
-    return BiasDelta(layer.out_features, dtype=dtype, device=weight.device)
+    return BiasDelta(layer.out_features, dtype=adapter_dtype(config, dtype), device=weight.device)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: BitFitConfig) -> dict[str, tuple[int, ...]]:

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Method, MethodConfig, check_number
+from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
 from ..core.typology import Typology
 
@@ -119,10 +120,14 @@ class BottleneckDelta(Delta):
                 self.up.bias.zero_()
 
     def adapter(self, h: torch.Tensor) -> torch.Tensor:
-        """up(φ(down(h))), without the scale."""
-        if h.dtype != self.down.weight.dtype:
-            h = h.to(self.down.weight.dtype)
-        return self.up(self.act(self.down(h)))
+        """up(φ(down(h))), without the scale, in the compute dtype (core/precision.py: the
+        weights cast at use, cached between updates)."""
+        down, up = self.down, self.up
+        dtype = compute_dtype(down.weight.dtype, h.dtype, h.device)
+        w1, b1, w2, b2 = cast_at_use(self, (down.weight, down.bias, up.weight, up.bias), dtype)
+        if h.dtype != dtype:
+            h = h.to(dtype)
+        return F.linear(self.act(F.linear(h, w1, b1)), w2, b2)
 
     # ---- parallel: the sublayer input comes from a pre-hook on a sibling module -------------------
     def attach_reader(self, layer: AdaptedLayer, module: nn.Module, path: str) -> None:
@@ -203,7 +208,7 @@ def _build(site: Site, layer: AdaptedLayer, config: BottleneckConfig, initialise
                               f"({d_in} features) and adds to an output of {d}; they must match")
     weight = layer.base_layer.weight
     delta = BottleneckDelta(d, config.bottleneck, config.activation, config.scale, parallel=parallel,
-                            dtype=weight.dtype, device=weight.device)
+                            dtype=adapter_dtype(config, weight.dtype), device=weight.device)
     if initialise:
         delta.initialise(config.init)
     if parallel:   # last: nothing below can fail, so no hook is left behind by this build

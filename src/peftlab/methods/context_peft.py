@@ -66,6 +66,7 @@ from torch import nn
 from ..core.errors import AdapterError, CapabilityError, ConfigError, PeftlabError
 from ..core.layer import AdaptedLayer, Delta, InputHook
 from ..core.method import Capability, Method, MethodConfig, check_number
+from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site
 from ..core.typology import Typology
 from .bitfit import BiasDelta, bias_slot
@@ -320,10 +321,11 @@ class ContextLoraDelta(ContextDelta):
         return self.lora_A[sl], self.lora_B[:, sl]
 
     def contribute(self, layer, x, base_out, out):
-        A, B = self._parameters["lora_A"], self._parameters["lora_B"]
-        w = self.holder.rank_weights(x.shape[:-1], A.dtype)
-        if x.dtype != A.dtype:
-            x = x.to(A.dtype)
+        dtype = compute_dtype(self._parameters["lora_A"].dtype, out.dtype, out.device)
+        A, B = cast_at_use(self, (self._parameters["lora_A"], self._parameters["lora_B"]), dtype)
+        w = self.holder.rank_weights(x.shape[:-1], dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         y = F.linear(F.linear(x, A) * w, B)
         return out + (y if y.dtype == out.dtype else y.to(out.dtype))
 
@@ -571,18 +573,19 @@ def _build(site: Site, layer: AdaptedLayer, config: ContextConfig, initialise: b
     weight = layer.base_layer.weight
     groups, refusal = len(config.groups), config.merge_refusal()
     mult = config.multipliers()[0]
+    bias = getattr(layer.base_layer, "bias", None)
+    base = bias.dtype if config.form == "bias" and isinstance(bias, torch.Tensor) else weight.dtype
+    dtype, device = adapter_dtype(config, base), weight.device
     if config.form == "lora":
         delta = ContextLoraDelta(layer.in_features, layer.out_features, groups, config.r,
-                                 config.group_scalings(), refusal, dtype=weight.dtype, device=weight.device)
+                                 config.group_scalings(), refusal, dtype=dtype, device=device)
         if initialise:
             delta.initialise(config.init)
         return delta
     if config.form == "ia3":
         return ContextIA3Delta(groups, _size(layer, config, site), config.scales_input(site), mult, refusal,
-                               dtype=weight.dtype, device=weight.device)
-    bias = getattr(layer.base_layer, "bias", None)
-    dtype = bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
-    return ContextBiasDelta(groups, layer.out_features, mult, refusal, dtype=dtype, device=weight.device)
+                               dtype=dtype, device=device)
+    return ContextBiasDelta(groups, layer.out_features, mult, refusal, dtype=dtype, device=device)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: ContextConfig) -> dict[str, tuple[int, ...]]:

@@ -28,6 +28,7 @@ from ..core.method import (
     pattern_value,
 )
 from ..core.model import AdaptedModel, Adapter
+from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site, dims, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import PREFIX
@@ -73,12 +74,13 @@ class MixedScales(MixedDeltas):
     """The IA3 vectors of a routed batch stacked (S, d), ones where a slot has none; every row
     is scaled by its own slot's vector."""
 
-    def stack(self, layer: AdaptedLayer) -> torch.Tensor:
-        one = torch.ones_like(next(d for d in self.slots if d is not None).ia3_l)
-        return torch.stack([d.ia3_l if d is not None else one for d in self.slots])
+    def stack(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
+        one = torch.ones_like(next(d for d in self.slots if d is not None).ia3_l, dtype=dtype)
+        return torch.stack([d.ia3_l.to(dtype) if d is not None else one for d in self.slots])
 
     def scales(self, layer: AdaptedLayer, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return per_example(self.rows(self.stacks(layer), index), like)      # (B, 1.., d)
+        """(B, 1.., d) in `like`'s dtype (the vectors are cast at use)."""
+        return per_example(self.rows(self.stacks(layer, like.dtype), index), like)
 
 
 class MixedInputScales(MixedScales):
@@ -107,23 +109,22 @@ class IA3Delta(Delta):
         self._parameters[TENSOR] = nn.Parameter(torch.ones(size, dtype=dtype, device=device),
                                                 requires_grad=False)
 
+    # the vector is cast at use to the activations' dtype (cached between updates)
     def contribute(self, layer, x, base_out, out):
-        return out * self.ia3_l
+        return out * cast_one(self, self.ia3_l, out.dtype)
 
     def transform_input(self, layer, x):
-        return x * self.ia3_l
+        return x * cast_one(self, self.ia3_l, x.dtype)
 
     @torch.no_grad()
     def merge_into(self, layer: AdaptedLayer) -> None:
+        # the products in fp32, rounded once into the base's dtype
         w = layer.weight_out_in()          # (out, in) view: Conv1D's transposed weight included
-        l = self.ia3_l.to(w.dtype)
-        if self.scale_input:
-            w.mul_(l[None, :])
-        else:
-            w.mul_(l[:, None])
-            bias = layer.base_layer.bias
-            if bias is not None:
-                bias.mul_(l.to(bias.dtype))
+        l = self.ia3_l.float()
+        w.copy_((w.float() * (l[None, :] if self.scale_input else l[:, None])).to(w.dtype))
+        bias = layer.base_layer.bias
+        if not self.scale_input and bias is not None:
+            bias.copy_((bias.float() * l).to(bias.dtype))
 
 
 def _size(layer: AdaptedLayer, scale_input: bool) -> int:
@@ -134,7 +135,8 @@ def _build(site: Site, layer: AdaptedLayer, config: IA3Config, initialise: bool 
     # ones is both the initial value and harmless filler for a checkpoint to overwrite
     scale_input = config.scales_input(site)
     weight = layer.base_layer.weight
-    return IA3Delta(_size(layer, scale_input), scale_input, dtype=weight.dtype, device=weight.device)
+    return IA3Delta(_size(layer, scale_input), scale_input, dtype=adapter_dtype(config, weight.dtype),
+                    device=weight.device)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: IA3Config) -> dict[str, tuple[int, ...]]:

@@ -53,6 +53,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.merging import kept_weight
+from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.method import (
     Capability,
     Method,
@@ -189,10 +190,11 @@ class KasaDelta(Delta):
     def contribute(self, layer, x, base_out, out):
         if self.dropout is not None:
             x = self.dropout(x)
-        A = self.lora_A
-        if x.dtype != A.dtype:
-            x = x.to(A.dtype)
-        h = F.linear(F.linear(x, A) * self.lora_diag, self.lora_B)
+        dtype = compute_dtype(self.lora_A.dtype, out.dtype, out.device)
+        A, diag, B = cast_at_use(self, (self.lora_A, self.lora_diag, self.lora_B), dtype)   # cached
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        h = F.linear(F.linear(x, A) * diag, B)
         return out + (h * self.scaling).to(out.dtype)
 
     @torch.no_grad()
@@ -237,7 +239,8 @@ def _build(site: Site, layer: AdaptedLayer, config: KasaConfig, initialise: bool
         _check_untied(model, layer.base_layer.weight, site.path)
     weight = layer.base_layer.weight
     delta = KasaDelta(d_in, d_out, config.r, dropped_components(d_in, d_out, config.r, config.code_compat),
-                      config.scaling, dropout=config.dropout, dtype=weight.dtype, device=weight.device)
+                      config.scaling, dropout=config.dropout, dtype=adapter_dtype(config, weight.dtype),
+                      device=weight.device)
     if initialise:
         delta.initialise()
     delta.truncate(layer)   # last: nothing after it can fail, so no half-built delta holds a truncation

@@ -3,11 +3,14 @@ affine parameters.
 
 Each targeted norm (LayerNorm, RMSNorm, ...) gets deltas Δγ (and Δβ where the norm has a bias),
 zeros at start, added to its weight (and bias) for the forward: y = norm(x; γ + Δγ, β + Δβ).
+The sum is taken in the wider dtype and rounded once to the norm's (AdaptedLayer), so fp32
+deltas on a bf16 norm keep the norm's dtype.
 Merging adds them into the base parameters (unmerging restores the copied ones: core/merging.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas
 from ..core.method import Capability, Method, MethodConfig
+from ..core.precision import adapter_dtype
 from ..core.sites import Site
 from ..core.typology import Typology
 
@@ -47,9 +51,10 @@ class MixedNormDeltas(MixedDeltas):
 
     def stack(self, layer: AdaptedLayer) -> dict[str, torch.Tensor]:
         live = [d for d in self.slots if d is not None]
-        zero = torch.zeros_like(live[0].weight)
+        dtype = functools.reduce(torch.promote_types, [d.weight.dtype for d in live])   # one stack
+        zero = torch.zeros_like(live[0].weight, dtype=dtype)
         names = ["weight"] + (["bias"] if any(d.bias is not None for d in live) else [])
-        return {name: torch.stack([zero if d is None or getattr(d, name) is None else getattr(d, name)
+        return {name: torch.stack([zero if d is None or getattr(d, name) is None else getattr(d, name).to(dtype)
                                    for d in self.slots]) for name in names}
 
     def param_deltas(self, layer, index):
@@ -79,7 +84,7 @@ class NormDelta(Delta):
         base = layer.base_layer
         for name, d in self.param_deltas(layer).items():
             p = getattr(base, name)
-            p.add_(d.to(p.dtype))
+            p.copy_((p.float() + d.float()).to(p.dtype))     # one rounding into the base's dtype
 
 
 def _shapes(layer: AdaptedLayer, config: LNTuningConfig) -> dict[str, tuple[int, ...]]:
@@ -93,7 +98,8 @@ def _shapes(layer: AdaptedLayer, config: LNTuningConfig) -> dict[str, tuple[int,
 def _build(site: Site, layer: AdaptedLayer, config: LNTuningConfig, initialise: bool = True) -> NormDelta:
     weight = layer.base_layer.weight
     shapes = _shapes(layer, config)
-    return NormDelta(shapes["weight"][0], "bias" in shapes, dtype=weight.dtype, device=weight.device)
+    return NormDelta(shapes["weight"][0], "bias" in shapes, dtype=adapter_dtype(config, weight.dtype),
+                     device=weight.device)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LNTuningConfig) -> dict[str, tuple[int, ...]]:

@@ -37,6 +37,7 @@ from ..core.method import (
     pattern_value,
 )
 from ..core.model import AdaptedModel, Adapter
+from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
@@ -51,7 +52,7 @@ class LoraConfig(MethodConfig):
     `init`: "zero" (B = 0, the default: a new adapter is a no-op), "gaussian" (A ~ N(0, 1/r),
     B = 0), "random" (A and B both random: a non-zero delta, for tests and composition) or
     "pissa" (principal singular vectors of W). `rank_pattern` / `alpha_pattern` map a role or a
-    module-path regex to a per-site rank / alpha. `dtype` defaults to the base weight's dtype.
+    module-path regex to a per-site rank / alpha.
     """
 
     targets: str | list[str] = field(default_factory=lambda: ["attn.q", "attn.v"])
@@ -63,7 +64,6 @@ class LoraConfig(MethodConfig):
     init: str = "zero"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    dtype: str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -82,8 +82,6 @@ class LoraConfig(MethodConfig):
             check_positive_int(f"LoraConfig.rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             check_number(f"LoraConfig.alpha_pattern[{key!r}]", value, low=0, low_open=True)
-        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ConfigError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
 
     def rank_for(self, site: Site) -> int:
         return pattern_value(self.rank_pattern, site) or self.r
@@ -114,21 +112,6 @@ class LoraConfig(MethodConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
-def _cpu_half_matmul_is_slow() -> bool:
-    """True on x86 CPUs without AVX-512 BF16 / AMX: there torch runs bf16 and fp16 GEMMs through a
-    slow fallback (measured ~10× slower than fp32 for LoRA's rank-r products)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool(flags) and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-_UPCAST_ON_CPU = _cpu_half_matmul_is_slow()
-_HALF = (torch.bfloat16, torch.float16)
-
-
 class MixedLowRank(MixedDeltas):
     """The LoRA deltas of a routed batch: row b on slot i gets (x_b A_iᵀ)(s_i B_i)ᵀ, two batched
     matmuls over per-row gathered factors. Ranks differ between adapters, so the stacks are padded
@@ -144,15 +127,7 @@ class MixedLowRank(MixedDeltas):
         live = [d for d in slots if d is not None]
         self.embedding, self.padding_idx = live[0].embedding, live[0].padding_idx
         device = live[0].lora_A.device
-        self.dtype = functools.reduce(torch.promote_types, [d.lora_A.dtype for d in live])
-        if _UPCAST_ON_CPU and self.dtype in _HALF and device.type == "cpu":
-            self.dtype = torch.float32     # as LowRankDelta: no fast half GEMMs on this CPU
-        # A CPU's half-precision bmm pays a fixed cost per example, so with one or two tokens per
-        # row (decoding) fp32 factors are faster despite twice the bytes: 111 vs 158 µs a LoRA
-        # site at 16 × 1 tokens, 16 adapters, r 16; from 4 tokens on bf16 wins (151 vs 166 µs).
-        # Those stacks are built on first use, beside the half ones.
-        self.few_token_dtype = (torch.float32 if device.type == "cpu" and self.dtype in _HALF
-                                else self.dtype)
+        self.stored = functools.reduce(torch.promote_types, [d.lora_A.dtype for d in live])
         self.scales = torch.tensor([d.scaling if d is not None else 0.0 for d in slots], device=device)
         self.dora_slots = [i for i, d in enumerate(slots) if d is not None and d.dora]
         self.dora = torch.tensor(self.dora_slots, dtype=torch.long, device=device)
@@ -177,13 +152,14 @@ class MixedLowRank(MixedDeltas):
         Bt = pad_sequence(Bs, batch_first=True) * self.scales.to(dtype)[:, None, None]   # (S, r_max, d_out)
         row_scale = None
         if self.dora_slots:
-            # m / ‖W + ΔW‖ per output row; the norm is a constant for the gradient (DoRA §4.3)
-            weight = layer.weight_out_in().to(dtype)
-            dw = torch.bmm(Bt[self.dora].transpose(1, 2), A[self.dora])          # (n_dora, d_out, d_in)
+            # m / ‖W + ΔW‖ per output row, as LowRankDelta._row_scale: a constant for the
+            # gradient (DoRA §4.3), the norm in fp32
+            weight = layer.weight_out_in().float()
+            dw = torch.bmm(Bt[self.dora].transpose(1, 2).float(), A[self.dora].float())   # (n_dora, d_out, d_in)
             norm = torch.linalg.norm(weight + dw, dim=2).detach()
-            m = torch.stack([self.slots[i].magnitude for i in self.dora_slots]).to(dtype)
+            m = torch.stack([self.slots[i].magnitude.float() for i in self.dora_slots])
             row_scale = torch.ones(len(self.slots), d_out, dtype=dtype, device=A.device).index_copy(
-                0, self.dora, m / norm)                                          # (S, d_out)
+                0, self.dora, (m / norm).to(dtype))                              # (S, d_out)
             Bt = Bt * row_scale[:, None, :]
         if self.embedding:
             A = A.transpose(1, 2).reshape(-1, A.shape[1])                        # (S·vocab, r_max)
@@ -191,8 +167,13 @@ class MixedLowRank(MixedDeltas):
 
     def contribute(self, layer, x, base_out, out, index):
         n = index.shape[0]
-        few_tokens = not self.embedding and x.numel() <= 2 * n * x.shape[-1]
-        dtype = self.few_token_dtype if few_tokens else self.dtype
+        dtype = compute_dtype(self.stored, out.dtype, out.device)    # as LowRankDelta
+        # A CPU's half-precision bmm pays a fixed cost per example, so with one or two tokens per
+        # row (decoding) fp32 factors are faster despite twice the bytes: 111 vs 158 µs a LoRA
+        # site at 16 × 1 tokens, 16 adapters, r 16; from 4 tokens on bf16 wins (151 vs 166 µs).
+        # Those stacks are built on first use, beside the half ones.
+        if dtype in HALF and out.device.type == "cpu" and not self.embedding and x.numel() <= 2 * n * x.shape[-1]:
+            dtype = torch.float32
         A, Bt, row_scale = self.stacks(layer, dtype)
         if self.embedding:   # token ids (B, ...): row b reads its slot's block of the table
             offset = index.view(n, *([1] * (x.dim() - 1))) * layer.in_features
@@ -227,9 +208,9 @@ class MixedLowRank(MixedDeltas):
 class LowRankDelta(Delta):
     """s · B A (minus the frozen PiSSA start s · B0 A0), optionally DoRA-normalised.
 
-    The rank-r products run in the weights' dtype, except half-precision weights on a CPU
-    without native half GEMMs, where they run in fp32 (casts of A and B are cached between
-    weight updates, so inference pays them once).
+    The factors are stored in the adapter's dtype (fp32 on a half-precision base) and the rank-r
+    products run in `compute_dtype` (the activations' precision; fp32 on a CPU without native
+    half GEMMs); casts of A and B are cached between weight updates, so inference pays them once.
     """
 
     mixed = MixedLowRank
@@ -322,7 +303,7 @@ class LowRankDelta(Delta):
             buffers["pissa_A0"] = take(take(buffers["pissa_A0"], 0, rank), 1, in_index)
             buffers["pissa_B0"] = take(take(buffers["pissa_B0"], 1, rank), 0, out_index)
         # plain __dict__ writes, as __init__; the cast cache is keyed on the old tensors
-        self.__dict__.update(r=params["lora_A"].shape[0], _cast=())
+        self.__dict__.update(r=params["lora_A"].shape[0], _cast=(), _cast_dora=())
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""
@@ -331,29 +312,21 @@ class LowRankDelta(Delta):
             dw -= self.pissa_B0.float() @ self.pissa_A0.float()
         return dw * self.scaling
 
-    def _factors(self, device: torch.device) -> tuple[torch.dtype, list[torch.Tensor]]:
+    def _factors(self, activation: torch.dtype, device: torch.device) -> tuple[torch.dtype, list[torch.Tensor]]:
         """The compute dtype and [A, Bᵀ(, A0, B0ᵀ)] in it, Bᵀ contiguous (addmm on a contiguous
         (r, d_out) matrix is ~2× faster on CPU than on a transposed view). Without gradients to
-        the factors the results are cached, keyed on the tensors' versions, so an update or a
-        device move invalidates them."""
+        the factors the results are cached (`cast_at_use`), so an update or a device move
+        invalidates them."""
         p, b = self._parameters, self._buffers
         raw = [p["lora_A"], p["lora_B"]] + ([b["pissa_A0"], b["pissa_B0"]] if self.pissa else [])
-        dtype = raw[0].dtype
-        if _UPCAST_ON_CPU and dtype in _HALF and device.type == "cpu":
-            dtype = torch.float32
-        if torch.is_grad_enabled() and raw[0].requires_grad:
-            # training: no contiguous copy of Bᵀ, which would cost a copy forward and backward
-            return dtype, [t.to(dtype) if i % 2 == 0 else t.to(dtype).t() for i, t in enumerate(raw)]
-        key = tuple((t._version, t.data_ptr()) for t in raw)
-        cast = self.__dict__["_cast"]
-        if not cast or cast[0] != key or cast[1] != dtype:
-            # plain __dict__ writes: nn.Module.__setattr__ costs microseconds on this path
-            self.__dict__["_cast"] = cast = (key, dtype, self._prepare(raw, dtype))
-        return dtype, cast[2]
+        dtype = compute_dtype(raw[0].dtype, activation, device)
+        return dtype, cast_at_use(self, raw, dtype, self._prepare)
 
     @staticmethod
-    def _prepare(raw: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-        return [t.to(dtype) if i % 2 == 0 else t.to(dtype).t().contiguous() for i, t in enumerate(raw)]
+    def _prepare(raw: list[torch.Tensor], dtype: torch.dtype, cached: bool) -> list[torch.Tensor]:
+        # training (not cached): no contiguous copy of Bᵀ, which would cost a copy forward and backward
+        return [t.to(dtype) if i % 2 == 0 else t.to(dtype).t().contiguous() if cached else t.to(dtype).t()
+                for i, t in enumerate(raw)]
 
     def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """x (..., d_in) or token ids (...) -> (..., r)."""
@@ -366,7 +339,7 @@ class LowRankDelta(Delta):
             return self._contribute_dora(layer, x, base_out, out)
         if self.dropout is not None:
             x = self.dropout(x)
-        dtype, f = self._factors(out.device)
+        dtype, f = self._factors(out.dtype, out.device)
         if not self.embedding and x.dtype != dtype:
             x = x.to(dtype)
         # out + s·(B A x − B0 A0 x) as addmm on the flattened output: no temporary for s·B h.
@@ -378,24 +351,36 @@ class LowRankDelta(Delta):
         return acc.view(out.shape) if acc.dtype == out.dtype else acc.to(out.dtype).view(out.shape)
 
     def _contribute_dora(self, layer, x, base_out, out):
-        # DoRA: y = m / ||W + ΔW||_row ⊙ (W + ΔW) x; the norm is a constant for the gradient
-        # (DoRA §4.3). Written as a correction on top of the base output, as peft does.
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        weight = layer.weight_out_in().to(x.dtype)
-        lora_w = (self.delta_weight() / self.scaling).to(x.dtype).detach()
-        norm = torch.linalg.norm(weight + self.scaling * lora_w, dim=1).detach()
-        mag_scale = self.magnitude / norm                         # (d_out,)
+        # DoRA: y = m / ||W + ΔW||_row ⊙ (W + ΔW) x, written as a correction on top of the base
+        # output, as peft does.
+        dtype, f = self._factors(out.dtype, out.device)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        mag_scale = self._row_scale(layer, dtype)                    # (d_out,)
         if self.dropout is not None and self.training:
             x = self.dropout(x)
-            base_no_bias = F.linear(x, weight)
+            base_no_bias = F.linear(x, layer.weight_out_in().to(dtype))
         else:
             bias = layer.base_layer.bias
-            base_no_bias = base_out - bias if bias is not None else base_out
-        lora_out = F.linear(self._down(x, self.lora_A), self.lora_B)
+            base_no_bias = (base_out - bias if bias is not None else base_out).to(dtype)
+        lora_out = self._down(x, f[0]) @ f[1]
         if self.pissa:
-            lora_out = lora_out - F.linear(self._down(x, self.pissa_A0), self.pissa_B0)
-        return out + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
+            lora_out = lora_out - self._down(x, f[2]) @ f[3]
+        y = out.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
+        return y if y.dtype == out.dtype else y.to(out.dtype)
+
+    def _row_scale(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
+        """DoRA's m / ‖W + ΔW‖ per output row in `dtype`. The norm is a constant for the gradient
+        (DoRA §4.3) and taken in fp32 (in bf16, W + ΔW loses most of what ΔW adds); without
+        gradients to the adapter it is cached until W, A, B or m change."""
+        def prepare(raw: list[torch.Tensor], dtype: torch.dtype, cached: bool) -> list[torch.Tensor]:
+            norm = torch.linalg.norm(raw[1].float() + self.delta_weight().detach(), dim=1)
+            return [(raw[0].float() / norm).to(dtype)]
+        p, b = self._parameters, self._buffers
+        raw = [p["magnitude"], layer.weight_out_in(), p["lora_A"], p["lora_B"]]
+        if self.pissa:
+            raw += [b["pissa_A0"], b["pissa_B0"]]
+        return cast_at_use(self, raw, dtype, prepare, slot="_cast_dora")[0]
 
     @torch.no_grad()
     def merge_into(self, layer: AdaptedLayer) -> None:
@@ -412,12 +397,12 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
         raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
                           "exclude it (exclude=[...]) or set dora=False")
     weight = layer.base_layer.weight
-    dtype = getattr(torch, config.dtype) if config.dtype else weight.dtype
     delta = LowRankDelta(
         layer.in_features, layer.out_features, config.rank_at(layer, site), config.scaling_for(site),
         dropout=0.0 if embedding else config.dropout, embedding=embedding,
         padding_idx=layer.base_layer.padding_idx if embedding else None,
-        dora=config.dora, pissa=config.init == "pissa", dtype=dtype, device=weight.device)
+        dora=config.dora, pissa=config.init == "pissa", dtype=adapter_dtype(config, weight.dtype),
+        device=weight.device)
     if initialise:
         delta.initialise(layer, config.init)
     return delta

@@ -40,6 +40,7 @@ from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
 from ..core.method import Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
+from ..core.precision import adapter_dtype, cast_at_use
 from ..core.sites import Site, attention_heads, layer_index, resolve_sites, text_config
 from ..core.typology import Typology
 from . import _prompting as prompting  # what prompt and prefix tuning share
@@ -89,25 +90,28 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
 class Projection(nn.Module):
     """peft's prefix encoder MLP: embedding (n, kv_dim) → Linear → tanh → Linear(h, L·2·kv_dim)."""
 
-    def __init__(self, n: int, kv_dim: int, hidden: int, out: int, device: torch.device) -> None:
+    def __init__(self, n: int, kv_dim: int, hidden: int, out: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
-        self.embedding = nn.Parameter(torch.empty(n, kv_dim, device=device), requires_grad=False)
-        self.proj_in = nn.Linear(kv_dim, hidden, device=device)
-        self.proj_out = nn.Linear(hidden, out, device=device)
+        self.embedding = nn.Parameter(torch.empty(n, kv_dim, dtype=dtype, device=device), requires_grad=False)
+        self.proj_in = nn.Linear(kv_dim, hidden, dtype=dtype, device=device)
+        self.proj_out = nn.Linear(hidden, out, dtype=dtype, device=device)
 
     def forward(self) -> torch.Tensor:
         return self.proj_out(torch.tanh(self.proj_in(self.embedding)))
 
 
 class PrefixPart(nn.Module):
-    """One attention layer's prefix: `key` and `value`, (n, kv_heads·head_dim) in fp32 — or,
-    with the projection MLP, nothing but (at the first site) `projection`."""
+    """One attention layer's prefix: `key` and `value`, (n, kv_heads·head_dim) in the adapter's
+    dtype (fp32 on a half-precision model, as peft) — or, with the projection MLP, nothing but
+    (at the first site) `projection`."""
 
-    def __init__(self, n: int, kv_dim: int, device: torch.device, *, direct: bool) -> None:
+    def __init__(self, n: int, kv_dim: int, dtype: torch.dtype, device: torch.device, *,
+                 direct: bool) -> None:
         super().__init__()
         if direct:
-            self.key = nn.Parameter(torch.empty(n, kv_dim, device=device), requires_grad=False)
-            self.value = nn.Parameter(torch.empty(n, kv_dim, device=device), requires_grad=False)
+            self.key = nn.Parameter(torch.empty(n, kv_dim, dtype=dtype, device=device), requires_grad=False)
+            self.value = nn.Parameter(torch.empty(n, kv_dim, dtype=dtype, device=device), requires_grad=False)
 
 
 def _device(site: Site) -> torch.device:
@@ -120,10 +124,11 @@ def _build(site: Site, layer: Any, config: PrefixTuningConfig, initialise: bool 
     layers, kv_heads, head_dim = kv_layout(model.model)
     kv_dim = kv_heads * head_dim
     n, device = config.num_virtual_tokens, _device(site)
+    dtype = adapter_dtype(config, _model_dtype(model.model))
     direct = config.projection_hidden is None
-    part = PrefixPart(n, kv_dim, device, direct=direct)
+    part = PrefixPart(n, kv_dim, dtype, device, direct=direct)
     if not direct and site.layer == 0:
-        part.projection = Projection(n, kv_dim, config.projection_hidden, layers * 2 * kv_dim, device)
+        part.projection = Projection(n, kv_dim, config.projection_hidden, layers * 2 * kv_dim, dtype, device)
         part.projection.requires_grad_(False)
     if initialise:
         with torch.no_grad():
@@ -214,9 +219,14 @@ class PrefixHook(InputHook):
         """A DynamicCache holding the n prefix positions of every layer, for `batch` rows."""
         from transformers import DynamicCache
         dtype = dtype or _model_dtype(model)
+        # the prefixes in the model's dtype: computed (projection MLP) and cast at use, cached
+        # between updates while nothing trains them
+        raw = [p for part in self.parts.values() for p in part.parameters()]
+        flat = cast_at_use(self, raw, dtype, lambda raw, dtype, cached: [
+            t.to(dtype) for kv in self.prefixes() for t in kv])
         data = []
-        for key, value in self.prefixes():
-            k, v = (t.to(dtype).view(self.n, self.kv_heads, self.head_dim).transpose(0, 1)
+        for key, value in zip(flat[::2], flat[1::2], strict=True):
+            k, v = (t.view(self.n, self.kv_heads, self.head_dim).transpose(0, 1)
                     .unsqueeze(0).expand(batch, -1, -1, -1) for t in (key, value))
             data.append((k, v))
         return DynamicCache(data)

@@ -41,6 +41,7 @@ from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import InputHook, layer_kind
 from ..core.method import Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
+from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site, resolve_sites, unwrap
 from ..core.typology import Typology
 from ._prompting import (
@@ -90,12 +91,13 @@ class PromptTuningConfig(MethodConfig):
 
 
 class PromptPart(nn.Module):
-    """The tensors of a prompt adapter: `prompt` (num_virtual_tokens, embedding_dim), kept in
-    fp32 as peft keeps it and cast to the embedding's dtype when used."""
+    """The tensors of a prompt adapter: `prompt` (num_virtual_tokens, embedding_dim), in the
+    adapter's dtype (fp32 on a half-precision embedding, as peft keeps it) and cast to the
+    embeddings' dtype when used."""
 
-    def __init__(self, n: int, dim: int, device: torch.device) -> None:
+    def __init__(self, n: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.prompt = nn.Parameter(torch.empty(n, dim, dtype=torch.float32, device=device),
+        self.prompt = nn.Parameter(torch.empty(n, dim, dtype=dtype, device=device),
                                    requires_grad=False)
 
 
@@ -110,7 +112,7 @@ def _build(site: Site, layer: Any, config: PromptTuningConfig, initialise: bool 
     emb = _embedding_of(site)
     weight = emb.weight
     n = config.num_virtual_tokens
-    part = PromptPart(n, weight.shape[1], weight.device)
+    part = PromptPart(n, weight.shape[1], adapter_dtype(config, weight.dtype), weight.device)
     if initialise:
         with torch.no_grad():
             if config.init == "random":
@@ -126,7 +128,7 @@ def _build(site: Site, layer: Any, config: PromptTuningConfig, initialise: bool 
                         raise ConfigError(f"init_token_ids {bad[:3]} are outside the vocabulary "
                                           f"({weight.shape[0]} tokens)")
                     ids = torch.tensor((text * math.ceil(n / len(text)))[:n])
-                part.prompt.copy_(weight[ids.to(weight.device)].float())
+                part.prompt.copy_(weight[ids.to(weight.device)])
     return part
 
 
@@ -152,7 +154,7 @@ class PromptHook(InputHook):
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = model.get_input_embeddings()(ids)
-        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = cast_one(self, self.prompt, embeds.dtype).unsqueeze(0).expand(batch, -1, -1)   # cached
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:

@@ -66,6 +66,7 @@ from torch import nn
 from ..core.errors import AdapterError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Capability, Method, MethodConfig, check_number
+from ..core.precision import adapter_dtype, cast_one, compute_dtype
 from ..core.sites import (
     Site,
     attention_heads,
@@ -393,11 +394,12 @@ class SliceDelta(Delta):
     def contribute(self, layer, x, base_out, out):
         if not self.n_sel:
             return out
-        S = self.S
-        if x.dtype != S.dtype:
-            x = x.to(S.dtype)
+        dtype = compute_dtype(self.S.dtype, out.dtype, out.device)
+        S = cast_one(self, self.S, dtype)            # cast at use, cached between updates
+        if x.dtype != dtype:
+            x = x.to(dtype)
         fn = _ColumnSlice if self.kind == "column" else _RowSlice
-        y = fn.apply(out if out.dtype == S.dtype else out.to(S.dtype), x, S, self.index)
+        y = fn.apply(out if out.dtype == dtype else out.to(dtype), x, S, self.index)
         return y if y.dtype == out.dtype else y.to(out.dtype)
 
     @torch.no_grad()
@@ -441,7 +443,7 @@ def _build(site: Site, layer: AdaptedLayer, config: S2FTConfig, initialise: bool
     idx = _indices_for(site, layer, config)
     weight = layer.base_layer.weight
     delta = SliceDelta(ROLE_KIND[site.role][1], layer.in_features, layer.out_features, len(idx),
-                       dtype=weight.dtype, device=weight.device)
+                       dtype=adapter_dtype(config, weight.dtype), device=weight.device)
     delta.index.copy_(torch.tensor(idx, dtype=torch.long))
     return delta   # S starts at zero either way: a fresh adapter is a no-op
 
