@@ -17,8 +17,9 @@ What is measured, and how (all times with time.perf_counter, medians):
   (decode-like, where per-layer Python cost shows), 1x128 and 4x128 (not in --quick).
   torch.inference_mode(), use_cache=False, one warm-up per variant for 1x1 and 1x128; 4x128 runs
   on the already warm models without one (saves ~45 s).
-  peft adapters are kept in bfloat16 (`autocast_adapter_dtype=False`) so both libraries run the
-  same dtypes; `--peft-fp32-adapters` measures peft's default (fp32 LoRA weights) instead.
+  Both libraries' adapters are kept in bfloat16 (peft `autocast_adapter_dtype=False`, peftlab
+  `LoraConfig(dtype="bfloat16")`) so they run the same dtypes; `--peft-fp32-adapters` measures both
+  libraries' defaults (fp32 LoRA weights on the bf16 base) instead.
 * add: peftlab `add_adapter` on an adapted model without adapters (every layer gets wrapped),
   `delete_adapter` between adds; peft `get_peft_model` on a fresh deep copy of the base (the copy
   is not timed). Second rows: adding a second adapter next to a loaded one (peftlab add/delete,
@@ -95,8 +96,13 @@ def peft_config() -> peft.LoraConfig:
     return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
 
 
+# peftlab's adapter dtype, matching peft's (main sets it from --peft-fp32-adapters): "bfloat16",
+# or None for the default (fp32 on this bf16 base, as peft's autocast_adapter_dtype=True)
+ADAPTER_DTYPE: str | None = "bfloat16"
+
+
 def peftlab_config() -> peftlab.LoraConfig:
-    return peftlab.LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear")
+    return peftlab.LoraConfig(r=RANK, alpha=ALPHA, targets="all-linear", dtype=ADAPTER_DTYPE)
 
 
 _T0 = now()
@@ -277,22 +283,24 @@ def profile_forward(base, am, ids: torch.Tensor) -> None:
             delta = next(iter(layer.deltas.values()))
             d_in, d_out = base_lin.in_features, base_lin.out_features
             x = torch.randn(tokens, d_in, dtype=torch.bfloat16)
+            # the factors as the bf16 GEMMs read them (stored fp32 with --peft-fp32-adapters)
+            A16, B16 = delta.lora_A.to(torch.bfloat16), delta.lora_B.to(torch.bfloat16)
             out = base_lin(x)
-            h = F.linear(x, delta.lora_A)
+            h = F.linear(x, A16)
             tb = t_us(lambda: base_lin(x))
-            ta = t_us(lambda: F.linear(x, delta.lora_A))
-            tB = t_us(lambda: torch.addmm(out, h, delta.lora_B.t(), alpha=delta.scaling))
+            ta = t_us(lambda: F.linear(x, A16))
+            tB = t_us(lambda: torch.addmm(out, h, B16.t(), alpha=delta.scaling))
             tl = t_us(lambda: layer(x))
             # candidate fix: the rank-r path in fp32 (weights cached in fp32), result cast back
-            A32, Bt32 = delta.lora_A.float(), delta.lora_B.t().float().contiguous()
+            A32, Bt32 = A16.float(), B16.t().float().contiguous()
             tf = t_us(lambda: torch.addmm(out.float(), F.linear(x.float(), A32), Bt32,
                                           alpha=delta.scaling).to(out.dtype))
             x1 = torch.randn(1, d_in, dtype=torch.bfloat16)
-            h1 = F.linear(x1, delta.lora_A)
+            h1 = F.linear(x1, A16)
             o1 = base_lin(x1)
             # 1 token: min of many runs (robust for µs-scale timings on a shared machine)
-            ops1 = t_us(lambda: (base_lin(x1), F.linear(x1, delta.lora_A),
-                                 torch.addmm(o1, h1, delta.lora_B.t(), alpha=delta.scaling)), 300, min)
+            ops1 = t_us(lambda: (base_lin(x1), F.linear(x1, A16),
+                                 torch.addmm(o1, h1, B16.t(), alpha=delta.scaling)), 300, min)
             tl1 = t_us(lambda: layer(x1), 300, min)
             py = tl1 - ops1
             tb1 = t_us(lambda: base_lin(x1), 300, min)
@@ -432,7 +440,8 @@ def main() -> None:
                     help="always print the peftlab profile (otherwise only when a goal is missed)")
     ap.add_argument("--no-profile", action="store_true", help="never print the profile")
     ap.add_argument("--peft-fp32-adapters", action="store_true",
-                    help="peft's default autocast_adapter_dtype=True (fp32 LoRA weights on a bf16 base)")
+                    help="both libraries' defaults: fp32 LoRA weights on the bf16 base (peft "
+                         "autocast_adapter_dtype=True, peftlab dtype=None)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -443,6 +452,8 @@ def main() -> None:
               else [((1, 1), 20, 1), ((1, 128), 5, 1), ((4, 128), 3, 0)])
     n_add, n_load, n_switch, n_pairs = (3, 3, 50, 10) if q else (7, 7, 300, 30)
     autocast = args.peft_fp32_adapters
+    global ADAPTER_DTYPE
+    ADAPTER_DTYPE = None if autocast else "bfloat16"
     t_start = now()
 
     print(f"peftlab {peftlab.__version__}, peft {peft.__version__}, torch {torch.__version__}, "

@@ -16,7 +16,8 @@ Variants (one seeded base, deep-copied, so all hold identical weights):
   with peft's default adapter dtype (`autocast_adapter_dtype=True`: fp32 LoRA weights, also on a
   bf16 base), reported as-is.
 * peftlab: `am = peftlab.adapt(copy)`, `add_adapter("a", LoraConfig(r=8, alpha=16, targets=...))`,
-  `set_active(["a"])`, `set_trainable("a")` (adapter dtype = the base weight's dtype).
+  `set_active(["a"])`, `set_trainable("a")` (peftlab's default adapter dtype: fp32 LoRA weights on
+  a bf16 base too, as peft).
 Two configs: r8 on q,v (peft ["q_proj", "v_proj"], peftlab ["attn.q", "attn.v"]: 60 sites) and
 r8 on every linear layer but the head (both "all-linear": 210 sites). LoRA B is filled with
 N(0, 0.02) noise and the same A/B values are copied into peft and peftlab, so both do identical

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import CapabilityError, ConfigError, close_matches
@@ -51,8 +52,9 @@ def _capability(value: Any) -> Capability | Any:
 @dataclass
 class MethodConfig:
     """Fields every method shares: where it attaches, which whole modules get trained copies, and
-    the dtype its trained tensors are stored in (`dtype`, a torch dtype name: None is fp32 on a
-    bf16 / fp16 base, as peft, else the base's dtype; see core/precision.py)."""
+    the dtype its trained tensors are stored in (`dtype`, a torch dtype or its name, kept as the
+    name: None is fp32 on a bf16 / fp16 base, as peft, else the base's dtype; see
+    core/precision.py)."""
 
     # The name of the method this config class belongs to; set by `register` from the Method
     # record (never declared in the class body), inherited by unregistered subclasses.
@@ -65,6 +67,8 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and what would be valid."""
+        if isinstance(self.dtype, torch.dtype):     # dtype=torch.bfloat16: kept as its name (JSON)
+            self.dtype = str(self.dtype).removeprefix("torch.")
         dtype_named(self.dtype, f"{type(self).__name__}.dtype")
         if not self.targets:
             raise ConfigError(f"{type(self).__name__}.targets is empty; name roles such as "

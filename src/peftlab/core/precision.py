@@ -27,12 +27,12 @@ from .errors import ConfigError
 HALF = (torch.bfloat16, torch.float16)
 
 
-def dtype_named(name: str | None, what: str = "dtype") -> torch.dtype | None:
-    """The torch dtype a config names ('float32', 'bfloat16', ...); None for None. ConfigError
-    naming the field for anything that is not a floating torch dtype."""
+def dtype_named(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
+    """The torch dtype a config names ('float32', 'bfloat16', ... or the dtype itself); None for
+    None. ConfigError naming the field for anything that is not a floating torch dtype."""
     if name is None:
         return None
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"{what} {name!r} is not a floating torch dtype name; use 'float32', "
                           "'bfloat16', 'float16' or 'float64' (or None: fp32 on a half-precision "
