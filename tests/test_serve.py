@@ -23,6 +23,7 @@ from transformers import (
 import peftlab
 from peftlab.apps.cli import main
 from peftlab.core.model import AdaptedModel
+from peftlab.training.chat import prompt_ids
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -101,11 +102,12 @@ def reference(tok, lm_adapters):
     def answer(adapter: str | None, prompt: str, max_tokens: int = LIMIT) -> tuple[str, int]:
         if (adapter, prompt, max_tokens) not in cache:
             am.set_active([] if adapter is None else [adapter])
-            ids = tok(prompt, return_tensors="pt", return_token_type_ids=False)
+            ids = torch.tensor([prompt_ids(tok, prompt)])     # formatted as training formats it
             with torch.no_grad():
-                out = am.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
+                out = am.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=max_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
-            new = out[0, ids["input_ids"].shape[1]:]
+            new = out[0, ids.shape[1]:]
             cache[adapter, prompt, max_tokens] = (tok.decode(new, skip_special_tokens=True), len(new))
         return cache[adapter, prompt, max_tokens]
     return answer
@@ -314,8 +316,8 @@ BAD_GENERATE = [
     ({"prompt": "hi", "top_p": 1.5}, 422, "top_p: Input should be less than or equal to 1"),
     ({"prompt": "hi", "adapter": 3}, 422, "adapter: Input should be a valid string"),
     ({"prompt": "hi", "max_tokens": 100000}, 422, "above this server's limit of 8"),
-    ({"prompt": "word " * 60}, 413, "the input is 62 tokens; this server takes at most 60"),
-    ({"prompt": "word " * 55, "max_tokens": 8}, 413, "exceeds the model's context of 64 tokens"),
+    ({"prompt": "word " * 61}, 413, "the input is 61 tokens; this server takes at most 60"),
+    ({"prompt": "word " * 57, "max_tokens": 8}, 413, "exceeds the model's context of 64 tokens"),
     ({"prompt": "hi", "adapter": "alpah"}, 404, "did you mean 'alpha'"),
     ({"prompt": "hi", "adapter": "../alpha"}, 404, "no adapter '../alpha'"),
 ]
@@ -351,7 +353,7 @@ def test_worker_errors_fail_only_their_requests(tok, lm_adapters, reference, tmp
     shutil.copytree(lm_adapters, root)
     shutil.copytree(root / "beta", root / "broken")
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"\0" * 16)   # truncated
-    boom = tok.encode("explode", add_special_tokens=True)
+    boom = prompt_ids(tok, "explode")
 
     def failing(run):
         def wrapped(jobs):

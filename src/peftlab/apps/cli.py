@@ -196,12 +196,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+
+    from ..training.chat import prompt_ids
     am, tok, _, _, _ = _load_for_adapter(args)
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    else:
-        ids = tok(args.prompt, return_tensors="pt", return_token_type_ids=False)
+    prompt = torch.tensor([prompt_ids(tok, args.prompt)])     # as training formats a prompt
+    ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
     with torch.no_grad():
         out = am.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                           pad_token_id=tok.pad_token_id)

@@ -19,14 +19,17 @@ from ..core.errors import ConfigError, DataError
 
 Row = dict[str, Any]
 
-# Column sets a user file may have, checked in this order; extra columns are ignored.
+# Column sets a user file may have, checked in this order; extra columns are ignored. A
+# "messages" file (JSONL only) holds chat conversations: its rows are chat data too.
 _SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("regression", ("text", "text_pair", "label")),
     ("classification", ("text", "label")),
     ("chat", ("prompt", "response")),
+    ("messages", ("messages",)),
     ("lm", ("text",)),
 )
 _SCHEMA_HELP = "; ".join(f"{','.join(cols)} ({kind})" for kind, cols in _SCHEMAS)
+ROLES = ("system", "user", "assistant")     # the turns a messages conversation may hold
 
 # csv refuses a field over 131,072 characters (its guard against a runaway quote), yet a long
 # document in one cell is valid data. The limit is one setting of the whole process: it is raised
@@ -146,8 +149,10 @@ def read_user_file(path: Path, labels: Sequence[str] | None = None
     """(kind, rows, label names) of a ``.csv`` or ``.jsonl`` file whose columns say the kind:
     ``text,label`` (classification: labels become indices into the label names, the sorted
     unique labels of the file, integers in numeric order, or `labels` if given),
-    ``text,text_pair,label`` (regression, numeric labels), ``prompt,response`` (chat) or
-    ``text`` (lm). Extra columns are ignored."""
+    ``text,text_pair,label`` (regression, numeric labels), ``prompt,response`` (chat),
+    ``messages`` (JSONL only: one conversation per line, ``[{"role": "system" | "user" |
+    "assistant", "content": str}, ...]`` with at least one assistant turn; chat data, kind
+    "chat") or ``text`` (lm). Extra columns are ignored."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = _decode(path)
@@ -155,6 +160,14 @@ def read_user_file(path: Path, labels: Sequence[str] | None = None
     kind, records = (_read_csv if suffix == ".csv" else _read_jsonl)(path, text)
     if not records:
         raise DataError(f"{path}:1: no data rows")
+    if kind == "messages":
+        if suffix == ".csv":
+            raise DataError(f"{path}:1: a 'messages' column holds conversations, which a CSV cell "
+                            "cannot; write one JSON object per line to a .jsonl file")
+        rows = [{"messages": check_messages(record.get("messages"), f"{path}:{line}")}
+                for line, record in records]
+        _no_labels(path, "chat", labels)
+        return "chat", rows, None
     rows: list[Row] = []
     raw_labels: list[tuple[int, str]] = []
     for line, record in records:
@@ -202,6 +215,41 @@ def read_user_file(path: Path, labels: Sequence[str] | None = None
         index = {name: i for i, name in enumerate(label_names)}
         for row, (_, value) in zip(rows, raw_labels, strict=True):
             row["label"] = index[value]
-    elif labels is not None:
-        raise ConfigError(f"labels= applies to classification files; {path} is {kind} data")
+    else:
+        _no_labels(path, kind, labels)
     return kind, rows, label_names
+
+
+def _no_labels(path: Path, kind: str, labels: Sequence[str] | None) -> None:
+    if labels is not None:
+        raise ConfigError(f"labels= applies to classification files; {path} is {kind} data")
+
+
+def check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A `messages` field as a list of {"role", "content"} dicts (other keys dropped), or a
+    DataError starting with `where` (file:line) naming the problem: not a list, a turn without
+    a role or content, an unknown role, empty content, no assistant turn."""
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else type(value).__name__
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} "
+                        f"objects, got {got}")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', "
+                            f"got {type(turn).__name__}")
+        missing = [k for k in ("role", "content") if k not in turn]
+        if missing:
+            raise DataError(f"{where}: messages[{i}] has no {' or '.join(map(repr, missing))} "
+                            f"(found {sorted(turn)})")
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: messages[{i}] has the role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: messages[{i}] ({role}) needs a non-empty string 'content', "
+                            f"got {content!r:.40}")
+        turns.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in turns):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; "
+                        "add the assistant's answer")
+    return turns

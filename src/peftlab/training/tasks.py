@@ -14,8 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-
-IGNORE = -100   # label value the loss skips (transformers' convention)
+from .chat import IGNORE, chat_example, has_chat_template, prompt_ids
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -135,10 +134,8 @@ class InstructionClassificationTask:
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)[: self.max_text_tokens]
         message = f"{self.instruction}\n\nReview: {tok.decode(ids)}"
-        if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template([{"role": "user", "content": message}],
-                                                add_generation_prompt=True, tokenize=True,
-                                                return_dict=False))
+        if has_chat_template(tok):
+            return prompt_ids(tok, message)     # as generate and serve format a prompt
         return tok.encode(f"{message}\nAnswer:", add_special_tokens=True)
 
     def _prompts(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -179,8 +176,10 @@ class InstructionClassificationTask:
 
 @dataclass
 class CausalLMTask:
-    """Causal language modelling on `text` rows (or the `response` of chat rows, conditioned on
-    the `prompt`): token-level loss, scored by perplexity."""
+    """Causal language modelling on `text` rows, or on the assistant turns of chat rows
+    (prompt,response or messages) formatted as `generate` and `serve` format prompts (the
+    tokenizer's chat template, else prompt + newline: training/chat.py): token-level loss,
+    scored by perplexity."""
 
     tokenizer: object
     max_length: int = 128
@@ -188,18 +187,11 @@ class CausalLMTask:
     higher_is_better: bool = False
 
     def _encode(self, row: dict) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        if "prompt" in row:
-            prompt = tok.encode(row["prompt"] + "\n", add_special_tokens=False)
-            answer = tok.encode(row["response"], add_special_tokens=False)
-            if tok.eos_token_id is not None:
-                answer.append(tok.eos_token_id)
-            ids = (prompt + answer)[: self.max_length]
-            labels = ([IGNORE] * len(prompt) + answer)[: self.max_length]
-        else:
-            ids = tok.encode(row["text"], add_special_tokens=False)[: self.max_length]
-            labels = list(ids)
-        return ids, labels
+        if "prompt" in row or "messages" in row:
+            ids, labels = chat_example(self.tokenizer, row)
+            return ids[: self.max_length], labels[: self.max_length]
+        ids = self.tokenizer.encode(row["text"], add_special_tokens=False)[: self.max_length]
+        return ids, list(ids)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pairs = [self._encode(r) for r in rows]

@@ -17,6 +17,7 @@ import torch
 from ...core.bank import AdapterBank
 from ...core.errors import CapabilityError, PeftlabError
 from ...core.model import AdaptedModel
+from ...training.chat import prompt_ids
 
 KINDS = ("causal-lm", "classification")
 DEFAULT_MAX_INPUT_TOKENS = 2048   # when neither the caller nor the model's config sets one
@@ -116,15 +117,11 @@ class Engine:
 
     # ---- tokenising (request handlers) ------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a generate prompt: as a user turn of the chat template when the tokenizer
-        has one (as `peftlab generate` does), else the plain text with special tokens. Takes
-        about a second per million characters: call it off the event loop."""
+        """Token ids of a generate prompt, formatted as training formats it (a user turn of the
+        chat template, else prompt + newline: `peftlab.training.chat.prompt_ids`, as `peftlab
+        generate`). Takes about a second per million characters: call it off the event loop."""
         with self._tok_lock:
-            if getattr(self.tokenizer, "chat_template", None):
-                return list(self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    tokenize=True, return_dict=False))
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return prompt_ids(self.tokenizer, prompt)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a text to classify."""
