@@ -421,3 +421,18 @@ def test_smollm2_trains_what_it_serves():
     assert labelled_runs(smol, ids, labels) == ["Blue.<|im_end|>"]
     ids, labels = chat_example(smol, {"messages": CONVERSATION})
     assert labelled_runs(smol, ids, labels) == ["hi<|im_end|>", "fine, thank you<|im_end|>"]
+
+
+def test_train_refuses_a_conversation_the_template_cannot_format_before_any_step():
+    """Row 3 of 6 is one the template rewrites: `train` stops naming it, the adapter untouched."""
+    rewriting = chat_tokenizer(REWRITING)
+    am = peftlab.adapt(LlamaForCausalLM(LlamaConfig(vocab_size=len(rewriting), hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=1, num_attention_heads=4)))
+    am.add_adapter("a", peftlab.LoraConfig(init="random"))
+    am.set_active("a")
+    am.set_trainable("a")
+    before = {k: t.clone() for k, t in am.adapter_tensors("a").items()}
+    rows = [{"prompt": "hello there", "response": "hi"}] * 3 + [{"messages": CONVERSATION[1:]}] * 3
+    with pytest.raises(DataError, match="training row 3 of 6: .*rewrites earlier turns"):
+        peftlab.train(am, "a", CausalLMTask(rewriting), rows, None, peftlab.TrainConfig(steps=2, batch_size=2))
+    assert all(torch.equal(t, before[k]) for k, t in am.adapter_tensors("a").items())

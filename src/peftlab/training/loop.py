@@ -88,6 +88,9 @@ class TaskLike(Protocol):
     def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
         ...
 
+    # optional: check(rows) raises (DataError) for rows collate would refuse; `train` calls it on
+    # the training rows before the first step, so a bad row stops the run before any update
+
 
 @dataclass
 class TrainConfig:
@@ -263,6 +266,8 @@ def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict]
             raise PeftlabError(f"task {type(task).__name__} has no {name}() method")
     if eval_rows and not hasattr(task, "metric"):
         raise PeftlabError(f"task {type(task).__name__} has no `metric` attribute")
+    if callable(getattr(task, "check", None)):
+        task.check(train_rows)
 
     rank, world_size, created_group = _setup_distributed()
     main = rank == 0

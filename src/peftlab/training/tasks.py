@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DataError
 from .chat import IGNORE, chat_example, has_chat_template, prompt_ids
 
 
@@ -192,6 +192,17 @@ class CausalLMTask:
             return ids[: self.max_length], labels[: self.max_length]
         ids = self.tokenizer.encode(row["text"], add_special_tokens=False)[: self.max_length]
         return ids, list(ids)
+
+    def check(self, rows: list[dict]) -> None:
+        """DataError naming the first chat row the tokenizer cannot format (a chat template that
+        refuses or rewrites the conversation; a conversation and no template), so `train` stops
+        before its first step rather than at the step that meets the row (~0.4 ms a row)."""
+        for i, row in enumerate(rows):
+            if "prompt" in row or "messages" in row:
+                try:
+                    chat_example(self.tokenizer, row)
+                except DataError as e:
+                    raise DataError(f"training row {i} of {len(rows)}: {e}") from e
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pairs = [self._encode(r) for r in rows]
