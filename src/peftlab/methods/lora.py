@@ -335,13 +335,15 @@ class LowRankDelta(Delta):
         """The compute dtype and [A, Bᵀ(, A0, B0ᵀ)] in it, Bᵀ contiguous (addmm on a contiguous
         (r, d_out) matrix is ~2× faster on CPU than on a transposed view). Without gradients to
         the factors the results are cached, keyed on the tensors' versions, so an update or a
-        device move invalidates them."""
+        device move invalidates them. Trainable factors are never cached: fused optimizers
+        (torch's AdamW(fused=True), transformers Trainer's default) update them in place without
+        bumping their version, so a cache would keep serving the factors of an earlier step."""
         p, b = self._parameters, self._buffers
         raw = [p["lora_A"], p["lora_B"]] + ([b["pissa_A0"], b["pissa_B0"]] if self.pissa else [])
         dtype = raw[0].dtype
         if _UPCAST_ON_CPU and dtype in _HALF and device.type == "cpu":
             dtype = torch.float32
-        if torch.is_grad_enabled() and raw[0].requires_grad:
+        if raw[0].requires_grad or raw[1].requires_grad:
             # training: no contiguous copy of Bᵀ, which would cost a copy forward and backward
             return dtype, [t.to(dtype) if i % 2 == 0 else t.to(dtype).t() for i, t in enumerate(raw)]
         key = tuple((t._version, t.data_ptr()) for t in raw)
