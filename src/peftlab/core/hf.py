@@ -31,6 +31,7 @@ from torch import nn
 
 from .attach import lookup, name_list
 from .errors import AdapterError, CapabilityError, CheckpointError
+from .layer import AdaptedLayer, ModuleCopies
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -105,6 +106,27 @@ class HFCompat:
                  if isinstance(m, nn.Embedding)} if exclude_embeddings else set())
         return sum(p.numel() for n, p in named
                    if n not in skip and (p.requires_grad or not only_trainable))
+
+    # ---- the backbone ---------------------------------------------------------------------------
+    @property
+    def base_model(self) -> Any:
+        """The wrapped transformers model's backbone (its `base_model`), run through the active
+        prompt/prefix adapters: for code that calls the backbone and applies the head itself, as
+        trl's fused LM head does (SFTTrainer replaces `am.forward` by one that calls
+        `am.base_model(...)` and multiplies by `am.get_output_embeddings().weight`; as for any
+        model it takes there, the first input token is no target, while `am(labels=...)` with a
+        prompt adapter predicts it from the last virtual token, as peft does). Refused
+        (CapabilityError) while an adapter sits on the output head: that code would ignore it."""
+        inner = self.model
+        backbone = inner.base_model        # AttributeError (not a transformers model) as before
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        if isinstance(head, (AdaptedLayer, ModuleCopies)):
+            raise CapabilityError("an adapter on the output head is ignored by code that runs the "
+                                  "backbone and the head's weight itself (trl's fused LM head, "
+                                  "SFTTrainer): target other modules, or train with transformers' "
+                                  "Trainer or peftlab.train")
+        hooks = self._active_hooks()  # type: ignore[attr-defined]
+        return _Backbone(inner, backbone, hooks) if hooks else backbone
 
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, *, selected_adapters: Sequence[str] | None = None,
@@ -199,6 +221,30 @@ class HFCompat:
             return
         for hook in inner.__dict__.pop("_require_grads_hooks", None) or ():
             hook.remove()
+
+
+class _Backbone:
+    """`am.base_model` while prompt/prefix adapters are active: the backbone called with the
+    inputs the adapters add, their positions trimmed from its output (hook.finish)."""
+
+    def __init__(self, model: nn.Module, backbone: nn.Module, hooks: Sequence[Any]) -> None:
+        self.model, self.backbone, self.hooks = model, backbone, hooks
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:                 # the input ids, as AdaptedModel.forward takes them
+            kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else None
+        if kwargs is None:
+            raise TypeError("with a prompt/prefix adapter active, pass the backbone's arguments "
+                            "after the input ids by keyword")
+        for hook in self.hooks:
+            kwargs = hook.prepare(self.model, kwargs)
+        out = self.backbone(**kwargs)
+        for hook in reversed(self.hooks):
+            out = hook.finish(out, kwargs)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backbone, name)
 
 
 def refuse_cache_hooks(am: AdaptedModel) -> None:
