@@ -223,6 +223,23 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, kind):
                    for k, t in whole.adapter_tensors("a").items())
 
 
+def test_restore_pretrained_copies_every_adapter_back_in_place(tmp_path):
+    from peftlab.core.hf import restore_pretrained
+    am = adapted()
+    am.add_adapter("b", CONFIGS["prompt"]())
+    am.save_pretrained(tmp_path / "d")
+    saved = {n: adapter_snapshot(am, n) for n in am.adapters}
+    params = [id(p) for p in am.parameters()]
+    with torch.no_grad():
+        for n in am.adapters:
+            for t in am.adapter_tensors(n).values():
+                t.add_(1.0)
+    restore_pretrained(am, tmp_path / "d")
+    assert list(am.adapters) == ["a", "b"] and [id(p) for p in am.parameters()] == params
+    for n, tensors in saved.items():
+        assert all(torch.equal(t, am.adapter_tensors(n)[k]) for k, t in tensors.items())
+
+
 def test_resume_refuses_a_checkpoint_without_the_models_adapters(tmp_path):
     am = adapted()
     peftlab.adapter_trainer()(model=am, args=args(tmp_path), train_dataset=lm_rows()).train()

@@ -11,7 +11,9 @@
   `num_parameters(only_trainable=, exclude_embeddings=)` counts the whole model (an adapter's
   count is `count_parameters(name)`), `save_pretrained` writes the adapters (never the base or
   wrapper keys, which a forwarded call wrote), `push_to_hub` refuses (peftlab works offline),
-  gradient (activation) checkpointing reaches the wrapped model and turns input gradients on.
+  gradient (activation) checkpointing reaches the wrapped model and turns input gradients on,
+  and `base_model` (the backbone, which trl's fused LM head runs itself) goes through the
+  active prompt/prefix adapters.
 * **`restore_pretrained`**: the inverse of `save_pretrained` into a model that already holds the
   adapters, values copied in place (an optimizer's references stay valid): what resuming a
   `Trainer` checkpoint needs (interop/trainer.py).
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from .model import AdaptedModel
 
 # ---- the forward's signature --------------------------------------------------------------------
-class signed_forward:   # noqa: N801 - used as a decorator, like `property`
+class signed_forward:   # lower case: a decorator, like `property`
     """A `forward` whose bound form carries the wrapped model's signature (see the module
     docstring). The class attribute is the plain function, so `functools.wraps(type(m).forward)`
     and `find_labels(type(m))` see what they always saw; an instance's `forward` assigned by
@@ -69,13 +71,12 @@ def _signature_with_ids(fn: Callable, wrapped: Callable) -> inspect.Signature:
     own = inspect.signature(fn)
     try:
         params = list(inspect.signature(wrapped).parameters.values())
-    except (TypeError, ValueError):        # a builtin or C callable without a signature
+        if "adapter_ids" not in {p.name for p in params}:
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            params.insert(at, own.parameters["adapter_ids"])
+        return own.replace(parameters=[own.parameters["self"], *params])
+    except (TypeError, ValueError):   # no signature (a C callable), or one `self` cannot lead
         return own
-    ids = own.parameters["adapter_ids"]
-    if "adapter_ids" not in {p.name for p in params}:
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, ids)
-    return own.replace(parameters=[own.parameters["self"], *params])
 
 
 # ---- the mixin ------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class HFCompat:
                                   "SFTTrainer): target other modules, or train with transformers' "
                                   "Trainer or peftlab.train")
         hooks = self._active_hooks()  # type: ignore[attr-defined]
-        return _Backbone(inner, backbone, hooks) if hooks else backbone
+        return _Backbone(self, backbone, hooks) if hooks else backbone  # type: ignore[arg-type]
 
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, *, selected_adapters: Sequence[str] | None = None,
@@ -227,17 +228,13 @@ class _Backbone:
     """`am.base_model` while prompt/prefix adapters are active: the backbone called with the
     inputs the adapters add, their positions trimmed from its output (hook.finish)."""
 
-    def __init__(self, model: nn.Module, backbone: nn.Module, hooks: Sequence[Any]) -> None:
-        self.model, self.backbone, self.hooks = model, backbone, hooks
+    def __init__(self, am: AdaptedModel, backbone: nn.Module, hooks: Sequence[Any]) -> None:
+        self.am, self.backbone, self.hooks = am, backbone, hooks
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args:                 # the input ids, as AdaptedModel.forward takes them
-            kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else None
-        if kwargs is None:
-            raise TypeError("with a prompt/prefix adapter active, pass the backbone's arguments "
-                            "after the input ids by keyword")
+        kwargs = self.am._as_kwargs(args, kwargs, "the backbone")
         for hook in self.hooks:
-            kwargs = hook.prepare(self.model, kwargs)
+            kwargs = hook.prepare(self.am.model, kwargs)
         out = self.backbone(**kwargs)
         for hook in reversed(self.hooks):
             out = hook.finish(out, kwargs)
@@ -278,6 +275,10 @@ def restore_pretrained(am: AdaptedModel, directory: str | Path) -> None:
     any value is copied: a missing folder or a tensor that does not fit changes nothing."""
     directory = Path(directory)
     layout = saved_layout(am, None)
+    merged = [n for n, a in am.adapters.items() if a.merged]
+    if merged:
+        raise AdapterError(f"adapters {merged} are merged into the base weights, which restoring "
+                           "their values would not update: unmerge them first")
     loaded: list[str] = []
     try:
         pairs = []

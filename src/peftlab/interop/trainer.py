@@ -62,6 +62,10 @@ class _AdapterCheckpoints:
         am = self._adapted()
         if am is None:
             return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise CapabilityError("adapter checkpoints are saved from the live model, which DeepSpeed "
+                                  "and FSDP shard: train an AdaptedModel with DDP (torchrun) or in "
+                                  "one process")
         if am.loss_terms:
             raise CapabilityError(f"loss terms {sorted(am.loss_terms)} are added by peftlab's training "
                                   "loop (am.auxiliary_loss()), which a Trainer does not call: train "
