@@ -128,17 +128,19 @@ def test_save_pretrained_lays_out_several_adapters_as_peft(tmp_path, ids):
     am.add_adapter("b", CONFIGS["prompt"]())
     am.set_active("b")
     am.save_pretrained(tmp_path / "d")
-    # the active adapter at the root, every other one in a subfolder named after it
-    assert (tmp_path / "d" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "d" / "a" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "d" / "b").exists()
+    # the active adapter at the root, every other one in a subfolder named after it, each folder
+    # as save_adapter writes it
+    def listing(d: Path) -> list[str]:
+        return sorted(p.name for p in d.iterdir())
+    files = {n: listing(am.save_adapter(tmp_path / f"ref-{n}", n)) for n in ("a", "b")}
+    assert listing(tmp_path / "d") == sorted([*files["b"], "a"])
+    assert listing(tmp_path / "d" / "a") == files["a"]
     fresh = peftlab.adapt(tiny_llama(0))
     fresh.load_adapter(tmp_path / "d", "b")
     fresh.set_active("b")
     torch.testing.assert_close(logits(fresh, ids), logits(am, ids), atol=1e-6, rtol=0)
     am.save_pretrained(tmp_path / "only", selected_adapters=["a"])
-    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+    assert listing(tmp_path / "only") == files["a"]
 
 
 def test_save_pretrained_refusals_change_nothing(tmp_path):
@@ -451,3 +453,16 @@ def test_no_grad_forwards_see_what_a_fused_adamw_trained(tmp_path, ids):
     fresh = am(ids).logits.detach(), am(ids, adapter_ids=routed).logits.detach()  # gradient forwards cache nothing
     torch.testing.assert_close(single, fresh[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(mixed, fresh[1], atol=1e-6, rtol=0)
+
+
+def test_resize_token_embeddings_refuses_adapted_embeddings_before_changing_anything():
+    for targets in (["embed"], ["head"]):
+        am = peftlab.adapt(tiny_llama())
+        am.add_adapter("a", peftlab.LoraConfig(r=4, targets=targets))
+        shapes = {n: p.shape for n, p in am.named_parameters()}
+        with pytest.raises(CapabilityError, match="resize"):
+            am.resize_token_embeddings(VOCAB + 4)
+        assert {n: p.shape for n, p in am.named_parameters()} == shapes
+    am = adapted()                                   # LoRA on attention: resizing is fine
+    am.resize_token_embeddings(VOCAB + 4)
+    assert am.get_input_embeddings().weight.shape[0] == VOCAB + 4

@@ -129,6 +129,20 @@ class HFCompat:
         hooks = self._active_hooks()  # type: ignore[attr-defined]
         return _Backbone(self, backbone, hooks) if hooks else backbone  # type: ignore[arg-type]
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `resize_token_embeddings` of the wrapped model; refused while an adapter
+        sits on the input embeddings or the output head: transformers cannot resize a wrapped
+        module, and would fail after resizing the other one."""
+        inner = self.model
+        adapted = [name for name, get in (("input embeddings", "get_input_embeddings"),
+                                          ("output head", "get_output_embeddings"))
+                   if hasattr(inner, get) and isinstance(getattr(inner, get)(), (AdaptedLayer, ModuleCopies))]
+        if adapted:
+            raise CapabilityError(f"cannot resize the token embeddings while an adapter sits on the "
+                                  f"{' and the '.join(adapted)}: resize the base model before adding "
+                                  "adapters (or delete those adapters first)")
+        return inner.resize_token_embeddings(*args, **kwargs)
+
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, *, selected_adapters: Sequence[str] | None = None,
                         is_main_process: bool = True, state_dict: dict | None = None,
