@@ -201,7 +201,8 @@ def test_trainer_checkpoint_loads_in_peft(tmp_path, kind, ids):
         pytest.skip("adapter folders are not written in peft's layout yet (issue 20, point 1)")
     loaded = peft.PeftModel.from_pretrained(tiny_llama(0), ckpt).eval()
     am.eval()
-    torch.testing.assert_close(logits(loaded, ids), logits(am, ids), atol=1e-5, rtol=0)
+    theirs = logits(loaded, ids)[:, -ids.shape[1]:]    # peft's prompt learning keeps the virtual positions
+    torch.testing.assert_close(theirs, logits(am, ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["lora", "prompt"])
