@@ -208,7 +208,7 @@ def part_a(args, log: dict) -> list[dict]:
     log["steering_lora"] = {
         "targets": args.targets_a, "layers": layers, "r": 8, "alpha": 16, "steps": args.steps_a,
         "batch_size": 8, "lr": args.lr_a, "max_tokens": args.max_tokens,
-        "parameters": am.num_parameters("pos"), **lm_log["pos"]}
+        "parameters": am.count_parameters("pos"), **lm_log["pos"]}
 
     peftlab.negate(am, "pos", name="neg")
     variants = [("base", None), ("pos", "pos"), ("neg = negate(pos)", "neg")]

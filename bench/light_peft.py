@@ -54,7 +54,7 @@ def new_job(seed: int):
 
 def counts(am: peftlab.AdaptedModel) -> dict[str, int]:
     head = sum(p.numel() for w in am.adapters[NAME].copies.values() for p in w.copies[NAME].parameters())
-    return {"base": am.base_parameters(), "adapter": am.num_parameters(NAME) - head, "head": head}
+    return {"base": am.base_parameters(), "adapter": am.count_parameters(NAME) - head, "head": head}
 
 
 def run_lora(args, lr: float) -> tuple[peftlab.AdaptedModel, dict]:

@@ -105,7 +105,11 @@ from .training.tasks import (
 
 
 def __getattr__(name: str) -> Any:
-    """Names kept for one release after a rename (each access warns): AdapterConfig."""
+    """`adapter_trainer` (imported on first use: it imports transformers' Trainer), and names kept
+    for one release after a rename (each access warns): AdapterConfig."""
+    if name == "adapter_trainer":
+        from .interop.trainer import adapter_trainer
+        return adapter_trainer
     try:
         return _deprecated_name(name)
     except AttributeError:
@@ -176,6 +180,7 @@ __all__ = [
     "__version__",
     "activation_density",
     "adapt",
+    "adapter_trainer",
     "add",
     "analogy",
     "build_optimizer",

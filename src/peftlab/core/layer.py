@@ -362,6 +362,8 @@ class InputHook(nn.Module):
     arguments of the model's forward and generate, and trims what it added from the outputs.
     Its per-site tensors live in `parts` (site path -> module), which is what is saved."""
 
+    uses_cache = False   # passes the attention cache (prefix): gradient checkpointing would drop it
+
     def __init__(self, parts: dict[str, nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleDict({str(i): m for i, m in enumerate(parts.values())})

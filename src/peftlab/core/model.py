@@ -5,7 +5,8 @@ attach.py (`install`), routing.py (the state layers read, `routed`), merging.py 
 `unmerge`), terms.py (`auxiliary_loss`), report.py (`status`, `card`), io.py (checkpoints).
 Here stay the forward / generate pass-through (prompt and prefix hooks, activation taps, the
 training forward kept for loss terms), activation and training marks, loss-term registration,
-parameter counts and unloading.
+parameter counts and unloading; the transformers-facing methods (save_pretrained, counts,
+checkpointing) come from `HFCompat` (hf.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from . import attach, io, merging, report
 from .attach import Adapter, claim, lookup, name_list, remove_delta, replace_module
 from .errors import AdapterError, CapabilityError, ConfigError
+from .hf import HFCompat, signed_forward
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
 from .method import MethodConfig
 from .report import LayerStatus
@@ -37,10 +39,12 @@ from .terms import LossContext, LossTerm, weighted_sum
 __all__ = ["AdaptedModel", "Adapter", "LayerStatus", "adapt"]
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(HFCompat, nn.Module):
     """A pretrained model with named PEFT adapters attached in place.
 
-    Forward and `generate` pass straight to the wrapped model. Adapters are added inactive and
+    Forward and `generate` pass straight to the wrapped model; `am` is a `model=` for
+    transformers' `Trainer` and trl's trainers (core/hf.py: the forward's signature, counts,
+    save_pretrained, gradient checkpointing). Adapters are added inactive and
     frozen: `set_active` chooses which ones contribute (their outputs sum) and `set_trainable`
     chooses which ones get gradients; neither call changes the other. `adapter_ids=` (or the
     `routed` block) gives every example of a batch its own adapter instead.
@@ -61,12 +65,14 @@ class AdaptedModel(nn.Module):
         self._roles: dict[str, str] | None = None
         self._unloaded = False
         self._head_hook = None
+        AdaptedModel.__dict__["forward"].sign(self, model.forward)   # the wrapped model's parameters
         if freeze_base:
             for p in model.parameters():
                 p.requires_grad_(False)
             self._head_hook = _contiguous_head_input(model)
 
     # ---- pass-through -------------------------------------------------------------------------
+    @signed_forward
     def forward(self, *args, adapter_ids: Sequence[str | None] | None = None, **kwargs):
         """The wrapped model's forward with the active adapters; with `adapter_ids` (one adapter
         name per example, None for the base model) example i uses exactly adapter_ids[i]
@@ -322,10 +328,6 @@ class AdaptedModel(nn.Module):
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The parameters adapter `name` adds (its deltas' and modules_to_save copies')."""
         yield from self.adapter(name).parameters()
-
-    def num_parameters(self, name: str) -> int:
-        """Parameters the adapter adds (its deltas and modules_to_save copies)."""
-        return sum(p.numel() for p in self.adapter_parameters(name))
 
     def trainable_parameters(self) -> int:
         """Parameters that currently receive gradients (adapters and any unfrozen base ones)."""

@@ -82,12 +82,14 @@ def cast_at_use(owner: nn.Module, raw: Sequence[torch.Tensor], dtype: torch.dtyp
                 prepare: Callable[[Sequence[torch.Tensor], torch.dtype, bool], list[torch.Tensor]] = _plain,
                 slot: str = "_cast") -> list[torch.Tensor]:
     """`raw` (an owner's stored tensors) as `prepare(raw, dtype, cached)` makes them for a forward
-    in `dtype` (default: each cast to `dtype`). While gradients flow to them the result is made
-    on every call (the cast is part of the graph); otherwise it is kept in `owner.__dict__[slot]`,
-    keyed on the tensors' versions and storage, so an optimiser step, a load or a device move
-    rebuilds it and inference pays the cast once. `cached` tells `prepare` that its result is
-    kept (worth making contiguous copies)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in raw):
+    in `dtype` (default: each cast to `dtype`). For trainable tensors the result is made on every
+    call (with gradients the cast is part of the graph; and fused optimisers, torch's
+    AdamW(fused=True) and so transformers Trainer's default, update parameters in place without
+    bumping their version, so a cache could serve an earlier step's values); for frozen ones it is
+    kept in `owner.__dict__[slot]`, keyed on the tensors' versions and storage, so a load or a
+    device move rebuilds it and inference pays the cast once. `cached` tells `prepare` that its
+    result is kept (worth making contiguous copies)."""
+    if any(t.requires_grad for t in raw):
         return prepare(raw, dtype, False)
     key = (dtype, tuple((t._version, t.data_ptr()) for t in raw))
     held = owner.__dict__.get(slot)

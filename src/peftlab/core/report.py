@@ -46,7 +46,7 @@ def status_table(am: AdaptedModel) -> str:
     lines = [f"adapters enabled: {am.state.enabled}; active: {list(am.state.active) or 'none'}"]
     for a in am.adapters.values():
         lines.append(f"  {a.name}: {a.method.name} ({a.method.describe(a.config)}), "
-                     f"{len(a.sites)} sites, {am.num_parameters(a.name):,} params, "
+                     f"{len(a.sites)} sites, {am.count_parameters(a.name):,} params, "
                      f"{'trainable' if a.trainable else 'frozen'}")
     rows = [("path", "role", "kind", "adapters", "merged")]
     rows += [(r.path, r.role or "-", r.kind, ",".join(r.adapters), ",".join(r.merged) or "-")
@@ -64,8 +64,8 @@ def card(am: AdaptedModel, name: str) -> str:
         ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
         ("sites", summarise_sites((s.role, s.layer) for s in a.sites)),
         ("modules to save", ", ".join(a.copies) or "none"),
-        ("parameters", (f"{am.num_parameters(name):,} "
-                        f"({100 * am.num_parameters(name) / max(am.base_parameters(), 1):.3f}% of base)")),
+        ("parameters", (f"{am.count_parameters(name):,} "
+                        f"({100 * am.count_parameters(name) / max(am.base_parameters(), 1):.3f}% of base)")),
         *([("provenance", describe_provenance(a.provenance))] if a.provenance else []),
         ("state", (f"{'active' if name in am.state.active else 'inactive'}, "
                    f"{'trainable' if a.trainable else 'frozen'}, "

@@ -129,7 +129,7 @@ class Router:
     def stamp(self, adapters: Mapping[str, Adapter], routed: tuple[str | None, ...]) -> object:
         """The previous routed batch's stamp when it routed the same adapters and every tensor the
         layers stack from (the deltas' parameters and buffers, the base weights: the same objects,
-        at the same versions, with the same requires_grad) is unchanged; else a new one. One pass
+        at the same versions, none trainable) is unchanged; else a new one. One pass
         over those tensors per routed call; the layers then skip their checks and restacking."""
         tensors: list[torch.Tensor | None] = []
         for n in routed:
@@ -141,6 +141,11 @@ class Router:
                 tensors += delta._buffers.values()
         tensors = [t for t in tensors if t is not None]
         marks = [(t._version, t.requires_grad) for t in tensors]
+        if any(grad for _, grad in marks):
+            # trainable tensors can change in place unseen: fused optimizers (transformers
+            # Trainer's default AdamW) do not bump versions. A fresh stamp: stacks are rebuilt.
+            self._last = None
+            return object()
         last = self._last
         if (last is not None and last[0] == routed and len(last[1]) == len(tensors)
                 and all(map(operator.is_, last[1], tensors)) and last[2] == marks):

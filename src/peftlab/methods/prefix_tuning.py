@@ -177,6 +177,8 @@ def _site_num_layers(site: Site) -> int:
 class PrefixHook(InputHook):
     """Builds the prefix cache for every forward (see the module docstring)."""
 
+    uses_cache = True
+
     def __init__(self, parts: dict[str, nn.Module], config: PrefixTuningConfig, layers: int,
                  kv_heads: int, head_dim: int, cache_arg: str, layer_of: list[int]) -> None:
         super().__init__(parts)
@@ -233,6 +235,11 @@ class PrefixHook(InputHook):
 
     # ---- InputHook ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
+            # checkpointed transformers layers replace the cache by None: the prefix would vanish
+            raise CapabilityError("a prefix adapter cannot train with gradient checkpointing: "
+                                  "transformers' checkpointed layers drop the attention cache that "
+                                  "carries the prefix; turn gradient checkpointing off")
         kwargs = dict(kwargs)
         batch, _ = prompting.batch_and_length(kwargs)
         for arg in ("cache", "past_key_values"):

@@ -178,10 +178,12 @@ class PromptHook(InputHook):
         return kwargs
 
     def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
-        logits = getattr(output, "logits", None)
-        if (isinstance(logits, torch.Tensor) and logits.dim() == 3
-                and logits.shape[1] == self._total and self._total is not None):
-            output.logits = logits[:, self.n:]
+        # a task model's logits, or a backbone's states (am.base_model, trl's fused LM head)
+        for field_name in ("logits", "last_hidden_state"):
+            t = getattr(output, field_name, None)
+            if (isinstance(t, torch.Tensor) and t.dim() == 3
+                    and t.shape[1] == self._total and self._total is not None):
+                setattr(output, field_name, t[:, self.n:])
         return output
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:

@@ -192,7 +192,7 @@ def measure_cell(settings: Settings, cell: Cell, *, progress: bool = False) -> d
         "base_params": base,
         "trainable_pct": 100 * trainable / base,
         "head_params": head,
-        "adapter_params": trainable if cell.method in BASELINES else am.num_parameters(cell.method),
+        "adapter_params": trainable if cell.method in BASELINES else am.count_parameters(cell.method),
         "sites": "all weights" if cell.method == "full" else sites,
         "peak_bytes": peak.peak_bytes,
         "step_ms": 1e3 * train_seconds / result.steps_done,
