@@ -54,6 +54,19 @@ class BankFullError(AdapterError):
     """Every loaded adapter is pinned by the running batch, so none can make room."""
 
 
+def scan_adapters(directory: Path) -> dict[str, Path]:
+    """The adapters in a folder of adapters, name -> adapter directory: DIR/NAME, or the
+    checkpoint of a run directory DIR/NAME/last; folders that hold none are skipped."""
+    found: dict[str, Path] = {}
+    for child in sorted(directory.iterdir()):
+        if child.is_dir() and valid_name(child.name):
+            try:
+                found[child.name] = adapter_directory(child)
+            except CheckpointError:
+                continue   # an unrelated folder: not an adapter
+    return found
+
+
 def default_adapter_bytes_limit(am: AdaptedModel) -> int:
     """Half the base model's parameters and buffers in bytes, at least MIN_ADAPTER_BYTES_LIMIT:
     the default largest tensors file an AdapterBank loads."""
@@ -125,14 +138,7 @@ class AdapterBank:
         """Every adapter that can be served, name -> adapter directory: those on disk under
         `directory` (read afresh, so adapters copied there while serving appear), then the
         registered ones (which win over a same-named folder)."""
-        found: dict[str, Path] = {}
-        if self.directory is not None:
-            for child in sorted(self.directory.iterdir()):
-                if child.is_dir() and valid_name(child.name):
-                    try:
-                        found[child.name] = adapter_directory(child)
-                    except CheckpointError:
-                        continue   # an unrelated folder: not an adapter
+        found = scan_adapters(self.directory) if self.directory is not None else {}
         with self._tables:
             found.update(self._registered)
             for name, path in self._loaded.items():   # loaded ones whose folder went away

@@ -389,9 +389,9 @@ def adapter_directory(path: str | Path) -> Path:
                           "give a directory written by am.save_adapter or peftlab train, or a peft adapter")
 
 
-def _open(directory: Path) -> tuple[Path, dict[str, Any]] | tuple[Interchange, None]:
+def read_record(directory: Path) -> tuple[Path, dict[str, Any]] | tuple[Interchange, None]:
     """(record file, checked record) of a peftlab adapter directory (format 2 or 1), or (the
-    interchange, None) for a directory of another library alone."""
+    interchange, None) for a directory of another library alone (a peft adapter)."""
     if os.path.lexists(directory / RECORD_FILE) or not os.path.lexists(directory / CONFIG_FILE):
         record_file = directory / RECORD_FILE        # a missing one: its error names the directory
         meta = read_json(record_file)
@@ -425,7 +425,7 @@ def _open(directory: Path) -> tuple[Path, dict[str, Any]] | tuple[Interchange, N
 def files_read(directory: Path) -> list[Path]:
     """The files `load_adapter` reads for this directory, its record first (reads the record,
     so check the record's size first: `is_adapter_directory` names the candidates)."""
-    record_file, meta = _open(directory)
+    record_file, meta = read_record(directory)
     if meta is None:                   # another library's directory alone
         return [directory / record_file.config_file, directory / record_file.tensors_file]
     if meta["format_version"] < 2:
@@ -440,7 +440,7 @@ def base_record(directory: Path) -> dict[str, Any]:
     unknown), "class" (transformers class name, or None), "auto_class" (the transformers Auto
     class for another library's task type, or None), "num_labels" (or None), "copies" (module
     paths or names of its modules_to_save) and "adapter" (the name it was saved under)."""
-    record_file, meta = _open(Path(directory))
+    record_file, meta = read_record(Path(directory))
     if meta is None:
         return record_file.base(Path(directory))
     base = meta.get("base_model", {})
@@ -458,7 +458,7 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
     model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
     with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
     directory = Path(directory)
-    record_file, meta = _open(directory)
+    record_file, meta = read_record(directory)
     if meta is None:
         return record_file.load(am, directory, name, trainable=trainable, strict=strict)
     try:
