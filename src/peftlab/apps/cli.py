@@ -393,25 +393,27 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 # ---- export / import --------------------------------------------------------------------------------
+def _source_and_out(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(the adapter directory args.adapter names, --out); an --out that is the source or cannot
+    be written is refused before anything loads."""
+    source, out = find_adapter(args.adapter)[0], Path(args.out)
+    if out.resolve() == source.resolve():
+        raise PeftlabError(f"--out {out} is the input directory itself; choose another directory")
+    RunOutput(out)
+    return source, out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    adapter_dir = find_adapter(args.adapter)[0]
-    out = Path(args.out)
-    if out.resolve() == adapter_dir.resolve():
-        raise PeftlabError(f"--out {out} is the adapter directory itself; choose another directory")
+    adapter_dir, out = _source_and_out(args)
     names = export_peft_files(adapter_dir, out, args.model)
     print(f"peft adapter written: {out} ({', '.join(names)})")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    peft_dir = find_adapter(args.adapter)[0]
-    out = Path(args.out)
-    if out.resolve() == peft_dir.resolve():
-        raise PeftlabError(f"--out {out} is the peft directory itself; choose another directory")
-    RunOutput(out)   # refuses an --out that cannot be written, before the model loads
+    peft_dir, out = _source_and_out(args)
     am = import_peft_dir(peft_dir, out, args.model, name=_adapter_name(out, set()))
-    name = next(iter(am.adapters))
-    print(am.card(name))
+    print(am.card(next(iter(am.adapters))))
     print(f"adapter saved: {out}")
     return 0
 

@@ -74,23 +74,26 @@ def build_base(directory: Path, *, model: str | None = None, dtype: torch.dtype 
     record = base_record(directory)
     source = base_source(directory, model, option=option)
     folder = NAMED_MODELS[source]() if source in NAMED_MODELS else Path(source).expanduser()
-    cls = getattr(transformers, record["class"] or "", None)
-    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
-        cls = getattr(transformers, record["auto_class"] or "", None)
-    if cls is None:
-        raise CheckpointError(f"{directory} was saved from a {record['class'] or 'model of unrecorded class'}, "
-                              f"which transformers cannot build: {_fix(option)} (a model object)")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype or torch.float32,
                               "output_loading_info": True}
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        # the recorded class; for a peft adapter its task's Auto class, else the folder's own
+        names = (record["class"], record["auto_class"], *(getattr(config, "architectures", None) or ()))
+        cls = next((c for c in (getattr(transformers, n or "", None) for n in names)
+                    if isinstance(c, type) and hasattr(c, "from_pretrained")), None)
+        if cls is None:
+            raise CheckpointError(f"{directory} was saved from a {record['class'] or 'model of unrecorded class'}, "
+                                  f"which transformers cannot build: {_fix(option)} (a model object)")
         if record["num_labels"] and getattr(config, "num_labels", None) != record["num_labels"]:
-            kwargs["num_labels"] = record["num_labels"]     # the head the adapter was trained with
+            # the head the adapter was trained with: a new one (its trained copy is in the adapter)
+            kwargs.update(num_labels=record["num_labels"], ignore_mismatched_sizes=True)
         base, info = cls.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the base model {source!r} of {directory} from {folder} "
-                              f"as {cls.__name__}: {e}") from None
-    missing = [k for k in info.get("missing_keys") or () if not _covered(k, record["copies"])]
+        raise CheckpointError(f"cannot load the base model {source!r} of {directory} from {folder}: "
+                              f"{e}") from None
+    fresh = [*(info.get("missing_keys") or ()), *(k for k, *_ in info.get("mismatched_keys") or ())]
+    missing = [k for k in fresh if not _covered(k, record["copies"])]
     if missing:
         raise CheckpointError(f"{folder} lacks weights of the {cls.__name__} the adapter in {directory} "
                               f"was trained on ({', '.join(sorted(missing)[:4])}"

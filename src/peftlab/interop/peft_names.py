@@ -28,11 +28,12 @@ _TASK_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
 
 
 # the transformers Auto class that builds a base model for each peft task type (as peft's
-# AutoPeftModel classes do); None: a task-agnostic adapter on the bare model
+# AutoPeftModel classes do); a task-agnostic adapter (no task type) goes on the class its base
+# folder declares
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                 "TOKEN_CLS": "AutoModelForTokenClassification",
                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-                "FEATURE_EXTRACTION": "AutoModel", None: "AutoModel"}
+                "FEATURE_EXTRACTION": "AutoModel"}
 
 
 def task_type(model: nn.Module, *, head_in_file: bool) -> str | None:
