@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import CapabilityError, CheckpointError, DataError, PeftlabError
 from ..core.files import commit_files, write_text
-from ..core.io import CONFIG_FILE, RECORD_FILE, base_record, is_adapter_directory, read_record
+from ..core.io import (
+    CONFIG_FILE,
+    RECORD_FILE,
+    base_record,
+    is_adapter_directory,
+    read_record,
+)
 from ..core.pretrained import base_source, build_base
 
 if TYPE_CHECKING:

@@ -109,7 +109,7 @@ def from_pretrained(directory: str | Path, *, trainable: bool = False, dtype: to
     trainable with `trainable=True`). The base is rebuilt from the record (an asset name such
     as "smollm2", a local model directory, a peft adapter's base_model_name_or_path) in `dtype`
     (default float32), or `model`: a name or directory instead, or the model itself."""
-    from .model import AdaptedModel, adapt   # model.py offers this function as a method
+    from .model import AdaptedModel, adapt  # model.py offers this function as a method
 
     directory = adapter_directory(directory)
     if dtype is not None and not isinstance(dtype, torch.dtype):
