@@ -326,6 +326,11 @@ def test_export_and_import_commands(ids, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == PEFT_FILES
     for f in PEFT_FILES:
         assert (tmp_path / "exp" / f).read_bytes() == (d / f).read_bytes()
+    record = json.loads((d / "peftlab.json").read_text())
+    record["interchange"]["peft"]["files"] = ["../../secret", "adapter_model.safetensors"]
+    (d / "peftlab.json").write_text(json.dumps(record))           # export copies peft's files only
+    assert main(["export", "--format", "peft", str(d), "--out", str(tmp_path / "exp2")]) == 2
+    assert "field 'interchange'" in capsys.readouterr().err and not (tmp_path / "exp2").exists()
 
     pm = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                            init_lora_weights=False)).eval()

@@ -24,8 +24,10 @@ from ..core.files import commit_files, write_text
 from ..core.io import (
     CONFIG_FILE,
     RECORD_FILE,
+    TENSORS_FILE,
     base_record,
     is_adapter_directory,
+    read_bytes,
     read_record,
 )
 from ..core.pretrained import base_source, build_base
@@ -488,11 +490,15 @@ def export_peft_files(adapter_dir: Path, out: Path, model: str | None = None) ->
     it records) and exported. CapabilityError, before anything is loaded, for a method peft does
     not have."""
     from ..interop.peft_format import export_peft
-    record_file, meta = read_record(adapter_dir)
+    meta = read_record(adapter_dir)[1]
     note = (meta or {}).get("interchange", {}).get("peft")
     if meta is None or (note and note.get("files")):
-        names = [record_file.config_file, record_file.tensors_file] if meta is None else note["files"]
-        data = {n: (adapter_dir / n).read_bytes() for n in names}
+        names = [CONFIG_FILE, TENSORS_FILE] if meta is None else note["files"]
+        if sorted(names) != sorted([CONFIG_FILE, TENSORS_FILE]):   # never other paths a record names
+            raise CheckpointError(f"{adapter_dir / RECORD_FILE}: field 'interchange' lists {names!r:.80} "
+                                  f"as peft's files, not {CONFIG_FILE} and {TENSORS_FILE}; the file was "
+                                  "edited: save the adapter again")
+        data = {n: read_bytes(adapter_dir / n) for n in names}
         commit_files(out, {n: (lambda path, b=b: path.write_bytes(b)) for n, b in data.items()})
         return names
     if note is not None:                  # format 2 without peft files: the record says why
@@ -500,7 +506,7 @@ def export_peft_files(adapter_dir: Path, out: Path, model: str | None = None) ->
     am = base_for_adapter(adapter_dir, model)
     am.load_adapter(adapter_dir, "adapter")
     export_peft(am, "adapter", out)
-    return [CONFIG_FILE, "adapter_model.safetensors"]
+    return [CONFIG_FILE, TENSORS_FILE]
 
 
 def import_peft_dir(peft_dir: Path, out: Path, model: str | None = None, name: str = "default"

@@ -126,7 +126,8 @@ def _unreadable(path: Path, e: OSError) -> CheckpointError:
     return CheckpointError(f"{path} cannot be read: {e.strerror or e}")
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The bytes of a file of an adapter directory; a CheckpointError saying what is wrong."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -136,7 +137,7 @@ def _read_bytes(path: Path) -> bytes:
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; a CheckpointError saying what is wrong with the path or file."""
     try:
-        data = json.loads(_read_bytes(path))
+        data = json.loads(read_bytes(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); "
                               "the file is damaged: save the adapter again") from None
@@ -150,7 +151,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a clear CheckpointError when it is missing or damaged."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     try:   # one read and one parse beat per-tensor reads through safe_open (~2.5× here)
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for every kind of damage
