@@ -155,7 +155,7 @@ def test_bad_paths_and_names_are_clear_errors(adapters, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     cases = {tmp_path / "nope": "does not exist", tmp_path / "file.txt": "is a file",
-             tmp_path / "empty": "is not an adapter directory: it holds no adapter_config.json"}
+             tmp_path / "empty": "is not an adapter directory: it holds no peftlab.json or adapter_config.json"}
     for path, problem in cases.items():
         with pytest.raises(CheckpointError, match=problem) as e:
             bank.load("x", path)

@@ -117,7 +117,7 @@ def test_ties_at_rank_4_is_saved_and_scored_by_eval(trained, tmp_path, capsys):
                     text)
     assert err and 0 <= float(err.group(2)) <= float(err.group(1)) <= 1
     assert "ties of a (×0.5) + b (×0.5)" in text and "density 0.3" in text
-    assert json.loads((out / "adapter_config.json").read_text())["config"]["r"] == 4
+    assert json.loads((out / "peftlab.json").read_text())["config"]["r"] == 4
     composed = json.loads((out / "run.json").read_text())["composed"]
     assert composed["merge"] == "ties" and composed["density"] == 0.3 and composed["rank"] == 4
     assert main(["eval", "--adapter", str(out)]) == 0
@@ -142,7 +142,7 @@ def test_bad_requests_are_one_line_errors(trained, tmp_path, capsys):
         (["--op", "ties", a, b, "--mode", "parameter"], "merges in delta space"),
         (["--op", "add", a, b, "--density", "0.2"], "--density is for --op magnitude"),
         (["--op", "add", a, str(tmp_path / "missing")], "missing does not exist"),
-        (["--op", "add", a, str(tmp_path / "empty")], "is not an adapter directory (no adapter_config.json"),
+        (["--op", "add", a, str(tmp_path / "empty")], "is not an adapter directory (no peftlab.json or adapter_config.json"),
         (["--op", "add", a, str(other)], f"{other} was trained on model 'minilm' but {a} on"),
         (["--op", "ties", a, b, "--weights", "-1,1"], "ties takes positive weights"),   # the library's check
     ]

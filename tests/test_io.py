@@ -44,13 +44,17 @@ def test_save_load_is_bit_exact(tmp_path, ids, cfg):
 
 def test_checkpoint_files(tmp_path):
     saved_adapter(tmp_path)
-    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert meta["format"] == "peftlab-adapter" and meta["format_version"] == 1 and meta["method"] == "lora"
+    meta = json.loads((tmp_path / "ad" / "peftlab.json").read_text())
+    assert meta["format"] == "peftlab-adapter" and meta["format_version"] == 2 and meta["method"] == "lora"
     assert meta["config"]["r"] == 4 and meta["base_model"]["class"] == "LlamaForCausalLM"
     assert len(meta["base_model"]["site_shapes_sha256"]) == 64
+    # LoRA's peft encoding gives its tensors back exactly: peft's files are the only copy
+    assert meta["tensors"] == {"file": "adapter_model.safetensors", "layout": "peft"}
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
-        assert "model.layers.0.self_attn.q_proj:lora_A" in f.keys()
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "peftlab.json"]
 
 
 def test_modules_to_save_round_trip(tmp_path, ids):
@@ -104,9 +108,9 @@ def test_damaged_tensor_file_gives_clear_error(tmp_path, damage):
 
 def test_damaged_config_names_file_and_line(tmp_path):
     saved_adapter(tmp_path)
-    f = tmp_path / "ad" / "adapter_config.json"
+    f = tmp_path / "ad" / "peftlab.json"
     f.write_text(f.read_text().replace('"method": "lora"', '"method": lora'))
-    with pytest.raises(peftlab.CheckpointError, match=r"adapter_config.json, line \d+: not valid JSON"):
+    with pytest.raises(peftlab.CheckpointError, match=r"peftlab.json, line \d+: not valid JSON"):
         peftlab.adapt(tiny_llama()).load_adapter(tmp_path / "ad", "a")
 
 
@@ -134,7 +138,8 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, ids, monkeypatch):
     assert fresh.num_parameters("a") == am.num_parameters("a")
 
 
-def test_peft_directory_is_pointed_to_import_peft(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(peftlab.CheckpointError, match="import_peft"):
+def test_incomplete_peft_directory_names_the_missing_file(tmp_path):
+    # load_adapter imports peft directories (tests/test_files_layout.py); one without its tensors
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(peftlab.CheckpointError, match="adapter_model.safetensors does not exist"):
         peftlab.adapt(tiny_llama()).load_adapter(tmp_path, "a")

@@ -294,7 +294,7 @@ def test_pruned_adapter_and_plan_reload_onto_a_fresh_base(arch, ids, tmp_path):
     am.save_adapter(tmp_path, "a")
     save_plan(tmp_path, plan)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                          "prune_plan.json"]
+                                                          "peftlab.json", "prune_plan.json"]
 
     fresh = BUILDERS[arch](0)
     loaded = load_plan(tmp_path)

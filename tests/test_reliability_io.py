@@ -9,7 +9,7 @@ item | case | expected | observed before the fix
 1 | save into the working directory | the process's working directory is still the saved directory | passes (files renamed in place): guards the swap
 7 | load an adapter whose tensors hold NaN / inf | CheckpointWarning naming the tensor; `strict=True`: CheckpointError, model unchanged | loads silently
 8 | adapter of a 2-layer Llama loaded into a 3-layer Llama with the same shapes | CheckpointWarning naming num_parameters with both values; `strict=True`: CheckpointError, model unchanged; the same model: no warning | loads silently (`strict` unknown: TypeError)
-10 | adapter_config.json with format_version "2"/null, method a list, alpha "8", dropout "x", config null/5/[], sites 5, rank_pattern "x", modules_to_save 5, base_model malformed | CheckpointError naming the file and the field | raw TypeError / AttributeError; a malformed base_model loads silently, and into a model of other shapes the message builder raises ValueError
+10 | the record (peftlab.json; adapter_config.json before format 2) with format_version "2"/null, method a list, alpha "8", dropout "x", config null/5/[], sites 5, rank_pattern "x", modules_to_save 5, base_model malformed | CheckpointError naming the file and the field | raw TypeError / AttributeError; a malformed base_model loads silently, and into a model of other shapes the message builder raises ValueError
 10 | the directory is a symlink loop / a file; the config or the tensors file is a directory; the config cannot be read (permission) | CheckpointError saying which | "truncated or corrupted", "does not exist", or raw OSError
 10 | a peft directory with lora_alpha "x", modules_to_save 5, r "4" | CheckpointError naming the file | raw ValueError / TypeError, or loads
 13 | the files and the directory a save writes | mode 0o666 / 0o777 less the process umask | the tensors file 0o600, the config 0o644
@@ -60,8 +60,9 @@ def io_temp_entries(*folders: Path) -> list[str]:
     return sorted(p.name for f in folders if f.is_dir() for p in f.iterdir() if IO_TEMP.search(p.name))
 
 
-def io_files(directory: Path) -> tuple[bytes, bytes]:
-    return ((directory / "adapter_config.json").read_bytes(),
+def io_files(directory: Path) -> tuple[bytes, bytes, bytes]:
+    """The bytes of a LoRA save's files: our record, and peft's files (which hold its tensors)."""
+    return ((directory / "peftlab.json").read_bytes(), (directory / "adapter_config.json").read_bytes(),
             (directory / "adapter_model.safetensors").read_bytes())
 
 
@@ -133,7 +134,8 @@ def io_check_version(am: peftlab.AdaptedModel, target: Path, expected: dict, ref
     assert json.loads((target / "run.json").read_text())["version"] in IO_VERSIONS
 
 
-IO_POINTS = ["written", "written:adapter_config.json", "synced", "synced:adapter_config.json",
+IO_POINTS = ["written", "written:adapter_config.json", "written:peftlab.json", "synced",
+             "synced:adapter_config.json",
              "new-dir-synced", "carried", "swapped", "dir-synced", "cleaned", "written:run.json",
              "replaced:run.json"]
 
@@ -282,7 +284,7 @@ def test_item_1_save_into_the_working_directory(tmp_path, monkeypatch):
     am.save_adapter(".", "A")
     am.save_adapter(".", "B")
     assert os.path.samefile(os.getcwd(), target)
-    assert sorted(os.listdir(".")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(".")) == ["adapter_config.json", "adapter_model.safetensors", "peftlab.json"]
 
 
 # ---- item 7 (loading): non-finite tensors ---------------------------------------------------------
@@ -303,7 +305,7 @@ def test_item_7_non_finite_tensors_on_load(tmp_path, bad):
     am.adapter_tensors("a")[("model.layers.1.mlp.down_proj", "lora_B")][0, 1] = bad   # a view
     am.save_adapter(tmp_path / "ad", "a")
     io_refused_strict_then_warns(peftlab.adapt(tiny_llama()), tmp_path / "ad",
-                                 r"model\.layers\.1\.mlp\.down_proj:lora_B hold NaN or inf")
+                                 r"model\.layers\.1\.mlp\.down_proj(:lora_B|\.lora_B\.weight) hold NaN or inf")
     peftlab.export_peft(am, "a", tmp_path / "peft")
     with pytest.warns(peftlab.CheckpointWarning, match="down_proj.lora_B"):
         peftlab.import_peft(peftlab.adapt(tiny_llama()), tmp_path / "peft", "a")
@@ -355,20 +357,20 @@ def test_item_10_malformed_config_fields(tmp_path, case):
     am = peftlab.adapt(tiny_llama())
     am.add_adapter("a", io_lora(2, 4.0))
     am.save_adapter(tmp_path / "ad", "a")
-    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "ad" / "peftlab.json").read_text())
     *parents, key = field.split(".")
     record = meta
     for p in parents:
         record = record[p]
     record[key] = value
-    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "ad" / "peftlab.json").write_text(json.dumps(meta))
     # a model whose shapes the adapter does not fit too: the error names the field, not a crash
     # of the message that describes the recorded base
     for model in (tiny_llama(), io_llama(2, hidden=48)):
         fresh = peftlab.adapt(model)
         with pytest.raises(peftlab.CheckpointError) as info:
             fresh.load_adapter(tmp_path / "ad", "a")
-        assert "adapter_config.json" in str(info.value) and key in str(info.value)
+        assert "peftlab.json" in str(info.value) and key in str(info.value)
         assert not fresh.adapters
 
 
@@ -433,4 +435,5 @@ def test_item_13_files_follow_the_umask(tmp_path, umask):
     for folder in (tmp_path / "ad", tmp_path / "peft"):
         assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
         modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
-        assert modes == {"adapter_config.json": 0o666 & ~umask, "adapter_model.safetensors": 0o666 & ~umask}
+        names = ["adapter_config.json", "adapter_model.safetensors"] + ["peftlab.json"] * (folder.name == "ad")
+        assert modes == {name: 0o666 & ~umask for name in names}

@@ -304,7 +304,7 @@ def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, c
         details.add(r.json()["detail"])
     assert len(details) == 1, details
     detail = details.pop()
-    assert "adapter_config.json" in detail and "server log" in detail
+    assert "peftlab.json" in detail and "peft adapter" in detail and "server log" in detail
     # the server's log keeps the reason for each refusal
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for reason in ("does not exist", "is a file", "is not a regular file", "truncated or corrupted",

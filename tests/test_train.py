@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftlab
 from peftlab.training.loop import TaskLike, TrainConfig, index_stream, lr_factor, train
@@ -106,7 +105,11 @@ def eval_loss(am) -> float:
 
 
 def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(directory) / TENSORS))
+    """The saved adapter's exact tensors, keyed '<module path>:<tensor name>', read back through
+    load_adapter (its record says which file holds them: for LoRA, peft's)."""
+    am = peftlab.adapt(tiny_llama())
+    am.load_adapter(directory, "saved")
+    return {f"{p}:{n}": t for (p, n), t in am.adapter_tensors("saved").items()}
 
 
 def assert_close_tensors(a: dict, b: dict, atol: float) -> None:
@@ -211,7 +214,7 @@ def test_best_and_last_are_saved_and_reload(tmp_path, higher_is_better):
     assert result.best["step"] == best_step and result.best["value"] == pick(values)
     assert result.saved == {"last": tmp_path / "last", "best": tmp_path / "best"}
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
-        ["best", "last"] + ["adapter_config.json", TENSORS] * 2)   # no stray temp files
+        ["best", "last"] + ["adapter_config.json", TENSORS, "peftlab.json"] * 2)   # no stray temp files
     for name, expected in (("best", result.best["value"]), ("last", values[-1])):
         am.load_adapter(tmp_path / name, name)
         am.set_active([name])
@@ -283,4 +286,4 @@ def test_ddp_two_processes_match_single_process(tmp_path):
                          saved_tensors(tmp_path / "single" / "last"), atol=1e-5)
     files = sorted(str(p.relative_to(tmp_path / "ddp")) for p in (tmp_path / "ddp").rglob("*"))
     assert files == sorted(f"{d}{f}" for d in ("best", "last")
-                           for f in ("", "/adapter_config.json", f"/{TENSORS}"))
+                           for f in ("", "/adapter_config.json", f"/{TENSORS}", "/peftlab.json"))

@@ -46,6 +46,7 @@ from .core.errors import (
 )
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
+from .core.pretrained import from_pretrained
 from .core.report import card
 from .core.sites import ROLES, Site, describe_sites, resolve_sites
 from .core.taps import ActivationTaps
@@ -191,6 +192,7 @@ __all__ = [
     "density_term",
     "describe_sites",
     "export_peft",
+    "from_pretrained",
     "get_method",
     "import_peft",
     "load_dataset",

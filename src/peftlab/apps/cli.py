@@ -1,5 +1,10 @@
 """The `peftlab` command: it parses the arguments and calls the recipes (`peftlab.apps.recipes`)
-and the library. Each subcommand is a function `cmd_<name>(args)` registered in `main`."""
+and the library. Each subcommand is a function `cmd_<name>(args)` registered in `main`.
+
+Over 600 lines: eleven subcommands, most of the length their argparse declarations and the
+one-line errors of compose's option checks; the work itself is in recipes and the library.
+Splitting by command (compose's checks and body into their own module) is the way to shrink it.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +22,24 @@ from .recipes import (
     HeldOutReport,
     RunOutput,
     adapter_bytes,
+    base_for_adapter,
     base_for_run,
     build_job,
+    export_peft_files,
     find_adapter,
+    import_peft_dir,
     is_causal,
+    load_causal_adapter,
     load_model_skeleton,
     load_run_adapter,
     method_config,
     model_defaults,
     prune_plan,
     read_run_record,
+    recorded_model,
+    run_record_path,
     same_model,
+    serve_model,
     write_prune_plan,
     write_run_record,
 )
@@ -83,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = method_config(method, args.targets, args.rank,
                            train_head=not is_causal(args.model) and data.kind != "lm")
     torch.manual_seed(args.seed)
-    am = adapt(model)
+    am = adapt(model, base_name=args.model)   # saved adapters record "smollm2" or the directory
     am.add_adapter(args.method, config)
     am.set_active([args.method])
     am.set_trainable(args.method)
@@ -196,9 +208,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-
     from ..training.chat import prompt_ids
-    am, tok, _, _, _ = _load_for_adapter(args)
+    adapter_dir = find_adapter(args.adapter)[0]
+    if args.task is None and run_record_path(adapter_dir) is None:   # no task needed to generate
+        am, tok = load_causal_adapter(adapter_dir, args.model)
+    else:
+        am, tok, _, _, _ = _load_for_adapter(args)
     prompt = torch.tensor([prompt_ids(tok, args.prompt)])     # as training formats a prompt
     ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
     with torch.no_grad():
@@ -293,16 +308,17 @@ def cmd_compose(args: argparse.Namespace) -> int:
     weights = _check_compose_request(args)
     RunOutput(Path(args.out))   # refuses an --out that cannot be written, before any work
     inputs = [find_adapter(a) for a in args.adapters]
-    runs = [read_run_record(record) for _, record in inputs]
+    runs = [None if record is None else read_run_record(record) for _, record in inputs]
     for (_, record), run in zip(inputs, runs, strict=True):
-        if "model" not in run or "task" not in run:
+        if run is not None and ("model" not in run or "task" not in run):
             raise PeftlabError(f"{record} names no model and task: it is not a run record of "
                                "peftlab train or compose")
     (first_dir, _), first = inputs[0], runs[0]
-    for (d, _), run in zip(inputs[1:], runs[1:], strict=True):
-        if not same_model(run["model"], first["model"]):
-            raise PeftlabError(f"{d} was trained on model {run['model']!r} but {first_dir} on "
-                               f"{first['model']!r}: composition needs adapters of one base model")
+    models = [recorded_model(d, run) for (d, _), run in zip(inputs, runs, strict=True)]
+    for (d, _), model in zip(inputs[1:], models[1:], strict=True):
+        if model and models[0] and not same_model(model, models[0]):
+            raise PeftlabError(f"{d} was trained on model {model!r} but {first_dir} on "
+                               f"{models[0]!r}: composition needs adapters of one base model")
     plans = [prune_plan(d) for d, _ in inputs]
     for (d, _), plan in zip(inputs[1:], plans[1:], strict=True):
         if (plan and plan.to_dict()) != (plans[0] and plans[0].to_dict()):
@@ -310,17 +326,18 @@ def cmd_compose(args: argparse.Namespace) -> int:
                                "Light-PEFT prune plans differ): they cannot be combined")
     out = Path(args.out)
     for d, record in inputs:
-        if out.resolve() in (d.resolve(), record.parent.resolve()):
+        if out.resolve() in (d.resolve(), *([] if record is None else [record.parent.resolve()])):
             raise PeftlabError(f"--out {out} would overwrite the input {d} (or its run record); "
                                "choose a new directory")
-
-    am, _, _, _ = base_for_run(first, first_dir)
+    # a run rebuilds its base as trained (the seed draws a new head); a bare adapter its record's
+    am = (base_for_run(first, first_dir, model=args.model)[0] if first is not None
+          else base_for_adapter(first_dir, args.model))
     taken: set[str] = set()
     names = [_adapter_name(d, taken) for d, _ in inputs]
     for (d, _), name in zip(inputs, names, strict=True):
         am.load_adapter(d, name)
     copies = [am.adapters[n].copies for n in names]
-    seeds = {run.get("seed") for run in runs}
+    seeds = {run.get("seed") for run in runs if run is not None}
     if any(copies) and len(seeds) > 1:
         raise PeftlabError(f"the inputs were trained with different seeds ({sorted(seeds, key=str)}) and "
                            f"train whole modules ({', '.join(next(c for c in copies if c))}), e.g. a "
@@ -353,20 +370,49 @@ def cmd_compose(args: argparse.Namespace) -> int:
         from ..training.pruning import save_plan
         save_plan(out, plans[0])
     p = adapter.provenance
-    run = {k: v for k, v in first.items() if k not in ("after", "steps", "seconds", "composed")}
-    run["composed"] = {
-        "op": args.op, "inputs": [str(d.resolve()) for d, _ in inputs],
-        "weights": [i["weight"] for i in p["inputs"]], "mode": p["mode"], "merge": p["merge"],
-        **{k: p[k] for k in ("density", "seed") if p.get(k) is not None},
-        **({"rank": args.rank} if args.rank is not None else {}),
-    }
-    record = write_run_record(out, run)
+    record = None
+    if first is not None:   # eval and generate take the result as they take a trained adapter
+        run = {k: v for k, v in first.items() if k not in ("after", "steps", "seconds", "composed")}
+        run["model"] = args.model or run["model"]
+        run["composed"] = {
+            "op": args.op, "inputs": [str(d.resolve()) for d, _ in inputs],
+            "weights": [i["weight"] for i in p["inputs"]], "mode": p["mode"], "merge": p["merge"],
+            **{k: p[k] for k in ("density", "seed") if p.get(k) is not None},
+            **({"rank": args.rank} if args.rank is not None else {}),
+        }
+        record = write_run_record(out, run)
     print(am.card(name))
     if p.get("form") == "svd":
         err = p["svd_relative_error"]
         print(f"SVD truncation ({'rank ' + str(args.rank) if args.rank else 'sum of the input ranks'}): "
               f"relative error max {err['max']:.3e}, mean {err['mean']:.3e} over {len(err['per_site'])} sites")
-    print(f"adapter saved: {out}  (run record: {record})")
+    print(f"adapter saved: {out}" + (f"  (run record: {record})" if record else ""))
+    return 0
+
+
+# ---- export / import --------------------------------------------------------------------------------
+def _source_and_out(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(the adapter directory args.adapter names, --out); an --out that is the source or cannot
+    be written is refused before anything loads."""
+    source, out = find_adapter(args.adapter)[0], Path(args.out)
+    if out.resolve() == source.resolve():
+        raise PeftlabError(f"--out {out} is the input directory itself; choose another directory")
+    RunOutput(out)
+    return source, out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    adapter_dir, out = _source_and_out(args)
+    names = export_peft_files(adapter_dir, out, args.model)
+    print(f"peft adapter written: {out} ({', '.join(names)})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    peft_dir, out = _source_and_out(args)
+    am = import_peft_dir(peft_dir, out, args.model, name=_adapter_name(out, set()))
+    print(am.card(next(iter(am.adapters))))
+    print(f"adapter saved: {out}")
     return 0
 
 
@@ -395,6 +441,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0:
         raise PeftlabError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    args.model = args.model or serve_model(Path(args.adapters))
     engine = load_engine(args.model, args.adapters, causal=is_causal(args.model),
                          max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
                          max_input_tokens=args.max_input_tokens,
@@ -472,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="reload a saved adapter and score it on held-out data")
     _add_job_options(p)
-    p.add_argument("--adapter", required=True, help="adapter directory written by peftlab train")
+    p.add_argument("--adapter", required=True, help="adapter directory (peftlab train, compose, "
+                                                    "am.save_adapter or peft; --task without a run.json)")
     p.add_argument("--eval-size", type=POSITIVE, default=None)
     p.add_argument("--density-threshold", type=float, default=None, metavar="TAU",
                    help="also report the FFN activation density (fraction of |z| > TAU)")
@@ -483,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add, subtract (A − B), negate, scale (--weights FACTOR), analogy (A + (B − C)); "
                         "or a merge: linear, ties, dare, dare_ties, magnitude")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
-                   help="adapter directories written by peftlab train (RUN/last) or compose")
+                   help="adapter directories written by peftlab train (RUN/last), compose, "
+                        "am.save_adapter or peft")
     p.add_argument("--weights", default=None,
                    help="comma-separated weights, one per adapter (default 1/N); scale: the factor; "
                         "analogy: L1,L2")
@@ -497,11 +546,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of entries kept by magnitude/ties/dare/dare_ties (default 0.5)")
     p.add_argument("--seed", type=SEED, default=None, help="seed of DARE's drop masks (default 0)")
     p.add_argument("--out", required=True, help="directory for the new adapter and its run.json")
+    p.add_argument("--model", default=None,
+                   help="the base model (smollm2, minilm or a local directory) when the adapters' "
+                        "records name none that exists here")
     p.set_defaults(run=cmd_compose)
+
+    p = sub.add_parser("export", help="write a saved adapter as a Hugging Face peft adapter directory")
+    p.add_argument("--format", required=True, choices=["peft"], help="the layout to write (peft)")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (peftlab train, compose, "
+                                                          "am.save_adapter)")
+    p.add_argument("--out", required=True, help="directory for peft's adapter_config.json and "
+                                                "adapter_model.safetensors")
+    p.add_argument("--model", default=None, help="the base model, when the adapter must be loaded "
+                                                 "(a directory of an earlier release) and names none here")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import", help="turn a Hugging Face peft adapter directory into a peftlab one")
+    p.add_argument("adapter", metavar="PEFT_DIR", help="a peft adapter directory (adapter_config.json)")
+    p.add_argument("--out", required=True, help="directory for the peftlab adapter")
+    p.add_argument("--model", default=None, help="the base model (smollm2, minilm or a local "
+                                                 "directory; default: the peft config's "
+                                                 "base_model_name_or_path)")
+    p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("generate", help="generate text with a saved adapter")
     _add_job_options(p)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="adapter directory (peftlab train, compose, "
+                                                    "am.save_adapter or peft)")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.set_defaults(run=cmd_generate)
@@ -528,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("serve", help="serve saved adapters over HTTP, batching requests across adapters")
-    p.add_argument("--model", required=True, help="smollm2, minilm or a local model directory")
+    p.add_argument("--model", default=None, help="smollm2, minilm or a local model directory "
+                                                  "(default: the base the adapters record)")
     p.add_argument("--adapters", required=True, metavar="DIR",
                    help="folder of adapters: DIR/NAME/ (am.save_adapter) or DIR/NAME/last (peftlab train --out)")
     p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory (LRU eviction)")

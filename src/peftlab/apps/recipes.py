@@ -19,9 +19,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import CheckpointError, DataError, PeftlabError
+from ..core.errors import CapabilityError, CheckpointError, DataError, PeftlabError
 from ..core.files import commit_files, write_text
-from ..core.io import CONFIG_FILE
+from ..core.io import (
+    CONFIG_FILE,
+    RECORD_FILE,
+    TENSORS_FILE,
+    base_record,
+    is_adapter_directory,
+    read_bytes,
+    read_record,
+)
+from ..core.pretrained import base_source, build_base
 
 if TYPE_CHECKING:
     from torch import nn
@@ -347,24 +356,41 @@ def run_record(adapter_dir: Path) -> dict[str, Any]:
     return read_run_record(path)
 
 
-def find_adapter(text: str) -> tuple[Path, Path]:
-    """(adapter directory, its run.json) for an adapter directory given on the command line; a
-    run directory stands for the adapter train saved in it (RUN/last)."""
+def find_adapter(text: str) -> tuple[Path, Path | None]:
+    """(adapter directory, its run.json or None) for an adapter directory given on the command
+    line, whatever wrote it (peftlab train, compose, am.save_adapter, peft); a run directory
+    stands for the adapter train saved in it (RUN/last)."""
     directory = Path(text)
     if not directory.is_dir():
         raise PeftlabError(f"{text} {'is not a directory' if directory.exists() else 'does not exist'}; "
-                           "give adapter directories written by peftlab train (RUN/last) or compose")
-    if not (directory / CONFIG_FILE).is_file():
-        inner = next((directory / c for c in CHECKPOINT_NAMES if (directory / c / CONFIG_FILE).is_file()), None)
+                           "give adapter directories written by peftlab train (RUN/last), compose, "
+                           "am.save_adapter or peft")
+    if not is_adapter_directory(directory):
+        inner = next((directory / c for c in CHECKPOINT_NAMES if is_adapter_directory(directory / c)), None)
         if inner is None:
-            raise PeftlabError(f"{text} is not an adapter directory (no {CONFIG_FILE}); give one "
-                               "written by peftlab train (RUN/last) or compose")
+            raise PeftlabError(f"{text} is not an adapter directory (no {RECORD_FILE} or {CONFIG_FILE}); "
+                               "give one written by peftlab train (RUN/last), compose, "
+                               "am.save_adapter or peft")
         directory = inner
-    record = run_record_path(directory)
-    if record is None:
-        raise PeftlabError(f"no run.json in or beside {directory}: compose needs the run record "
-                           "peftlab train (or compose) writes, to rebuild the base model")
-    return directory, record
+    return directory, run_record_path(directory)
+
+
+def recorded_model(adapter_dir: Path, run: dict[str, Any] | None) -> str:
+    """The base model an adapter records, as --model would name it: its run's --model, else
+    the name or directory its record (or a peft config) holds ("" when none)."""
+    return (run or {}).get("model") or base_record(adapter_dir)["name_or_path"]
+
+
+def base_for_adapter(adapter_dir: Path, model: str | None = None) -> AdaptedModel:
+    """The base model of a saved adapter without its run (no task, no tokenizer): `model` (a
+    name or directory) or the one the adapter records, pruned by a Light-PEFT plan saved with
+    it; CheckpointError naming what was looked for and --model when that names nothing here."""
+    from .. import adapt
+    base, source = build_base(adapter_dir, model=model, option="--model")
+    plan = prune_plan(adapter_dir)
+    if plan is not None:
+        plan.apply(base)
+    return adapt(base, base_name=source)
 
 
 def prune_plan(adapter_dir: Path) -> PrunePlan | None:
@@ -390,7 +416,7 @@ def base_for_run(run: dict[str, Any], adapter_dir: Path, *, model: str | None = 
     plan = prune_plan(adapter_dir)
     if plan is not None:
         plan.apply(base)
-    return adapt(base), tok, task_obj, data
+    return adapt(base, base_name=model_name), tok, task_obj, data
 
 
 def load_run_adapter(adapter_dir: Path, *, model: str | None = None, task: str | None = None,
@@ -398,15 +424,99 @@ def load_run_adapter(adapter_dir: Path, *, model: str | None = None, task: str |
                      ) -> tuple[AdaptedModel, Any, Any, Dataset, dict[str, Any]]:
     """A saved adapter on the base its run record describes (or on `model` and `task`, when both
     are given: then no run record is needed, but the label set of one found is still checked),
-    active as "adapter", in eval mode. Returns (am, tokenizer, task, data, run record)."""
+    active as "adapter", in eval mode. Without a run record (an adapter saved by
+    am.save_adapter, or a peft adapter) the base is the one the adapter records unless `model`
+    is given, and `task` is needed. Returns (am, tokenizer, task, data, run record)."""
+    path = run_record_path(adapter_dir)
     if model and task:
-        path = run_record_path(adapter_dir)
         labels = read_run_record(path).get("labels") if path is not None else None
         run = {"labels": labels} if labels is not None else {}
+    elif path is not None:
+        run = read_run_record(path)
+    elif task is None:
+        raise PeftlabError(f"no run.json in or beside {adapter_dir} says which task it was trained "
+                           "for: pass --task")
     else:
-        run = run_record(adapter_dir)
+        run, model = {}, base_source(adapter_dir, option="--model")
     am, tok, task_obj, data = base_for_run(run, adapter_dir, model=model, task=task, seed=seed,
                                            max_length=max_length)
     am.load_adapter(adapter_dir, "adapter")
     am.set_active(["adapter"])
     return am.eval(), tok, task_obj, data, run
+
+
+def load_causal_adapter(adapter_dir: Path, model: str | None = None) -> tuple[AdaptedModel, Any]:
+    """(a saved adapter on its causal LM, active as "adapter", in eval mode; the tokenizer) with
+    no task: the base is `model` or the one the adapter records (for `peftlab generate` on an
+    adapter without a run record)."""
+    from .. import adapt
+    from ..assets import load_model
+    name = base_source(adapter_dir, model, option="--model")
+    base, tok = load_model(name, kind="causal-lm")
+    plan = prune_plan(adapter_dir)
+    if plan is not None:
+        plan.apply(base)
+    am = adapt(base, base_name=name)
+    am.load_adapter(adapter_dir, "adapter")
+    am.set_active(["adapter"])
+    return am.eval(), tok
+
+
+def serve_model(adapters: Path) -> str:
+    """The base model that every adapter under `adapters` (DIR/NAME or DIR/NAME/last) records,
+    for `peftlab serve` without --model; PeftlabError when they name none or several, or one
+    that is not on this machine."""
+    from ..core.bank import scan_adapters
+    if not adapters.is_dir():
+        raise PeftlabError(f"--adapters {adapters} is not a directory; give the folder of adapters")
+    found = scan_adapters(adapters)
+    names: dict[str, list[str]] = {}
+    for name, directory in found.items():
+        run = run_record_path(directory)
+        names.setdefault(recorded_model(directory, run and read_run_record(run)), []).append(name)
+    if len(names) != 1 or "" in names:
+        listed = "; ".join(f"{m or 'none'} ({', '.join(n[:3])})" for m, n in names.items())
+        raise PeftlabError(f"--adapters {adapters}: the adapters name {listed or 'no adapters'} as their "
+                           "base model: pass --model (smollm2, minilm or a local model directory)")
+    model = next(iter(names))
+    return base_source(next(iter(found.values())), model, option="--model")
+
+
+# ---- export / import -------------------------------------------------------------------------------
+def export_peft_files(adapter_dir: Path, out: Path, model: str | None = None) -> list[str]:
+    """Write the peft adapter of a saved adapter into `out` (peft's two files only) and return
+    their names. Copied from the directory where its save wrote them (a format 2 directory, or a
+    peft adapter); otherwise (format 1) the adapter is loaded on its base (`model`, or the one
+    it records) and exported. CapabilityError, before anything is loaded, for a method peft does
+    not have."""
+    from ..interop.peft_format import export_peft
+    meta = read_record(adapter_dir)[1]
+    note = (meta or {}).get("interchange", {}).get("peft")
+    if meta is None or (note and note.get("files")):
+        names = [CONFIG_FILE, TENSORS_FILE] if meta is None else note["files"]
+        if sorted(names) != sorted([CONFIG_FILE, TENSORS_FILE]):   # never other paths a record names
+            raise CheckpointError(f"{adapter_dir / RECORD_FILE}: field 'interchange' lists {names!r:.80} "
+                                  f"as peft's files, not {CONFIG_FILE} and {TENSORS_FILE}; the file was "
+                                  "edited: save the adapter again")
+        data = {n: read_bytes(adapter_dir / n) for n in names}
+        commit_files(out, {n: (lambda path, b=b: path.write_bytes(b)) for n, b in data.items()})
+        return names
+    if note is not None:                  # format 2 without peft files: the record says why
+        raise CapabilityError(f"{adapter_dir}: {note.get('why_not', 'no peft files were written')}")
+    am = base_for_adapter(adapter_dir, model)
+    am.load_adapter(adapter_dir, "adapter")
+    export_peft(am, "adapter", out)
+    return [CONFIG_FILE, TENSORS_FILE]
+
+
+def import_peft_dir(peft_dir: Path, out: Path, model: str | None = None, name: str = "default"
+                    ) -> AdaptedModel:
+    """A peft adapter directory saved as a peftlab one in `out` (peftlab.json beside peft's
+    files), on its base: `model` or the peft config's base_model_name_or_path."""
+    if read_record(peft_dir)[1] is not None:
+        raise PeftlabError(f"{peft_dir} is already a peftlab adapter directory (it holds "
+                           f"{RECORD_FILE} or a peftlab record): load it as it is")
+    am = base_for_adapter(peft_dir, model)
+    am.load_adapter(peft_dir, name)
+    am.save_adapter(out, name)
+    return am

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, MissingAssetError
 from ..core.files import commit_directory, commit_files, write_text
+from ..core.pretrained import register_named_model
 from .packages import ASSET_PACKAGES, _asset_file, _distribution_version, _package_dir
 
 if TYPE_CHECKING:
@@ -235,6 +236,11 @@ def _model_source(name: str, kind: str) -> tuple[Path, str]:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a transformers model directory (no config.json)")
     return path, str(path)
+
+
+# The names stand for these folders wherever an adapter names its base (peftlab.from_pretrained).
+register_named_model("smollm2", smollm2_dir)
+register_named_model("minilm", lambda: _model_source("minilm", "classification")[0])
 
 
 def _from_pretrained(directory: Path, kind: str, num_labels: int | None, dtype: torch.dtype,

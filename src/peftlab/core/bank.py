@@ -28,12 +28,8 @@ from torch import nn
 
 from .attach import Adapter
 from .errors import AdapterError, CheckpointError, close_matches
-from .io import CONFIG_FILE, TENSORS_FILE
+from .io import CONFIG_FILE, RECORD_FILE, adapter_directory, files_read
 from .model import AdaptedModel
-
-# The adapter directories `peftlab train --out RUN` writes inside a run directory, in the order
-# a run directory stands for them (as `peftlab compose` reads RUN).
-RUN_CHECKPOINTS = ("last", "best")
 
 # Size limits checked before a file is read. A config is a few KB even with a long compose
 # provenance. A parameter-efficient adapter is a small part of its base model, so by default
@@ -58,25 +54,17 @@ class BankFullError(AdapterError):
     """Every loaded adapter is pinned by the running batch, so none can make room."""
 
 
-def adapter_directory(path: str | Path) -> Path:
-    """The adapter directory `path` names: itself when it holds `adapter_config.json`, else the
-    checkpoint `peftlab train` saved in the run directory (`path/last`, then `path/best`).
-    Raises CheckpointError naming the path and what is wrong with it."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give an adapter directory written by "
-                              "am.save_adapter or peftlab train (RUN or RUN/last)")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file, not an adapter directory; give the directory "
-                              f"that holds {CONFIG_FILE}")
-    if (path / CONFIG_FILE).is_file():
-        return path
-    for name in RUN_CHECKPOINTS:
-        if (path / name / CONFIG_FILE).is_file():
-            return path / name
-    raise CheckpointError(f"{path} is not an adapter directory: it holds no {CONFIG_FILE} (nor "
-                          f"{' or '.join(f'{n}/{CONFIG_FILE}' for n in RUN_CHECKPOINTS)}); give a "
-                          "directory written by am.save_adapter or peftlab train")
+def scan_adapters(directory: Path) -> dict[str, Path]:
+    """The adapters in a folder of adapters, name -> adapter directory: DIR/NAME, or the
+    checkpoint of a run directory DIR/NAME/last; folders that hold none are skipped."""
+    found: dict[str, Path] = {}
+    for child in sorted(directory.iterdir()):
+        if child.is_dir() and valid_name(child.name):
+            try:
+                found[child.name] = adapter_directory(child)
+            except CheckpointError:
+                continue   # an unrelated folder: not an adapter
+    return found
 
 
 def default_adapter_bytes_limit(am: AdaptedModel) -> int:
@@ -128,7 +116,7 @@ class AdapterBank:
             raise CheckpointError(f"adapter directory {self.directory} does not exist or is not a "
                                   "directory; give the folder that holds one sub-folder per adapter")
         self.max_adapters = max_adapters
-        # The largest tensors file loaded (adapter_model.safetensors), checked before reading it.
+        # The largest tensors file loaded, checked before reading it.
         self.max_adapter_bytes = max_adapter_bytes or default_adapter_bytes_limit(am)
         self._lock = threading.RLock()        # the model: held while changing it or running it
         self._tables = threading.Lock()       # the name tables below: held briefly
@@ -150,14 +138,7 @@ class AdapterBank:
         """Every adapter that can be served, name -> adapter directory: those on disk under
         `directory` (read afresh, so adapters copied there while serving appear), then the
         registered ones (which win over a same-named folder)."""
-        found: dict[str, Path] = {}
-        if self.directory is not None:
-            for child in sorted(self.directory.iterdir()):
-                if child.is_dir() and valid_name(child.name):
-                    try:
-                        found[child.name] = adapter_directory(child)
-                    except CheckpointError:
-                        continue   # an unrelated folder: not an adapter
+        found = scan_adapters(self.directory) if self.directory is not None else {}
         with self._tables:
             found.update(self._registered)
             for name, path in self._loaded.items():   # loaded ones whose folder went away
@@ -317,30 +298,38 @@ class AdapterBank:
         return spare
 
     def _check_files(self, directory: Path) -> None:
-        """CheckpointError unless `directory` holds both adapter files as regular files within
-        the size limits. Checked with stat before a byte is read, so that a huge file (or a
-        device, or a pipe) is refused at once instead of being read whole first."""
-        limits = {CONFIG_FILE: (MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES"),
-                  TENSORS_FILE: (self.max_adapter_bytes, "max_adapter_bytes")}
-        for file, (limit, setting) in limits.items():
-            path = directory / file
-            try:
-                info = path.stat()
-            except FileNotFoundError:
-                raise CheckpointError(f"{path} does not exist: the adapter directory is "
-                                      "incomplete") from None
-            except OSError as e:
-                raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
-            if not stat.S_ISREG(info.st_mode):
-                raise CheckpointError(f"{path} is not a regular file; an adapter directory holds "
-                                      f"{CONFIG_FILE} and {TENSORS_FILE} as plain files")
-            if not os.access(path, os.R_OK):
-                raise CheckpointError(f"{path} cannot be read (permission denied)")
-            if info.st_size > limit:
-                raise CheckpointError(
-                    f"{path} is {info.st_size:,} bytes, above this bank's limit of {limit:,} "
-                    f"({setting}); no adapter for this model should be that large: check the "
-                    "path, or raise the limit")
+        """CheckpointError unless the files a load of `directory` reads are regular files within
+        the size limits: its record first (peftlab.json, or a peft adapter's adapter_config.json),
+        then the files the record names. Checked with stat before a byte of a file is read, so
+        that a huge file (or a device, or a pipe) is refused at once instead of being read whole
+        first."""
+        for name in (RECORD_FILE, CONFIG_FILE):
+            if os.path.lexists(directory / name):
+                self._check_file(directory / name)
+        for path in files_read(directory):
+            self._check_file(path)
+
+    def _check_file(self, path: Path) -> None:
+        json_file = path.suffix == ".json"
+        limit, setting = ((MAX_CONFIG_BYTES, "MAX_CONFIG_BYTES") if json_file
+                          else (self.max_adapter_bytes, "max_adapter_bytes"))
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} does not exist: the adapter directory is "
+                                  "incomplete") from None
+        except OSError as e:
+            raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file; an adapter directory holds its "
+                                  f"record ({RECORD_FILE} or {CONFIG_FILE}) and tensors as plain files")
+        if not os.access(path, os.R_OK):
+            raise CheckpointError(f"{path} cannot be read (permission denied)")
+        if info.st_size > limit:
+            raise CheckpointError(
+                f"{path} is {info.st_size:,} bytes, above this bank's limit of {limit:,} "
+                f"({setting}); no adapter for this model should be that large: check the "
+                "path, or raise the limit")
 
     def _evict(self, name: str) -> None:
         if name in self.am.adapters:   # unless deleted behind the bank's back

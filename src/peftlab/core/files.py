@@ -8,7 +8,8 @@ Writing: `commit_files(directory, {name: writer})` and `commit_directory(target,
 - Several files (an adapter directory; peft reads those exact names, so no manifest or
   content-addressed names): a complete new directory is built beside the target, the target's
   other entries (a README, run.json, a prune plan) are hard-linked into it (copied where links
-  fail), and it is exchanged with the target in ONE step, Linux renameat2(RENAME_EXCHANGE); the
+  fail) except the files the commit `replaces` (an earlier save's peft files, which this
+  version does not have), and it is exchanged with the target in ONE step, Linux renameat2(RENAME_EXCHANGE); the
   old version, now under the temporary name, is deleted. A crash at any instant leaves the old
   directory or the new one, never a mix. Where the kernel or file system refuses
   RENAME_EXCHANGE (Linux before 3.15, some network and FUSE file systems, other systems) the
@@ -49,7 +50,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -389,14 +390,18 @@ def _commit_file(directory: Path, filename: str, write: Callable[[Path], None]) 
 
 
 # ---- the writer's interface -------------------------------------------------------------------
-def commit_files(directory: str | Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+def commit_files(directory: str | Path, writers: Mapping[str, Callable[[Path], None]], *,
+                 replaces: Iterable[str] = ()) -> None:
     """Write these files into `directory` (created if needed) so that readers, and whatever
     survives a crash, see all of them old or all of them new (see the module docstring).
 
     `writers`: file name -> a function writing the file's content to the path it is given (a
     temporary name: the extension is hidden). One file is renamed into place; several switch
-    the whole directory, the entries not written here carried over unchanged."""
-    if len(writers) == 1:
+    the whole directory, the entries not written here carried over unchanged, except those
+    named in `replaces`: files of the same kind that this version does not have (an adapter
+    saved without peft's files where an earlier save left them), dropped in the same switch."""
+    dropped = frozenset(replaces) - set(writers)
+    if len(writers) == 1 and not dropped:
         (filename, write), = writers.items()
         _commit_file(Path(directory), filename, write)
     elif writers:
@@ -404,7 +409,7 @@ def commit_files(directory: str | Path, writers: Mapping[str, Callable[[Path], N
             mode = _file_mode()
             for filename, write in writers.items():
                 _write(folder / filename, filename, write, mode)
-        _commit_folder(directory, fill, frozenset(writers))
+        _commit_folder(directory, fill, frozenset(writers) | dropped)
 
 
 def commit_directory(target: str | Path, build: Callable[[Path], None], *,

@@ -1,14 +1,32 @@
-"""peftlab checkpoints: `adapter_config.json` + `adapter_model.safetensors`, saved through the
-atomic writer (core/files.py) and loaded without unpickling.
+"""peftlab adapter directories: saved through the atomic writer (core/files.py), loaded without
+unpickling.
 
-Checkpoints. Tensor keys are "<module path>:<tensor name>" (module paths never hold ':'), built and
-parsed by `tensor_key` / `parse_tensor_key`. Loading reads JSON and safetensors only: nothing is
-unpickled. The record is checked field by field (`check_fields`) and the method config against
-its dataclass annotations before anything uses them; a value of the wrong type, an unreadable
-path or a damaged file is a CheckpointError naming the file and the field or the OS problem. The
-base model's identity recorded at save (class, parameter count, hash of the targeted weights'
-shapes) is compared on load, and tensors holding NaN/inf are found: either warns
-(CheckpointWarning) or, with `strict=True`, refuses before the model changes.
+Layout (format 2). Every adapter directory holds `peftlab.json`, our record: format version,
+method, config, sites, modules_to_save, the base model's identity and name, provenance, and
+which file holds the adapter's exact tensors. Where the method has a counterpart in another
+library registered as an `Interchange` (peft's: interop/peft_format.py), the directory is ALSO
+that library's adapter, for peft `adapter_config.json` + `adapter_model.safetensors`, so peft,
+transformers' `load_adapter` and the servers that read peft adapters take it as it is. Where
+that encoding gives our tensors back bit for bit (checked at save time by decoding it in
+memory) it is the only copy; where it does not (PiSSA's and BA-LoRA's frozen start folded into
+rank 2r, LN tuning's deltas written as whole norms, prefix tuning's MLP) our own tensors are
+stored too, in `peftlab_model.safetensors`, and loading reads those. A method without a
+counterpart gets peftlab.json + peftlab_model.safetensors and no adapter_config.json, so no
+tool mistakes the directory for a peft adapter. All files of one save switch in together (one
+`commit_files`), which also drops the files of an earlier save that this one does not write.
+
+Loading reads format 2, format 1 (the release before: our record in adapter_config.json, our
+keys in adapter_model.safetensors) and a directory of a registered library alone (a peft
+adapter, imported through the method's codec).
+
+Checks. Native tensor keys are "<module path>:<tensor name>" (module paths never hold ':'), built
+and parsed by `tensor_key` / `parse_tensor_key`. Loading reads JSON and safetensors only:
+nothing is unpickled. The record is checked field by field (`check_fields`) and the method
+config against its dataclass annotations before anything uses them; a value of the wrong type,
+an unreadable path or a damaged file is a CheckpointError naming the file and the field or the
+OS problem. The base model's identity recorded at save (class, parameter count, hash of the
+targeted weights' shapes) is compared on load, and tensors holding NaN/inf are found: either
+warns (CheckpointWarning) or, with `strict=True`, refuses before the model changes.
 
 Files are written through core/files.py, the one atomic writer (see there for what a
 crash at any instant leaves).
@@ -19,8 +37,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +68,15 @@ if TYPE_CHECKING:
     from .model import AdaptedModel, Adapter
 
 FORMAT = "peftlab-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RECORD_FILE = "peftlab.json"                     # our record (format 2)
+NATIVE_TENSORS_FILE = "peftlab_model.safetensors"  # our keys, where no interchange file is exact
+# Format 1 kept our record and our keys under peft's file names; loading still reads it.
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
+# The adapter directories `peftlab train --out RUN` writes inside a run directory, in the order
+# a run directory stands for them (as `peftlab compose` reads RUN).
+RUN_CHECKPOINTS = ("last", "best")
 
 
 def tensor_key(path: str, name: str) -> str:
@@ -100,7 +126,8 @@ def _unreadable(path: Path, e: OSError) -> CheckpointError:
     return CheckpointError(f"{path} cannot be read: {e.strerror or e}")
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The bytes of a file of an adapter directory; a CheckpointError saying what is wrong."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -110,7 +137,7 @@ def _read_bytes(path: Path) -> bytes:
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; a CheckpointError saying what is wrong with the path or file."""
     try:
-        data = json.loads(_read_bytes(path))
+        data = json.loads(read_bytes(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); "
                               "the file is damaged: save the adapter again") from None
@@ -124,7 +151,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a clear CheckpointError when it is missing or damaged."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     try:   # one read and one parse beat per-tensor reads through safe_open (~2.5× here)
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for every kind of damage
@@ -179,19 +206,32 @@ def warn_of(problems: Sequence[str], stacklevel: int) -> None:
 
 
 # ---- identity of the base model ---------------------------------------------------------------
-_BASE_FIELDS = {"class": str, "name_or_path": str, "num_parameters": int, "site_shapes_sha256": str}
+_BASE_FIELDS = {"class": str, "name_or_path": str, "num_parameters": int, "site_shapes_sha256": str,
+                "num_labels": int | None}
 _COMPARED = ("class", "num_parameters", "site_shapes_sha256")   # a path may differ for one model
 
 
+def base_name(am: AdaptedModel) -> str:
+    """What the base model is called where it can be found again: the name the AdaptedModel was
+    given (an asset name such as "smollm2", or the directory it was loaded from), else the model
+    config's `_name_or_path` (transformers' from_pretrained sets it); a directory as an absolute
+    path, so that the record means the same from any working directory. "" when unknown (a model
+    built from a config in memory)."""
+    name = am.base_name or getattr(getattr(am.model, "config", None), "_name_or_path", "") or ""
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+
+
 def base_identity(am: AdaptedModel, sites: Sequence[Site]) -> dict[str, Any]:
-    """What an adapter on these sites is made for: class, size, a hash of the sites' weight shapes."""
+    """What an adapter on these sites is made for: class, size, a hash of the sites' weight
+    shapes; its name and head size (num_labels), from which from_pretrained rebuilds it."""
     shapes = "\n".join(f"{s.path}={list(s.module.weight.shape)}" for s in sites
                        if getattr(s.module, "weight", None) is not None)
     return {
         "class": type(am.model).__name__,
-        "name_or_path": getattr(getattr(am.model, "config", None), "_name_or_path", "") or "",
+        "name_or_path": base_name(am),
         "num_parameters": am.base_parameters(),
         "site_shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+        "num_labels": getattr(getattr(am.model, "config", None), "num_labels", None),
     }
 
 
@@ -219,19 +259,91 @@ def _describe_base(base: Mapping[str, Any]) -> str:
     return f"{base.get('class', 'an unrecorded model')}{counted}"
 
 
-# ---- save / load --------------------------------------------------------------------------------
+# ---- other libraries' encodings ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Encoding:
+    """An adapter in another library's layout: its files, and the tensors decoding them gives
+    back, (site or module path, tensor name) -> tensor (None: they do not decode)."""
+
+    files: dict[str, Callable[[Path], None]]
+    decoded: dict[tuple[str, str], torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class Interchange:
+    """Another library's adapter layout that an adapter directory also holds where the method
+    has a counterpart there, so that library reads the directory as its own. Registered by the
+    layer that knows the library (peft's by interop/peft_format.py), looked up here: core cannot
+    import a layer above it (as with the method registry)."""
+
+    name: str                      # also the record's tensors "layout" when its tensors are exact
+    config_file: str               # its config file, which marks its directories
+    tensors_file: str
+    # encode(am, adapter) -> Encoding; CapabilityError when this adapter has no such encoding
+    encode: Callable[[AdaptedModel, Adapter], Encoding]
+    # decode(am, directory, method) -> (tensors file, its tensors as stored, the adapter's
+    # (site or module path, tensor name) -> tensor); CheckpointError / PeftlabError on a misfit
+    decode: Callable[..., tuple[Path, dict[str, torch.Tensor], dict[tuple[str, str], torch.Tensor]]]
+    # load(am, directory, name, *, trainable, strict) -> Adapter: a directory of that library alone
+    load: Callable[..., Adapter]
+    # base(directory) -> what such a directory says of its base model (see `base_record`)
+    base: Callable[[Path], dict[str, Any]]
+
+
+INTERCHANGES: dict[str, Interchange] = {}
+
+
+def register_interchange(interchange: Interchange) -> Interchange:
+    """Add (or replace) an interchange layout; saving writes it for every adapter it encodes."""
+    INTERCHANGES[interchange.name] = interchange
+    return interchange
+
+
+def adapter_file_names() -> frozenset[str]:
+    """Every file name an adapter save may write: a save replaces all of them (drops those it
+    does not write), so no earlier save's file outlives it."""
+    names = {RECORD_FILE, NATIVE_TENSORS_FILE, CONFIG_FILE, TENSORS_FILE}
+    for interchange in INTERCHANGES.values():
+        names |= {interchange.config_file, interchange.tensors_file}
+    return frozenset(names)
+
+
+def _same_tensors(a: Mapping[tuple[str, str], torch.Tensor], b: Mapping[tuple[str, str], torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- save ---------------------------------------------------------------------------------------
 _RECORD = {"format_version": int, "method": str, "config": dict[str, Any], "sites": list[str],
            "modules_to_save": list[str], "name": str, "peftlab_version": str,
-           "base_model": dict[str, Any], "provenance": dict[str, Any] | None}
+           "base_model": dict[str, Any], "provenance": dict[str, Any] | None,
+           "tensors": dict[str, str], "interchange": dict[str, Any]}
 
 
 def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
-    """Save adapter `name` of `am` to `directory` (created if needed); returns the directory."""
+    """Save adapter `name` of `am` to `directory` (created if needed) in the layout of the module
+    docstring; returns the directory."""
     from .. import __version__
     adapter = am.adapter(name)
-    directory = Path(directory)
-    tensors = {tensor_key(p, n): t for (p, n), t in am.adapter_tensors(name).items()}
-    meta = {
+    exact = adapter.tensors()
+    files: dict[str, Callable[[Path], None]] = {}
+    tensors: dict[str, str] | None = None
+    notes: dict[str, Any] = {}
+    for interchange in INTERCHANGES.values():
+        try:
+            encoding = interchange.encode(am, adapter)
+        except CapabilityError as e:     # no counterpart there: said in the record, not an error
+            notes[interchange.name] = {"files": [], "why_not": str(e)}
+            continue
+        files.update(encoding.files)
+        lossless = encoding.decoded is not None and _same_tensors(encoding.decoded, exact)
+        notes[interchange.name] = {"files": sorted(encoding.files), "exact": lossless}
+        if lossless and tensors is None:
+            tensors = {"file": interchange.tensors_file, "layout": interchange.name}
+    if tensors is None:
+        files[NATIVE_TENSORS_FILE] = write_tensors({tensor_key(p, n): t for (p, n), t in exact.items()})
+        tensors = {"file": NATIVE_TENSORS_FILE, "layout": "peftlab"}
+    record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "peftlab_version": __version__,
@@ -241,48 +353,143 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "sites": [s.path for s in adapter.sites],
         "modules_to_save": list(adapter.copies),
         "base_model": base_identity(am, adapter.sites),
+        "tensors": tensors,
+        "interchange": notes,
         **({"provenance": adapter.provenance} if adapter.provenance else {}),
     }
-    commit_files(directory, {TENSORS_FILE: write_tensors(tensors), CONFIG_FILE: write_json(meta)})
-    return directory
+    files[RECORD_FILE] = write_json(record)
+    commit_files(directory, files, replaces=adapter_file_names())
+    return Path(directory)
 
 
-def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
-                 trainable: bool = False, strict: bool = False) -> Adapter:
-    """Load a peftlab adapter directory into `am` as `name` (inactive). Every check runs before
-    the model changes, so a failed load leaves it as it was. A checkpoint saved from another base
-    model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
-    with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
-    directory = Path(directory)
-    config_file = directory / CONFIG_FILE
-    meta = read_json(config_file)
-    if meta.get("format") != FORMAT:
-        if "peft_type" in meta:
-            raise CheckpointError(f"{directory} holds a Hugging Face peft adapter; load it with "
-                                  "peftlab.import_peft(am, directory, name)")
-        raise CheckpointError(f"{config_file} is not a peftlab adapter config")
-    check_fields(meta, _RECORD, config_file, required=("format_version", "method", "config", "sites"))
-    check_fields(meta.get("base_model", {}), _BASE_FIELDS, config_file, prefix="base_model.")
+# ---- what a directory is --------------------------------------------------------------------------
+def is_adapter_directory(path: Path) -> bool:
+    """Whether `path` holds an adapter record: peftlab.json, or an adapter_config.json (format 1,
+    or another library's adapter)."""
+    return any(os.path.lexists(path / f) for f in (RECORD_FILE, CONFIG_FILE))
+
+
+def adapter_directory(path: str | Path) -> Path:
+    """The adapter directory `path` names: itself when it holds an adapter record, else the
+    checkpoint `peftlab train` saved in the run directory (`path/last`, then `path/best`).
+    Raises CheckpointError naming the path and what is wrong with it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give an adapter directory written by "
+                              "am.save_adapter or peftlab train (RUN or RUN/last), or a peft adapter")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not an adapter directory; give the directory "
+                              f"that holds {RECORD_FILE} (or a peft adapter's {CONFIG_FILE})")
+    if is_adapter_directory(path):
+        return path
+    for name in RUN_CHECKPOINTS:
+        if is_adapter_directory(path / name):
+            return path / name
+    raise CheckpointError(f"{path} is not an adapter directory: it holds no {RECORD_FILE} or "
+                          f"{CONFIG_FILE} (nor {' or '.join(f'{n}/{RECORD_FILE}' for n in RUN_CHECKPOINTS)}); "
+                          "give a directory written by am.save_adapter or peftlab train, or a peft adapter")
+
+
+def read_record(directory: Path) -> tuple[Path, dict[str, Any]] | tuple[Interchange, None]:
+    """(record file, checked record) of a peftlab adapter directory (format 2 or 1), or (the
+    interchange, None) for a directory of another library alone (a peft adapter)."""
+    if os.path.lexists(directory / RECORD_FILE) or not os.path.lexists(directory / CONFIG_FILE):
+        record_file = directory / RECORD_FILE        # a missing one: its error names the directory
+        meta = read_json(record_file)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{record_file} is not a peftlab adapter record (its 'format' is "
+                                  f"{meta.get('format')!r}, not {FORMAT!r}); {_EDITED}")
+    else:
+        record_file = directory / CONFIG_FILE
+        meta = read_json(record_file)
+        if meta.get("format") != FORMAT:
+            owner = next((i for i in INTERCHANGES.values() if i.config_file == CONFIG_FILE), None)
+            if "peft_type" in meta and owner is not None:
+                return owner, None
+            raise CheckpointError(f"{record_file} is neither a peftlab adapter record nor a peft "
+                                  "adapter config (no 'peft_type')")
+    check_fields(meta, _RECORD, record_file, required=("format_version", "method", "config", "sites"))
+    check_fields(meta.get("base_model", {}), _BASE_FIELDS, record_file, prefix="base_model.")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was written by a newer peftlab (format "
                               f"{meta['format_version']}); upgrade peftlab to load it")
+    if meta["format_version"] >= 2:
+        check_fields(meta, {}, record_file, required=("tensors",))
+        spec = meta["tensors"]
+        layouts = {"peftlab": NATIVE_TENSORS_FILE, **{i.name: i.tensors_file for i in INTERCHANGES.values()}}
+        if layouts.get(spec.get("layout")) != spec.get("file"):
+            raise CheckpointError(f"{record_file}: field 'tensors' is {spec!r:.80}, not one of the "
+                                  f"layouts this peftlab reads ({', '.join(layouts)}); {_EDITED}")
+    return record_file, meta
+
+
+def files_read(directory: Path) -> list[Path]:
+    """The files `load_adapter` reads for this directory, its record first (reads the record,
+    so check the record's size first: `is_adapter_directory` names the candidates)."""
+    record_file, meta = read_record(directory)
+    if meta is None:                   # another library's directory alone
+        return [directory / record_file.config_file, directory / record_file.tensors_file]
+    if meta["format_version"] < 2:
+        return [record_file, directory / TENSORS_FILE]
+    layout = meta["tensors"]["layout"]
+    config = [directory / INTERCHANGES[layout].config_file] if layout in INTERCHANGES else []
+    return [record_file, *config, directory / meta["tensors"]["file"]]
+
+
+def base_record(directory: Path) -> dict[str, Any]:
+    """What an adapter directory says of its base model, for rebuilding it: "name_or_path" ("" when
+    unknown), "class" (transformers class name, or None), "auto_class" (the transformers Auto
+    class for another library's task type, or None), "num_labels" (or None), "copies" (module
+    paths or names of its modules_to_save) and "adapter" (the name it was saved under)."""
+    record_file, meta = read_record(Path(directory))
+    if meta is None:
+        return record_file.base(Path(directory))
+    base = meta.get("base_model", {})
+    return {"name_or_path": base.get("name_or_path", ""), "class": base.get("class"),
+            "auto_class": None, "num_labels": base.get("num_labels"),
+            "copies": meta.get("modules_to_save", []), "adapter": meta.get("name")}
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
+                 trainable: bool = False, strict: bool = False) -> Adapter:
+    """Load an adapter directory into `am` as `name` (inactive): peftlab's (format 2 or 1) or
+    another registered library's alone (a peft adapter: imported). Every check runs before the
+    model changes, so a failed load leaves it as it was. A checkpoint saved from another base
+    model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
+    with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
+    directory = Path(directory)
+    record_file, meta = read_record(directory)
+    if meta is None:
+        return record_file.load(am, directory, name, trainable=trainable, strict=strict)
     try:
         method = get_method(meta["method"])
     except PeftlabError as e:
-        raise CheckpointError(f"{config_file}, field 'method': {e}") from None
+        raise CheckpointError(f"{record_file}, field 'method': {e}") from None
     try:
         config = method.config_cls.from_dict(meta["config"])
     except PeftlabError as e:
-        raise CheckpointError(f"{config_file}, field 'config': {e}; {_EDITED}") from None
+        raise CheckpointError(f"{record_file}, field 'config': {e}; {_EDITED}") from None
     sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
-    tensors = read_tensors(directory / TENSORS_FILE)
+    spec = meta.get("tensors", {"file": TENSORS_FILE, "layout": "peftlab"})   # format 1: ours
+    if spec["layout"] == "peftlab":
+        source = directory / spec["file"]
+        raw = read_tensors(source)
+        found = {parse_tensor_key(key, source): t for key, t in raw.items()}
+    else:
+        try:   # the recorded sites first, so a misfit reads as from our own tensors file
+            sites_at(am.model, sites, am.site_roles())
+            source, raw, found = INTERCHANGES[spec["layout"]].decode(am, directory, method)
+        except CheckpointError:
+            raise
+        except PeftlabError as e:     # a site, or a tensor or field the codec finds, does not fit
+            raise CheckpointError(f"{directory}: {e}") from None
     problems = (_identity_differences(directory, meta.get("base_model", {}), am, sites)
-                + suspect_tensors(directory / TENSORS_FILE, tensors))
+                + suspect_tensors(source, raw))
     refuse_if_strict(problems, strict)
     site_tensors: dict[tuple[str, str], torch.Tensor] = {}
     copies: dict[str, dict[str, torch.Tensor]] = {path: {} for path in copy_paths}
-    for key, t in tensors.items():
-        path, tname = parse_tensor_key(key, directory / TENSORS_FILE)
+    for (path, tname), t in found.items():
         if path in copies:
             copies[path][tname] = t
         else:

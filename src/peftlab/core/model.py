@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attach, io, merging, report
+from . import attach, io, merging, pretrained, report
 from .attach import Adapter, claim, lookup, name_list, remove_delta, replace_module
 from .errors import AdapterError, CapabilityError, ConfigError
 from .hf import HFCompat, signed_forward
@@ -50,10 +50,11 @@ class AdaptedModel(HFCompat, nn.Module):
     `routed` block) gives every example of a batch its own adapter instead.
     """
 
-    def __init__(self, model: nn.Module, *, freeze_base: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, freeze_base: bool = True, base_name: str | None = None) -> None:
         super().__init__()
         claim(model, self)      # one live wrapper per model; raises before anything changes
         self.model = model
+        self.base_name = base_name   # asset name or directory of the base, for the saved record
         self.state = RoutingState()
         self.adapters: dict[str, Adapter] = {}
         self.hooks = nn.ModuleDict()       # adapter name -> InputHook of model-level adapters
@@ -382,7 +383,7 @@ class AdaptedModel(HFCompat, nn.Module):
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_adapter(self, directory: str | Path, name: str) -> Path:
-        """Write `adapter_config.json` and `adapter_model.safetensors` atomically."""
+        """Write peftlab.json and the tensors, a peft adapter too where peft has the method (io.py)."""
         return io.save_adapter(self, directory, name)
 
     def load_adapter(self, directory: str | Path, name: str, *, trainable: bool = False,
@@ -390,6 +391,8 @@ class AdaptedModel(HFCompat, nn.Module):
         """Load a saved adapter under `name` (inactive). Checks the fit before changing anything;
         one saved from another base model or holding NaN/inf warns (strict=True: refused)."""
         return io.load_adapter(self, directory, name, trainable=trainable, strict=strict)
+
+    from_pretrained = staticmethod(pretrained.from_pretrained)   # base rebuilt from the record
 
     # ---- reporting ----------------------------------------------------------------------------
     def status(self) -> list[LayerStatus]:
@@ -416,14 +419,13 @@ class AdaptedModel(HFCompat, nn.Module):
 
 
 def _contiguous_head_input(model: nn.Module):
-    """Make the output head's (B, T, d) input contiguous when it is not; the hook's handle, or None
-    for a model without a Linear head.
+    """Make the output head's (B, T, d) input contiguous when it is not (the hook's handle; None: no Linear head).
 
     torch's matmul runs a Linear on a (B, T, d) input as one (B·T, d) GEMM only when the input
     folds without a copy or the weight requires grad; a frozen weight with a strided input is
     instead expanded to (B, d, vocab) and copied. transformers hands the head the last position
     of the prompt (`hidden[:, -1:]`, strided), so freezing the base made SmolLM2's prefill copy a
-    (16, 576, 49152) weight: 3.2× the whole generate time of the unfrozen model (bf16, CPU). The
+    (16, 576, 49152) weight: 3.2× the whole generate time of the unfrozen model (bf16, CPU); the
     contiguous copy of one position per row costs nothing next to that."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
@@ -438,12 +440,13 @@ def _contiguous_head_input(model: nn.Module):
     return head.register_forward_pre_hook(contiguous_input)
 
 
-def adapt(model: nn.Module, *, freeze_base: bool = True) -> AdaptedModel:
+def adapt(model: nn.Module, *, freeze_base: bool = True, base_name: str | None = None) -> AdaptedModel:
     """Make `model` adaptable, in place: its layers get wrapped as adapters are added.
-    `freeze_base` turns off gradients of every base parameter (the point of PEFT)."""
+    `freeze_base` turns off gradients of every base parameter (the point of PEFT); `base_name`:
+    what saved adapters record as their base (asset name or directory; default the config's)."""
     if isinstance(model, AdaptedModel):
         raise AdapterError("this model is already an AdaptedModel")
     if any(isinstance(m, (AdaptedLayer, ModuleCopies)) for m in model.modules()):
         raise AdapterError("this model already holds peftlab layers: wrap it once and keep the "
                            "AdaptedModel")
-    return AdaptedModel(model, freeze_base=freeze_base)
+    return AdaptedModel(model, freeze_base=freeze_base, base_name=base_name)

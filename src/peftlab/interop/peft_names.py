@@ -3,7 +3,15 @@ format dispatch (peft_format.py) and the methods' peft codecs (`Method.to_peft` 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import torch
 from torch import nn
+
+from ..core.sites import match_targets
+
+if TYPE_CHECKING:
+    from ..core.model import AdaptedModel
 
 PREFIX = "base_model.model."   # peft's key of a module's tensor: PREFIX + module path + "." + name
 PROMPT_LEARNING_PREFIX = "base_model."   # the same for prompt learning, whose base_model is the model
@@ -19,6 +27,15 @@ _TASK_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
                   ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"))
 
 
+# the transformers Auto class that builds a base model for each peft task type (as peft's
+# AutoPeftModel classes do); a task-agnostic adapter (no task type) goes on the class its base
+# folder declares
+AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                "FEATURE_EXTRACTION": "AutoModel"}
+
+
 def task_type(model: nn.Module, *, head_in_file: bool) -> str | None:
     """peft's task type for this model class (None when transformers maps it to no task).
     peft's SEQ_CLS / TOKEN_CLS / QA models expect the head in the file, so unless it is there
@@ -30,3 +47,23 @@ def task_type(model: nn.Module, *, head_in_file: bool) -> str | None:
     if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and not head_in_file:
         return None
     return task
+
+
+def split_copies(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]
+                 ) -> tuple[dict[tuple[str, str], torch.Tensor], dict[str, torch.Tensor]]:
+    """(the tensors of modules_to_save copies keyed (copied module's path, parameter name), every
+    other tensor by its file key) of a peft file whose keys start with PREFIX. peft lists
+    'classifier' and 'score' for SEQ_CLS whether they exist or not: names of no module are
+    skipped."""
+    found = match_targets(am.model, cfg.get("modules_to_save") or [], roles=am.site_roles())
+    copy_paths = sorted(set().union(set(), *found.values()), key=len, reverse=True)  # innermost first
+    copies: dict[tuple[str, str], torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        sub = key[len(PREFIX):] if key.startswith(PREFIX) else ""
+        owner = next((p for p in copy_paths if sub.startswith(p + ".")), None)
+        if owner is None:
+            rest[key] = t
+        else:
+            copies[(owner, sub[len(owner) + 1:])] = t
+    return copies, rest

@@ -29,9 +29,9 @@ from ..core.method import (
 )
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_one
-from ..core.sites import Site, dims, match_targets, sites_at
+from ..core.sites import Site, dims, sites_at
 from ..core.typology import Typology
-from ..interop.peft_names import PREFIX
+from ..interop.peft_names import PREFIX, split_copies
 
 TENSOR = "ia3_l"
 
@@ -185,18 +185,12 @@ def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.T
     """IA3 sites from the `ia3_l` tensors; a site is input-scaled when peft's rule puts it in
     `feedforward_modules`. Tensors of `modules_to_save` copies come back keyed by the copied
     module's path (the importer splits them off)."""
-    found = match_targets(am.model, cfg.get("modules_to_save") or [], roles=am.site_roles())
-    copy_paths = sorted(set().union(set(), *found.values()), key=len, reverse=True)
+    site_tensors, others = split_copies(am, cfg, tensors)
+    held_copies = list(dict.fromkeys(path for path, _ in site_tensors))
     raw: dict[str, torch.Tensor] = {}
-    site_tensors: dict[tuple[str, str], torch.Tensor] = {}
-    held_copies: list[str] = []
-    for key, t in tensors.items():
+    for key, t in others.items():
         rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
-        owner = next((p for p in copy_paths if rest and rest.startswith(p + ".")), None)
-        if owner is not None:
-            site_tensors[(owner, rest[len(owner) + 1:])] = t
-            held_copies += [] if owner in held_copies else [owner]
-        elif rest is not None and rest.endswith("." + TENSOR):
+        if rest is not None and rest.endswith("." + TENSOR):
             raw[rest[: -len(TENSOR) - 1]] = t
         else:
             raise CheckpointError(f"tensor {key!r} is neither an IA3 vector "

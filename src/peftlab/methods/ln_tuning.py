@@ -6,22 +6,32 @@ zeros at start, added to its weight (and bias) for the forward: y = norm(x; γ +
 The sum is taken in the wider dtype and rounded once to the norm's (AdaptedLayer), so fp32
 deltas on a bf16 norm keep the norm's dtype.
 Merging adds them into the base parameters (unmerging restores the copied ones: core/merging.py).
+
+peft format (LN_TUNING): peft trains a whole copy of each targeted norm, saved as
+`base_model.model.<path>.ln_tuning_layers.<param>` (every parameter of the norm: a bias too when
+only weights were tuned); `to_peft` writes γ + Δγ (and β + Δβ, or β) and `from_peft` reads the
+deltas back as the copy minus this model's base parameter. That difference is rounded, so a
+peftlab save keeps our exact deltas beside peft's files (core/io.py decides by decoding).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas
 from ..core.method import Capability, Method, MethodConfig
+from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype
-from ..core.sites import Site
+from ..core.sites import Site, sites_at
 from ..core.typology import Typology
+from ..interop.peft_names import PREFIX, split_copies
 
 
 @dataclass
@@ -110,6 +120,61 @@ def _describe(config: LNTuningConfig) -> str:
     return "norm weights and biases" if config.bias else "norm weights only"
 
 
+# ---- peft format ---------------------------------------------------------------------------------
+_PEFT_PART = "ln_tuning_layers"
+
+
+def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Each targeted norm as peft's tuned copy: its base parameters plus our deltas, computed as
+    the forward computes them (base + Δ)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for site in adapter.sites:
+        layer = adapter.layers[site.path]
+        deltas = layer.deltas[adapter.name].param_deltas(layer)
+        for pname, t in layer.base_layer.state_dict().items():
+            tuned = t + deltas[pname].detach() if pname in deltas else t.clone()
+            tensors[f"{PREFIX}{site.path}.{_PEFT_PART}.{pname}"] = tuned
+    fields = {"target_modules": [s.path for s in adapter.sites], "exclude_modules": None,
+              "modules_to_save": list(adapter.copies) or None}
+    return fields, tensors
+
+
+def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+               ) -> tuple[LNTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
+    """The deltas of a peft LN_TUNING directory: each tuned norm copy minus this model's norm.
+    Biases count as tuned when the file holds one that differs from the base (peft always tunes
+    them; a norm without a bias has none). Tensors of modules_to_save copies come back keyed by
+    the copied module's path."""
+    copies, rest = split_copies(am, cfg, tensors)
+    tuned: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in rest.items():
+        path, _, pname = key[len(PREFIX):].rpartition(f".{_PEFT_PART}.")
+        if not key.startswith(PREFIX) or not path or pname not in ("weight", "bias"):
+            raise CheckpointError(f"tensor {key!r} is neither a tuned norm parameter "
+                                  f"('{PREFIX}<module path>.{_PEFT_PART}.weight|bias') nor part of "
+                                  "modules_to_save")
+        tuned.setdefault(path, {})[pname] = t
+    if not tuned:
+        raise CheckpointError("the LN_TUNING adapter holds no tuned norm")
+    sites = sites_at(am.model, list(tuned), am.site_roles())
+    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    for site in sites:
+        for pname, t in tuned[site.path].items():
+            base = getattr(site.module, pname, None)
+            if not isinstance(base, torch.Tensor) or base.shape != t.shape:
+                raise CheckpointError(f"the tuned {pname} of {site.path!r} is {list(t.shape)}, but this "
+                                      f"model's is {None if base is None else list(base.shape)}: a "
+                                      "different base model?")
+            deltas[(site.path, pname)] = t.to(base.dtype) - base.detach()
+    # peft saves every bias of a tuned norm; tuned ones moved off the base
+    with_bias = any(bool(d.any()) for (_, pname), d in deltas.items() if pname == "bias")
+    if not with_bias:
+        deltas = {k: d for k, d in deltas.items() if k[1] != "bias"}
+    config = LNTuningConfig(targets=[s.path for s in sites], bias=with_bias,
+                            modules_to_save=list(dict.fromkeys(p for p, _ in copies)) or None)
+    return config, sites, {**deltas, **copies}
+
+
 METHOD = Method(
     name="ln-tuning",
     title="LayerNorm tuning",
@@ -133,5 +198,8 @@ METHOD = Method(
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,
+    peft_type="LN_TUNING",
+    to_peft=_to_peft,
+    from_peft=_from_peft,
     train_lr=5e-3,
 )

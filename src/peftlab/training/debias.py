@@ -95,7 +95,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ("mlm", "invariance", "mlm+invariance")
-PATCH_FILE = "debias_patch.json"     # the patch's axis metadata, beside adapter_config.json
+PATCH_FILE = "debias_patch.json"     # the patch's axis metadata, beside peftlab.json
 PATCH_FORMAT = "peftlab-debias-patch"
 DEFAULT_PAIRS = "gender_pairs.txt"   # package data under peftlab/assets/data/
 CF_KEY = "counterfactual"            # the swapped text in counterfactual_pairs() rows

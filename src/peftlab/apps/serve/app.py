@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 # The one answer to POST /v1/adapters for every path the server will not load, whatever the
 # reason (missing, not a directory, unreadable, too large, broken, made for another model), so
 # that the answers tell a client nothing about the server's files; the reason goes to the log.
-NOT_LOADABLE = ("the server cannot load an adapter from this path: give a readable directory "
-                "holding adapter_config.json and adapter_model.safetensors, written by "
-                "am.save_adapter or peftlab train (RUN or RUN/last) for this server's model; the "
-                "server log says why this one was refused")
+NOT_LOADABLE = ("the server cannot load an adapter from this path: give a readable adapter "
+                "directory (peftlab.json and its files, or a peft adapter), written by "
+                "am.save_adapter, peftlab train (RUN or RUN/last) or peft for this server's model; "
+                "the server log says why this one was refused")
 
 
 class _Body(BaseModel):
