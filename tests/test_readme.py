@@ -47,3 +47,23 @@ def test_quickstart_example_runs(tmp_path):
     assert losses[-1] < losses[0]
     assert float(re.search(r"merged - unmerged\| = ([\d.e+-]+)", out).group(1)) < 1e-5
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def readme_python(heading: str) -> str:
+    """The first ```python block after `heading` in the README."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+
+
+@pytest.mark.real_model
+def test_readme_trainer_and_trl_recipe_runs(tmp_path):
+    """The Trainer / SFTTrainer recipe as printed: both train, checkpoints and the saved folder
+    hold the adapter only, in peft's layout."""
+    code = readme_python("### With transformers Trainer and TRL")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for folder in (tmp_path / "runs/lm/checkpoint-5", tmp_path / "runs/sft/checkpoint-5",
+                   tmp_path / "runs/chat-adapter"):
+        assert (folder / "adapter_config.json").is_file() and (folder / "peftlab.json").is_file(), folder
+        assert not list(folder.glob("model*.safetensors")) and not list(folder.glob("pytorch_model*")), folder

@@ -116,10 +116,7 @@ def test_save_pretrained_writes_the_adapter_and_reloads_to_the_same_logits(tmp_p
     expected = logits(am, ids)
     assert am.save_pretrained(tmp_path / "d") == tmp_path / "d"
     assert_no_base_weight(am, tmp_path / "d")
-    # TODO(issue 20 merge): peftlab.from_pretrained(tmp_path / "d") once it lands
-    fresh = peftlab.adapt(tiny_llama(0))
-    fresh.load_adapter(tmp_path / "d", "a")
-    fresh.set_active("a")
+    fresh = peftlab.from_pretrained(tmp_path / "d", model=tiny_llama(0))   # a config-built base
     torch.testing.assert_close(logits(fresh, ids), expected, atol=1e-6, rtol=0)
 
 

@@ -208,6 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+
     from ..training.chat import prompt_ids
     adapter_dir = find_adapter(args.adapter)[0]
     if args.task is None and run_record_path(adapter_dir) is None:   # no task needed to generate

@@ -21,7 +21,7 @@ from torch import nn
 from . import attach, io, merging, pretrained, report
 from .attach import Adapter, claim, lookup, name_list, remove_delta, replace_module
 from .errors import AdapterError, CapabilityError, ConfigError
-from .hf import HFCompat, signed_forward
+from .hf import HFCompat, contiguous_head_input, signed_forward
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
 from .method import MethodConfig
 from .report import LayerStatus
@@ -70,7 +70,7 @@ class AdaptedModel(HFCompat, nn.Module):
         if freeze_base:
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._head_hook = _contiguous_head_input(model)
+            self._head_hook = contiguous_head_input(model)
 
     # ---- pass-through -------------------------------------------------------------------------
     @signed_forward
@@ -416,28 +416,6 @@ class AdaptedModel(HFCompat, nn.Module):
         if self._unloaded:
             raise AdapterError("this AdaptedModel was unloaded; wrap the returned model again with "
                                "peftlab.adapt(model)")
-
-
-def _contiguous_head_input(model: nn.Module):
-    """Make the output head's (B, T, d) input contiguous when it is not (the hook's handle; None: no Linear head).
-
-    torch's matmul runs a Linear on a (B, T, d) input as one (B·T, d) GEMM only when the input
-    folds without a copy or the weight requires grad; a frozen weight with a strided input is
-    instead expanded to (B, d, vocab) and copied. transformers hands the head the last position
-    of the prompt (`hidden[:, -1:]`, strided), so freezing the base made SmolLM2's prefill copy a
-    (16, 576, 49152) weight: 3.2× the whole generate time of the unfrozen model (bf16, CPU); the
-    contiguous copy of one position per row costs nothing next to that."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        return None
-
-    def contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
-            return (x.contiguous(), *args[1:])
-        return None
-
-    return head.register_forward_pre_hook(contiguous_input)
 
 
 def adapt(model: nn.Module, *, freeze_base: bool = True, base_name: str | None = None) -> AdaptedModel:

@@ -53,7 +53,6 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.merging import kept_weight
-from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.method import (
     Capability,
     Method,
@@ -61,6 +60,7 @@ from ..core.method import (
     check_number,
     check_positive_int,
 )
+from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site
 from ..core.terms import LossContext, LossTerm
 from ..core.typology import Typology
