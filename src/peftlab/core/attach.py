@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import AdapterError, CapabilityError, CheckpointError, ConfigError, close_matches
+from .errors import (
+    AdapterError,
+    CapabilityError,
+    CheckpointError,
+    ConfigError,
+    close_matches,
+)
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation

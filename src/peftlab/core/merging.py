@@ -30,7 +30,16 @@ from torch import nn
 from .attach import Adapter, lookup, replace_module
 from .errors import AdapterError, CapabilityError
 from .layer import AdaptedLayer, Delta
-from .quantised import Packed, RequantError, dense_linear, dequantised, packed, put_back, quantisation, requantised
+from .quantised import (
+    Packed,
+    RequantError,
+    dense_linear,
+    dequantised,
+    packed,
+    put_back,
+    quantisation,
+    requantised,
+)
 from .routing import RoutingState
 from .sites import iter_modules, weight_axes
 
@@ -101,8 +110,8 @@ def merge_dense(model: nn.Module, state: RoutingState, adapters: Mapping[str, Ad
     """merge_and_unload(dtype=...): merge the active unmerged adapters and make every
     bitsandbytes-quantised layer of `model` (adapted or not) an nn.Linear holding its dequantised
     weight with everything merged there folded in fp32 (from the kept original, so adapters
-    merged before are rounded once too), then cast the model to `dtype` and drop transformers'
-    quantisation record from it. Refuses before any change; keeps no copies."""
+    merged before are rounded once too), then cast the model's parameters to `dtype` and drop
+    transformers' quantisation record from it. Refuses before any change; keeps no copies."""
     names, plans = _plan(model, state, adapters, None)
     order_of = {id(layer): order for layer, order in plans}
     for path, module in list(iter_modules(model)):      # one layer at a time: one dense copy
@@ -123,9 +132,11 @@ def merge_dense(model: nn.Module, state: RoutingState, adapters: Mapping[str, Ad
                 layer.deltas[n].merge_into(layer)
             layer.merged.extend(order)
     quantizer = getattr(model, "hf_quantizer", None)    # transformers: config.quantization_config
-    if quantizer is not None:                           # would requantise the saved model, and its
-        quantizer.remove_quantization_config(model)     # flags refuse the cast
-    model.to(dtype)
+    if quantizer is not None:                           # would requantise the saved model
+        quantizer.remove_quantization_config(model)
+    for p in model.parameters():    # parameters only: buffers such as RoPE's inv_freq stay fp32, as
+        if p.is_floating_point():   # from_pretrained(dtype=...) leaves them; in place keeps ties
+            p.data = p.data.to(dtype)
     for n in names:
         adapters[n].merged = True
     state.changed()

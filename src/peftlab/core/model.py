@@ -360,8 +360,8 @@ class AdaptedModel(HFCompat, nn.Module):
 
     def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Merge the active adapters and return the plain base model with no peftlab modules;
-        modules_to_save copies of the first active adapter replace the originals. `dtype`: the
-        whole model cast to it, every bitsandbytes-quantised layer made an nn.Linear holding its
+        modules_to_save copies of the first active adapter replace the originals. `dtype`: its
+        parameters cast to it, every bitsandbytes-quantised layer made an nn.Linear holding its
         dequantised weight with the adapters folded in fp32 (not requantised, as merge does)."""
         self._check_usable()
         if dtype is None:

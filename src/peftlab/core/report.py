@@ -97,6 +97,7 @@ def _quantised_facts(a: Adapter) -> list[tuple[str, str]]:
     facts = [("quantised base", f"{kinds} at {len(quantised)} of {len(a.layers)} sites")]
     errors = [layer.requantised for layer in quantised if a.name in layer.merged and layer.requantised]
     if errors:
-        facts.append(("requantisation error", f"max abs {max(e.max_abs for e in errors):.2e}, relative "
-                      f"(Frobenius) up to {max(e.relative for e in errors):.2e} over {len(errors)} layers"))
+        worst = (f"max abs {max(e.max_abs for e in errors):.2e}, relative (Frobenius) up to "
+                 f"{max(e.relative for e in errors):.2e} over {len(errors)} layers")
+        facts.append(("requantisation error", worst))
     return facts
