@@ -249,6 +249,19 @@ def test_a_mixed_batch_equals_single_runs(kind, method, quantised_llama):
     torch.testing.assert_close(mixed, torch.cat(alone), rtol=0, atol=1e-5)
     # the same input through a, b and the base: three different outputs
     assert (same[0] - same[1]).abs().max() > 1e-3 and (same[0] - same[2]).abs().max() > 1e-3
+    # training a routed batch: each adapter gets the gradients of its own rows
+    am.set_trainable(["a", "b"])
+    am.train()
+    am(input_ids=x, adapter_ids=ROUTE).logits.square().mean(dim=(1, 2)).sum().backward()
+    routed = {id(p): p.grad.clone() for n in "ab" for p in am.adapter_parameters(n)}
+    am.zero_grad(set_to_none=True)
+    for name in "ab":
+        am.set_active(name)
+        rows = [i for i, n in enumerate(ROUTE) if n == name]
+        am(input_ids=x[rows]).logits.square().mean(dim=(1, 2)).sum().backward()
+    for p in (p for n in "ab" for p in am.adapter_parameters(n)):
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(routed[id(p)], p.grad, rtol=1e-4, atol=1e-6)
 
 
 # ---- methods that rewrite the base weight ----------------------------------------------------------

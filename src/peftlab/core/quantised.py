@@ -98,8 +98,8 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 
 def parameter_count(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight holds two per stored byte, so its
-    count is that of the matrix it encodes; any other tensor counts its elements."""
+    """Parameters a tensor stands for: a packed 4-bit weight stores several codes per element,
+    so it counts as the matrix it encodes; any other tensor counts its elements."""
     state = getattr(p, "quant_state", None)
     return state.shape.numel() if type(p).__name__ == "Params4bit" and state is not None else p.numel()
 
@@ -107,8 +107,9 @@ def parameter_count(p: torch.Tensor) -> int:
 @torch.no_grad()
 def dequantised(module: nn.Module, weight: Packed | None = None) -> torch.Tensor:
     """The (out, in) weight a quantised layer computes with (or `weight`, a packed weight for
-    it), dequantised into a new fp32 tensor: bitsandbytes' own dequantisation, exactly what its
-    forward multiplies by in fp32."""
+    it), dequantised into a new fp32 tensor by bitsandbytes' own functions: for 4 bits exactly
+    what its fp32 forward multiplies by; for int8 that to the last bit (its forward rounds the
+    row scale / 127 first)."""
     F = bitsandbytes().functional
     if weight is None:
         if _bnb_class(module) == _4BIT:
