@@ -4,9 +4,11 @@ Conformance over every registered method (`peftlab.methods.METHODS`) on tiny Lla
 keeps the outputs iff the method declares MERGE (else CapabilityError); a mixed batch gives
 every row what its adapter gives alone iff it declares MIXED_BATCH (else CapabilityError);
 a routed backward gives each adapter the gradients of its own rows iff it declares
-TRAIN_IN_MIXED_BATCH (else CapabilityError); every peft codec round-trips. A new method is
-picked up here with its default config (add an entry to CONFIG when that default does not meet
-its merge condition on Llama, and to UNMERGEABLE when it declares a merge condition). Then the
+TRAIN_IN_MIXED_BATCH (else CapabilityError); on an nf4 tiny Llama it trains a step iff it
+declares QUANTISED_BASE (else CapabilityError, model unchanged); every peft codec round-trips.
+A new method is picked up here with its default config (add an entry to CONFIG when that
+default does not meet its merge condition on Llama, and to UNMERGEABLE when it declares a
+merge condition). Then the
 registry's refusals, the derived `mergeable`, and the deprecated AdapterConfig alias.
 """
 
