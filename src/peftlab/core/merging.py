@@ -61,13 +61,13 @@ def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter]
     names, plans = _plan(model, state, adapters, names)
     # quantised bases first: their new packed weights are computed (and a merge that the
     # rounding would undo refused) before any weight changes
-    packed = {id(layer): _requantised(model, layer, order) for layer, order in plans if layer.quantised}
+    new = {id(layer): _requantised(model, layer, order) for layer, order in plans if layer.quantised}
     for layer, _ in plans:   # every copy first: running out of memory here changes no weight
         if keep_copy and not layer.merged:
             layer.__dict__["unmerged"] = _kept(layer)
     for layer, order in plans:
         if layer.quantised:
-            _commit(layer, *packed[id(layer)])
+            _commit(layer, *new[id(layer)])
         else:
             for n in order:
                 layer.deltas[n].merge_into(layer)
