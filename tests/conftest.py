@@ -37,12 +37,8 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
-# bitsandbytes quantisations of a 64-wide tiny Llama: its 4-bit blocks are 64 values and its CPU
-# inference layout wants 32-row tiles, so the 32-wide tiny_llama would be smaller than one block.
-QUANTISED = ("nf4", "fp4", "int8")
-
-
 def quantised_config(kind: str, compute: torch.dtype = torch.float32):
+    """transformers' BitsAndBytesConfig for "nf4" / "fp4" (compute dtype `compute`) or "int8"."""
     from transformers import BitsAndBytesConfig
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -53,7 +49,8 @@ def quantised_config(kind: str, compute: torch.dtype = torch.float32):
 def quantised_llama(tmp_path_factory):
     """quantised_llama(kind, seed=0, dtype=fp32): a fresh tiny Llama (64 wide) loaded through
     transformers' BitsAndBytesConfig in nf4 / fp4 (compute dtype = dtype) or int8 (~0.05 s);
-    kind None: the same weights unquantised."""
+    kind None: the same weights unquantised. 64 wide, not tiny_llama's 32: bitsandbytes' 4-bit
+    blocks are 64 values and its CPU inference layout wants 32-row tiles."""
     from transformers import AutoModelForCausalLM
     saved: dict[int, str] = {}
 
