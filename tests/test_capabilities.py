@@ -4,9 +4,11 @@ Conformance over every registered method (`peftlab.methods.METHODS`) on tiny Lla
 keeps the outputs iff the method declares MERGE (else CapabilityError); a mixed batch gives
 every row what its adapter gives alone iff it declares MIXED_BATCH (else CapabilityError);
 a routed backward gives each adapter the gradients of its own rows iff it declares
-TRAIN_IN_MIXED_BATCH (else CapabilityError); every peft codec round-trips. A new method is
-picked up here with its default config (add an entry to CONFIG when that default does not meet
-its merge condition on Llama, and to UNMERGEABLE when it declares a merge condition). Then the
+TRAIN_IN_MIXED_BATCH (else CapabilityError); on an nf4 tiny Llama it trains a step iff it
+declares QUANTISED_BASE (else CapabilityError, model unchanged); every peft codec round-trips.
+A new method is picked up here with its default config (add an entry to CONFIG when that
+default does not meet its merge condition on Llama, and to UNMERGEABLE when it declares a
+merge condition). Then the
 registry's refusals, the derived `mergeable`, and the deprecated AdapterConfig alias.
 """
 
@@ -159,6 +161,42 @@ def test_routed_training_gives_each_adapter_its_rows_gradients_iff_declared(name
         assert (routed[(adapter, i)] - g).abs().max() <= 1e-6 + 1e-4 * g.abs().max(), (adapter, i)
 
 
+# ---- quantised bases ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_quantised_base_works_iff_declared(name, quantised_llama):
+    """On an nf4 tiny Llama a method that declares QUANTISED_BASE trains a step (every adapter
+    tensor gets a gradient, the base stays as it was); one that does not is refused with the
+    model unchanged. Its default targets are quantised layers (tests/test_quantised.py has the
+    numbers)."""
+    model = quantised_llama("nf4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    am = peftlab.adapt(model)
+    config = METHODS[name].config_cls(**CONFIG.get(name, {}))
+    ids = batch(2)
+    if not declares(name, Capability.QUANTISED_BASE):
+        with pytest.raises(CapabilityError, match="quantised-base"):
+            am.add_adapter("a", config)
+        assert not am.adapters and not any(isinstance(m, peftlab.AdaptedLayer) for m in model.modules())
+    else:
+        am.add_adapter("a", config)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in am.adapter_parameters("a"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        am.set_active("a")
+        am.set_trainable("a")
+        am.train()
+        out = am(input_ids=ids, labels=ids)
+        aux, _ = am.auxiliary_loss()
+        (out.loss if aux is None else out.loss + aux).backward()
+        for p in am.adapter_parameters("a"):
+            assert p.grad is not None and p.grad.abs().max() > 0
+        am.unload()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # ---- peft codecs --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [n for n in ALL if METHODS[n].to_peft])
 def test_every_peft_codec_round_trips(name, ids, tmp_path):
@@ -224,7 +262,7 @@ def test_register_binds_a_new_method(registry):
 
 @pytest.mark.parametrize("changes, match", [
     ({"capabilities": frozenset({"merge", "teleport"})}, "unknown capabilities.*teleport"),
-    ({"capabilities": frozenset({"quantised-base"})}, "unknown capabilities"),
+    ({"capabilities": frozenset({"quantized-base"})}, "unknown capabilities"),
     ({"capabilities": frozenset({Capability.TRAIN_IN_MIXED_BATCH})}, "without 'mixed-batch'"),
     ({"capabilities": frozenset(), "merge_condition": "never"}, "does not declare 'merge'"),
     ({"peft_type": None}, "no peft_type"),
@@ -255,8 +293,9 @@ def test_supports_takes_capabilities_and_their_names_and_refuses_others():
     lora = METHODS["lora"]
     assert lora.supports(Capability.MERGE) and lora.supports("mixed-batch")
     assert not METHODS["prompt"].supports("merge")
+    assert lora.supports(Capability.QUANTISED_BASE) and not METHODS["kasa"].supports("quantised-base")
     with pytest.raises(ConfigError, match="not a capability"):
-        lora.supports("quantised-base")
+        lora.supports("quantized-base")
 
 
 # ---- mergeable, derived ---------------------------------------------------------------------------

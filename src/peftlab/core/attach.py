@@ -20,9 +20,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import AdapterError, CheckpointError, ConfigError, close_matches
+from .errors import (
+    AdapterError,
+    CapabilityError,
+    CheckpointError,
+    ConfigError,
+    close_matches,
+)
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
-from .method import Method, MethodConfig, method_of
+from .method import METHODS, Capability, Method, MethodConfig, method_of
+from .quantised import check_supported, quantisation
 from .sites import Site, iter_modules, resolve_sites, sites_at
 
 if TYPE_CHECKING:
@@ -180,11 +187,18 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
             raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
                               f"adapter; {method.title} cannot also attach there")
         kind = layer_kind(site.module)
+        if quantisation(site.module):
+            check_quantised(method, site)
         if not model_level and kind not in method.layer_kinds:
             kinds = ", ".join(_KIND_NAMES[k] for k in method.layer_kinds)
             raise ConfigError(
                 f"{method.title} cannot attach to {site.type_name} at {site.path!r} "
                 f"(role {site.role}); it attaches to {kinds}. Narrow the targets or exclude it")
+    for site in copy_sites:
+        if quantisation(site.module):
+            raise CapabilityError(f"modules_to_save names {site.path!r}, a bitsandbytes-quantised "
+                                  f"{site.type_name} ({quantisation(site.module)}): its packed weight "
+                                  "cannot be trained as a copy; adapt it with a method instead")
     layers = {} if model_level else {
         s.path: current[s.path] if isinstance(current[s.path], AdaptedLayer)
         else AdaptedLayer(s.module, am.state) for s in sites}
@@ -246,6 +260,20 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
         adapter.set_trainable(True)
     am.state.changed()
     return adapter
+
+
+def check_quantised(method: Method, site: Site) -> None:
+    """CapabilityError, before anything changes, when `method` cannot work on the quantised
+    layer at `site` (it does not declare QUANTISED_BASE: it rewrites the base weight) or the
+    layer holds no quantised weight yet."""
+    if Capability.QUANTISED_BASE not in method.capabilities:
+        able = [m.title for m in METHODS.values() if Capability.QUANTISED_BASE in m.capabilities]
+        raise CapabilityError(
+            f"{site.path!r} is a bitsandbytes-quantised {site.type_name} ({quantisation(site.module)}), "
+            f"and {method.title} does not declare the {Capability.QUANTISED_BASE.value!r} capability "
+            f"(it rewrites the base weight, which is stored packed). Exclude the quantised layers, "
+            f"load the model unquantised, or use a method that declares it: {', '.join(able)}")
+    check_supported(site.module, site.path)
 
 
 def check_tensors(model: nn.Module, name: str, config: MethodConfig, method: Method, sites: list[Site],

@@ -34,6 +34,7 @@ from torch import nn
 from .attach import lookup, name_list
 from .errors import AdapterError, CapabilityError, CheckpointError
 from .layer import AdaptedLayer, ModuleCopies
+from .quantised import parameter_count
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -105,7 +106,7 @@ class HFCompat:
         named = self.named_parameters()  # type: ignore[attr-defined]
         skip = ({f"{path}.weight" for path, m in self.named_modules()  # type: ignore[attr-defined]
                  if isinstance(m, nn.Embedding)} if exclude_embeddings else set())
-        return sum(p.numel() for n, p in named
+        return sum(parameter_count(p) for n, p in named
                    if n not in skip and (p.requires_grad or not only_trainable))
 
     # ---- the backbone ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from .errors import (
 )
 from .files import commit_files, write_json
 from .method import describe_type, get_method, value_fits
-from .sites import Site, sites_at
+from .sites import Site, sites_at, stored_shape
 
 try:
     import fcntl
@@ -224,7 +224,7 @@ def base_name(am: AdaptedModel) -> str:
 def base_identity(am: AdaptedModel, sites: Sequence[Site]) -> dict[str, Any]:
     """What an adapter on these sites is made for: class, size, a hash of the sites' weight
     shapes; its name and head size (num_labels), from which from_pretrained rebuilds it."""
-    shapes = "\n".join(f"{s.path}={list(s.module.weight.shape)}" for s in sites
+    shapes = "\n".join(f"{s.path}={list(stored_shape(s.module))}" for s in sites
                        if getattr(s.module, "weight", None) is not None)
     return {
         "class": type(am.model).__name__,

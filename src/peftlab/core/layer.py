@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import AdapterError, CapabilityError
+from .quantised import quantisation
 from .sites import dims, weight_out_in
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' (GPT-2's transposed Linear), 'embedding', 'norm' (LayerNorm, RMSNorm
+    """'linear' (bitsandbytes' quantised Linear4bit / Linear8bitLt included: they subclass
+    nn.Linear), 'conv1d' (GPT-2's transposed Linear), 'embedding', 'norm' (LayerNorm, RMSNorm
     and the like: an elementwise weight over the last dimension), or None for other modules."""
     if isinstance(module, nn.Linear):
         return "linear"
@@ -193,10 +195,14 @@ class AdaptedLayer(nn.Module):
         self._modules["deltas"] = nn.ModuleDict()
         # plain __dict__ writes: a model gets hundreds of wrappers, Module.__setattr__ is slow
         # merged: adapter names in merge order; unmerged: the base layer's parameters before the
-        # first merge, for an exact unmerge (core/merging.py), or None
+        # first merge, for an exact unmerge (core/merging.py), or None. quantised: "nf4", "fp4",
+        # "int8" for a bitsandbytes base (core/quantised.py); requantised: the error of the last
+        # merge into it; _merging: the dense weight merge_into writes while a merge folds deltas
+        # into a quantised base
         self.__dict__.update(kind=kind, state=state, merged=[], unmerged=None, _active=(), _before=(),
                              _params=(), _weighted={}, _seen_version=-1, _mixed=None,
-                             _mixed_memo=(None, None))
+                             _mixed_memo=(None, None), quantised=quantisation(base_layer),
+                             requantised=None, _merging=None)
 
     @property
     def original_module(self) -> nn.Module:
@@ -212,8 +218,11 @@ class AdaptedLayer(nn.Module):
         return dims(self.base_layer)[1]
 
     def weight_out_in(self) -> torch.Tensor:
-        """The base weight as an (out, in) view: Conv1D and Embedding store it transposed."""
-        return weight_out_in(self.base_layer)
+        """The base weight as an (out, in) view: Conv1D and Embedding store it transposed. A
+        quantised base's is dequantised into a new fp32 tensor, except while a merge folds deltas
+        into it: then it is the dense weight that merge requantises (core/merging.py)."""
+        dense = self.__dict__["_merging"]
+        return dense if dense is not None else weight_out_in(self.base_layer)
 
     def remove_delta(self, name: str) -> None:
         """Take adapter `name`'s delta off this layer (its `release` runs); the caller puts the
@@ -354,7 +363,8 @@ class AdaptedLayer(nn.Module):
         return functional_call(base, params, (x, *args), kwargs)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, merged={self.merged}"
+        quantised = f", quantised={self.quantised}" if self.quantised else ""
+        return f"kind={self.kind}{quantised}, merged={self.merged}"
 
 
 class InputHook(nn.Module):

@@ -8,6 +8,16 @@ and unmerging puts those bits back and merges again whatever stays merged there.
 instead (or dividing by DoRA's row scale) loses a rounding per cycle in bf16 / fp16, which
 accumulates (DoRA: 5× the weight's norm after 200 cycles), and would shift the base for good if
 the adapter changed while merged (an optimiser step).
+
+A bitsandbytes-quantised base (core/quantised.py) gets a new packed weight: its dequantised W,
+the deltas folded into it in fp32 (`merge_into` writes a dense copy, `AdaptedLayer._merging`),
+quantised again with the layer's settings, and the requantisation error recorded on the layer
+(`AdaptedLayer.requantised`, shown by status, the status table and the card). Each merge folds
+everything merged there from the kept original, so the weight is rounded once whatever the
+number of merges. A merge whose requantised weight is no closer to the exact W + ΔW than the
+weight before it (the rounding undid the adapter: a no-op merge) is refused before anything
+changes. The replaced packed weight is the copy an unmerge puts back (a reference: merging never
+writes into it). `merge_dense` is merge_and_unload(dtype=...): dense layers, no requantisation.
 """
 
 from __future__ import annotations
@@ -17,9 +27,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attach import Adapter, lookup
+from .attach import Adapter, lookup, replace_module
 from .errors import AdapterError, CapabilityError
 from .layer import AdaptedLayer, Delta
+from .quantised import (
+    Packed,
+    RequantError,
+    dense_linear,
+    dequantised,
+    packed,
+    put_back,
+    quantisation,
+    requantised,
+)
 from .routing import RoutingState
 from .sites import iter_modules, weight_axes
 
@@ -38,6 +58,28 @@ def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter]
     weights, or raise before any changes.
     `keep_copy`: keep each layer's parameters as they were before its first merge, for an exact
     unmerge (False only when nothing will be unmerged: merge_and_unload)."""
+    names, plans = _plan(model, state, adapters, names)
+    # quantised bases first: their new packed weights are computed (and a merge that the
+    # rounding would undo refused) before any weight changes
+    new = {id(layer): _requantised(model, layer, order) for layer, order in plans if layer.quantised}
+    for layer, _ in plans:   # every copy first: running out of memory here changes no weight
+        if keep_copy and not layer.merged:
+            layer.__dict__["unmerged"] = _kept(layer)
+    for layer, order in plans:
+        if layer.quantised:
+            _commit(layer, *new[id(layer)])
+        else:
+            for n in order:
+                layer.deltas[n].merge_into(layer)
+        layer.merged.extend(order)
+    for n in names:
+        adapters[n].merged = True
+    state.changed()
+
+
+def _plan(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter],
+          names: Sequence[str] | None) -> tuple[Sequence[str], list[tuple[AdaptedLayer, list[str]]]]:
+    """The adapters to merge and each layer's merge order, after every check that can refuse."""
     if names is None:
         names = tuple(n for n in state.active if not adapters[n].merged)
     for n in names:
@@ -60,17 +102,116 @@ def merge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter]
     for layer, order in plans:
         for n in order:
             layer.deltas[n].check_merge(layer)
-    for layer, _ in plans:   # every copy first: running out of memory here changes no weight
-        if keep_copy and not layer.merged:
-            layer.__dict__["unmerged"] = {name: None if p is None else p.detach().clone()
-                                          for name, p in layer.base_layer._parameters.items()}
+    return names, plans
+
+
+def merge_dense(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapter],
+                dtype: torch.dtype) -> None:
+    """merge_and_unload(dtype=...): merge the active unmerged adapters and make every
+    bitsandbytes-quantised layer of `model` (adapted or not) an nn.Linear holding its dequantised
+    weight with everything merged there folded in fp32 (from the kept original, so adapters
+    merged before are rounded once too), then cast the model's parameters to `dtype` and drop
+    transformers' quantisation record from it. Refuses before any change; keeps no copies."""
+    names, plans = _plan(model, state, adapters, None)
+    order_of = {id(layer): order for layer, order in plans}
+    for path, module in list(iter_modules(model)):      # one layer at a time: one dense copy
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if not quantisation(base):
+            continue
+        if isinstance(module, AdaptedLayer):
+            order = order_of.pop(id(module), [])
+            dense, bias, _ = _folded(module, order)
+            module.merged.extend(order)
+            module._modules["base_layer"] = dense_linear(base, dense.to(dtype), bias)
+            module.__dict__.update(quantised=None, requantised=None, unmerged=None)
+        else:
+            replace_module(model, path, dense_linear(base, dequantised(base).to(dtype), base.bias))
     for layer, order in plans:
-        for n in order:
-            layer.deltas[n].merge_into(layer)
-            layer.merged.append(n)
+        if id(layer) in order_of:                        # the layers that were never quantised
+            for n in order:
+                layer.deltas[n].merge_into(layer)
+            layer.merged.extend(order)
+    quantizer = getattr(model, "hf_quantizer", None)    # transformers: config.quantization_config
+    if quantizer is not None:                           # would requantise the saved model
+        quantizer.remove_quantization_config(model)
+    for p in model.parameters():    # parameters only: buffers such as RoPE's inv_freq stay fp32, as
+        if p.is_floating_point():   # from_pretrained(dtype=...) leaves them; in place keeps ties
+            p.data = p.data.to(dtype)
     for n in names:
         adapters[n].merged = True
     state.changed()
+
+
+def _kept(layer: AdaptedLayer) -> dict[str, object]:
+    """The base layer's parameters as they are, for an exact unmerge: copies, except a quantised
+    layer's packed weight, kept as it is (merging gives the layer a new one)."""
+    return {name: None if p is None else packed(layer.base_layer) if layer.quantised and name == "weight"
+            else p.detach().clone() for name, p in layer.base_layer._parameters.items()}
+
+
+@torch.no_grad()
+def _folded(layer: AdaptedLayer, order: Sequence[str]
+            ) -> tuple[torch.Tensor, nn.Parameter | None, Packed | None]:
+    """A quantised layer's dense fp32 (out, in) weight and its bias with what is merged there and
+    the deltas `order` folded in, from the parameters before its first merge (as they are, when
+    nothing is merged): `merge_into` writes into a dequantised copy and a copy of the bias, so
+    the layer is left as it was. Third: the packed weight it started from when no delta wrote
+    into the weight (BitFit changes the bias only), which then needs no requantisation."""
+    base = layer.base_layer
+    kept = layer.unmerged if layer.merged else None      # None after merge_and_unload's merges
+    names = [*layer.merged, *order] if kept else list(order)
+    source = kept["weight"] if kept else packed(base)
+    dense = dequantised(base, source)
+    version = dense._version
+    start = kept.get("bias") if kept else base._parameters.get("bias")
+    bias = base._parameters.get("bias")
+    base._parameters["bias"] = None if start is None else nn.Parameter(start.detach().clone(),
+                                                                       requires_grad=False)
+    layer.__dict__["_merging"] = dense
+    try:
+        for n in names:
+            layer.deltas[n].merge_into(layer)
+        folded = base._parameters["bias"]
+    finally:
+        layer.__dict__["_merging"] = None
+        base._parameters["bias"] = bias
+    return dense, folded, source if dense._version == version else None
+
+
+@torch.no_grad()
+def _requantised(model: nn.Module, layer: AdaptedLayer, order: Sequence[str], *, refuse: bool = True
+                 ) -> tuple[Packed, nn.Parameter | None, RequantError]:
+    """A quantised layer's new packed weight (`_folded`, requantised), its bias and the error.
+    `refuse`: CapabilityError when the new weight is no closer to the exact W + ΔW than the
+    current one, i.e. the rounding undid the merge."""
+    exact, bias, unchanged = _folded(layer, order)
+    weight = unchanged or requantised(layer.base_layer, exact)
+    err = dequantised(layer.base_layer, weight) - exact
+    error = RequantError(layer.quantised, float(err.abs().max()),
+                         float(err.norm() / exact.norm().clamp_min(torch.finfo(torch.float32).tiny)))
+    if refuse and order:
+        change = float((exact - dequantised(layer.base_layer)).norm())
+        if change > 0 and float(err.norm()) >= change:
+            raise CapabilityError(
+                f"merging {list(order)} into the {layer.quantised} layer {_path_of(model, layer)} would "
+                f"change nothing: requantising W + ΔW rounds the adapters away (error ‖·‖_F "
+                f"{float(err.norm()):.3g} ≥ the merge's change {change:.3g}). Keep them unmerged (they "
+                "run beside the quantised base at full precision), or get an unquantised merged model "
+                "with am.merge_and_unload(dtype=torch.bfloat16)")
+    return weight, bias, error
+
+
+def _commit(layer: AdaptedLayer, weight: Packed, bias: nn.Parameter | None, error: RequantError) -> None:
+    """Give a quantised layer its requantised weight and folded bias (written into the bias
+    Parameter where there is one, so references to it stay valid) and record the error."""
+    base = layer.base_layer
+    put_back(base, weight)
+    current = base._parameters.get("bias")
+    if current is not None and bias is not None:
+        current.copy_(bias)
+    else:
+        base._parameters["bias"] = bias
+    layer.__dict__["requantised"] = error
 
 
 def merge_order(model: nn.Module, state: RoutingState, layer: AdaptedLayer,
@@ -129,11 +270,14 @@ def unmerge(model: nn.Module, state: RoutingState, adapters: Mapping[str, Adapte
             continue
         _restore(layer)
         layer.merged.clear()
-        for n in stay:     # in their merge order: the same weight as merging them alone
-            layer.deltas[n].merge_into(layer)
-            layer.merged.append(n)
+        if layer.quantised and stay:   # as merging them alone: folded, requantised once
+            _commit(layer, *_requantised(model, layer, stay, refuse=False))
+        else:
+            for n in stay:     # in their merge order: the same weight as merging them alone
+                layer.deltas[n].merge_into(layer)
+        layer.merged.extend(stay)
         if not stay:
-            layer.__dict__["unmerged"] = None
+            layer.__dict__.update(unmerged=None, requantised=None)
     for n in names:
         adapters[n].merged = False
     state.changed()
@@ -145,6 +289,9 @@ def kept_weight(layer: AdaptedLayer) -> torch.Tensor | None:
     others are merged (KaSA giving back its truncated triplets) rewrites this copy the same way."""
     if layer.unmerged is None:
         return None
+    if layer.quantised:   # packed: a dense view would be a copy, and writing into it would be lost
+        raise CapabilityError(f"the copy kept for unmerging a {layer.quantised} layer is packed; it "
+                              "has no dense view to rewrite")
     w = layer.unmerged["weight"]
     return w if w.dim() == 1 or weight_axes(layer.base_layer)[0] == 0 else w.t()
 
@@ -158,6 +305,8 @@ def _restore(layer: AdaptedLayer) -> None:
     for name, saved in layer.unmerged.items():
         if saved is None:
             base[name] = None
+        elif isinstance(saved, Packed):   # a quantised weight: the packed original itself
+            put_back(layer.base_layer, saved)
         else:
             base[name].copy_(saved)
 

@@ -39,6 +39,9 @@ class Capability(enum.StrEnum):
     # gradients through a routed batch; needs MIXED_BATCH. Declared only where routed training
     # is tested (tests/test_mixed_batch.py, tests/test_capabilities.py)
     TRAIN_IN_MIXED_BATCH = "train-in-mixed-batch"
+    # attaches to and trains on bitsandbytes-quantised layers (Linear4bit, Linear8bitLt: see
+    # core/quantised.py); `install` refuses a method without it where a site's layer is quantised
+    QUANTISED_BASE = "quantised-base"
 
 
 def _capability(value: Any) -> Capability | Any:
@@ -268,7 +271,8 @@ class Method:
         capabilities = frozenset(_capability(c) for c in self.capabilities)
         object.__setattr__(self, "capabilities", capabilities)
         object.__setattr__(self, "typology", self.typology.with_merge(
-            Capability.MERGE in capabilities, self.merge_condition))
+            Capability.MERGE in capabilities, self.merge_condition,
+            capabilities=[c.value for c in Capability if c in capabilities]))
 
     def supports(self, capability: Capability | str) -> bool:
         """Whether the method declares `capability` (a Capability or its string value)."""

@@ -24,6 +24,8 @@ from .errors import AdapterError, CapabilityError, ConfigError
 from .hf import HFCompat, contiguous_head_input, signed_forward
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
 from .method import MethodConfig
+from .precision import dtype_named
+from .quantised import keep_layout, parameter_count
 from .report import LayerStatus
 from .routing import (
     Router,
@@ -71,6 +73,7 @@ class AdaptedModel(HFCompat, nn.Module):
             for p in model.parameters():
                 p.requires_grad_(False)
             self._head_hook = contiguous_head_input(model)
+        self._layout_release = keep_layout(model)   # bitsandbytes 4-bit weights: no CPU repacking
 
     # ---- pass-through -------------------------------------------------------------------------
     @signed_forward
@@ -337,7 +340,7 @@ class AdaptedModel(HFCompat, nn.Module):
     def base_parameters(self) -> int:
         """Parameters of the base model alone."""
         ids = {id(p) for n in self.adapters for p in self.adapter_parameters(n)}
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in ids)
+        return sum(parameter_count(p) for p in self.model.parameters() if id(p) not in ids)
 
     # ---- merging ------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
@@ -355,11 +358,17 @@ class AdaptedModel(HFCompat, nn.Module):
         wanted = name_list(names) if names is not None else tuple(self.adapters)
         merging.unmerge(self.model, self.state, self.adapters, wanted, named=names is not None)
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Merge the active adapters and return the plain base model with no peftlab modules;
-        modules_to_save copies of the first active adapter replace the originals."""
+        modules_to_save copies of the first active adapter replace the originals. `dtype`: its
+        parameters cast to it, every bitsandbytes-quantised layer made an nn.Linear holding its
+        dequantised weight with the adapters folded in fp32 (not requantised, as merge does)."""
         self._check_usable()
-        merging.merge(self.model, self.state, self.adapters, None, keep_copy=False)   # never unmerged
+        if dtype is None:
+            merging.merge(self.model, self.state, self.adapters, None, keep_copy=False)   # never unmerged
+        else:
+            merging.merge_dense(self.model, self.state, self.adapters,
+                                dtype_named(dtype, "merge_and_unload dtype"))
         return self.unload(_merged_ok=True)
 
     def unload(self, *, _merged_ok: bool = False) -> nn.Module:
@@ -378,6 +387,7 @@ class AdaptedModel(HFCompat, nn.Module):
         self.hooks.clear()
         if self._head_hook is not None:
             self._head_hook.remove()
+        self._layout_release()
         self._unloaded = True
         return self.model
 

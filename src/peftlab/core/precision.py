@@ -1,10 +1,10 @@
 """Adapter precision: the dtype an adapter's trained tensors are stored in, the dtype its
 products run in, and the cast between the two, cached between updates.
 
-Storage (`adapter_dtype`): on a bf16 / fp16 base the trained tensors are fp32 by default, as
-peft keeps them (`autocast_adapter_dtype=True`): AdamW's small updates vanish in bf16, whose
-spacing near 1 is 2⁻⁷. A config's `dtype` field overrides it; on other bases they follow the
-base's dtype.
+Storage (`adapter_dtype`): on a bf16 / fp16 base, and on a bitsandbytes-quantised one, the
+trained tensors are fp32 by default, as peft keeps them (`autocast_adapter_dtype=True`): AdamW's
+small updates vanish in bf16, whose spacing near 1 is 2⁻⁷. A config's `dtype` field overrides
+it; on other bases they follow the base's dtype.
 
 Use (`compute_dtype`, `cast_at_use`): a delta reads its tensors in the activations' precision
 (half-precision activations stay half, so an fp32 adapter adds no activation-sized casts), except
@@ -42,11 +42,13 @@ def dtype_named(name: str | torch.dtype | None, what: str = "dtype") -> torch.dt
 
 def adapter_dtype(config: Any, base: torch.dtype) -> torch.dtype:
     """The dtype an adapter's trained tensors are stored in on a base of dtype `base`:
-    `config.dtype` when set; else fp32 on a half-precision base, else the base's dtype."""
+    `config.dtype` when set; else fp32 on a half-precision base, else the base's dtype. A
+    bitsandbytes layer's packed storage (uint8 / int8, or a half dtype holding packed bytes)
+    says nothing about the activations: such a base gets fp32 too, as in QLoRA."""
     named = dtype_named(getattr(config, "dtype", None))
     if named is not None:
         return named
-    return torch.float32 if base in HALF else base
+    return torch.float32 if base in HALF or not base.is_floating_point else base
 
 
 def _cpu_half_matmul_is_slow() -> bool:

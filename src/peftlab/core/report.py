@@ -9,23 +9,29 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .layer import AdaptedLayer, ModuleCopies
+from .quantised import RequantError
 from .sites import iter_modules, site_roles
 from .typology import describe_provenance, render_card, summarise_sites
 
 if TYPE_CHECKING:
+    from .attach import Adapter
     from .model import AdaptedModel
 
 
 @dataclass(frozen=True)
 class LayerStatus:
     """One wrapped module: its path and role, its kind ("copy" for modules_to_save), the adapters
-    it holds and those of them merged into its weight."""
+    it holds and those of them merged into its weight; for a bitsandbytes-quantised base its
+    quantisation ("nf4", "fp4", "int8") and, while adapters are merged into it, the error of
+    requantising W + ΔW (core/quantised.py, `RequantError`)."""
 
     path: str
     role: str | None
     kind: str
     adapters: tuple[str, ...]
     merged: tuple[str, ...]
+    quantised: str | None = None
+    requantised: RequantError | None = None
 
 
 def status_rows(model: nn.Module) -> list[LayerStatus]:
@@ -34,8 +40,8 @@ def status_rows(model: nn.Module) -> list[LayerStatus]:
     rows = []
     for path, module in iter_modules(model):
         if isinstance(module, AdaptedLayer):
-            rows.append(LayerStatus(path, roles.get(path), module.kind,
-                                    tuple(module.deltas), tuple(module.merged)))
+            rows.append(LayerStatus(path, roles.get(path), module.kind, tuple(module.deltas),
+                                    tuple(module.merged), module.quantised, module.requantised))
         elif isinstance(module, ModuleCopies):
             rows.append(LayerStatus(path, roles.get(path), "copy", tuple(module.copies), ()))
     return rows
@@ -48,10 +54,16 @@ def status_table(am: AdaptedModel) -> str:
         lines.append(f"  {a.name}: {a.method.name} ({a.method.describe(a.config)}), "
                      f"{len(a.sites)} sites, {am.count_parameters(a.name):,} params, "
                      f"{'trainable' if a.trainable else 'frozen'}")
+    status = am.status()
     rows = [("path", "role", "kind", "adapters", "merged")]
     rows += [(r.path, r.role or "-", r.kind, ",".join(r.adapters), ",".join(r.merged) or "-")
-             for r in am.status()]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+             for r in status]
+    if any(r.quantised for r in status):      # the columns of quantised bases, only with one
+        rows[0] += ("quantised", "requantisation error (max abs, relative)")
+        rows[1:] = [row + (r.quantised or "-", "-" if r.requantised is None else
+                           f"{r.requantised.max_abs:.2e}, {r.requantised.relative:.2e}")
+                    for row, r in zip(rows[1:], status, strict=True)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
@@ -67,8 +79,25 @@ def card(am: AdaptedModel, name: str) -> str:
         ("parameters", (f"{am.count_parameters(name):,} "
                         f"({100 * am.count_parameters(name) / max(am.base_parameters(), 1):.3f}% of base)")),
         *([("provenance", describe_provenance(a.provenance))] if a.provenance else []),
+        *_quantised_facts(a),
         ("state", (f"{'active' if name in am.state.active else 'inactive'}, "
                    f"{'trainable' if a.trainable else 'frozen'}, "
                    f"{'merged' if a.merged else 'unmerged'}")),
     ]
     return render_card(f"{a.method.title} adapter {name!r}", a.method.typology, facts)
+
+
+def _quantised_facts(a: Adapter) -> list[tuple[str, str]]:
+    """The card's lines for sites on bitsandbytes-quantised layers: how many, in which
+    quantisation, and while merged the largest requantisation error over them."""
+    quantised = [layer for layer in a.layers.values() if layer.quantised]
+    if not quantised:
+        return []
+    kinds = ", ".join(sorted({layer.quantised for layer in quantised}))
+    facts = [("quantised base", f"{kinds} at {len(quantised)} of {len(a.layers)} sites")]
+    errors = [layer.requantised for layer in quantised if a.name in layer.merged and layer.requantised]
+    if errors:
+        worst = (f"max abs {max(e.max_abs for e in errors):.2e}, relative (Frobenius) up to "
+                 f"{max(e.relative for e in errors):.2e} over {len(errors)} layers")
+        facts.append(("requantisation error", worst))
+    return facts

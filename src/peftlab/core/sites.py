@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CapabilityError, TargetNotFoundError, close_matches
+from .quantised import dequantised, features, quantisation
 
 # PEFT-Ref components (shared/DESIGN.md, "Vocabulary"). Module-backed roles name a layer whose
 # weight or output a method touches; position roles (attn.out, ffn.out, ffn.act, attn.kv) name the
@@ -200,7 +201,8 @@ def site_roles(model: nn.Module) -> dict[str, str]:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear or the transposed GPT-2 Conv1D."""
+    """nn.Linear (bitsandbytes' quantised Linear4bit / Linear8bitLt subclass it) or the
+    transposed GPT-2 Conv1D."""
     module = unwrap(module)
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
@@ -367,10 +369,12 @@ def weight_axes(module: nn.Module) -> tuple[int, int]:
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear, GPT-2 Conv1D, Embedding or norm (or of the layer a peftlab wrapper
-    holds) as an (out, in) view; a norm's elementwise (d,) weight is returned as it is."""
+    holds) as an (out, in) view; a norm's elementwise (d,) weight is returned as it is. A
+    bitsandbytes-quantised layer's weight is packed: it is dequantised into a new fp32 tensor
+    (so writing into the result changes nothing: merging goes through core/merging.py)."""
     module = unwrap(module)
     if isinstance(module, nn.Linear):    # first: layers read this in their forward
-        return module.weight
+        return dequantised(module) if quantisation(module) else module.weight
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise CapabilityError(f"a {type(module).__name__} has no weight tensor to read sizes from; "
@@ -383,9 +387,23 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, GPT-2 Conv1D, Embedding (vocabulary, width) or
-    norm (width, width), read from its current weight; a peftlab wrapper answers for its layer."""
+    norm (width, width), read from its current weight (a bitsandbytes-quantised layer's from the
+    module: its packed weight has another shape); a peftlab wrapper answers for its layer."""
+    module = unwrap(module)
+    if quantisation(module):
+        return features(module)
     weight = weight_out_in(module)
     return weight.shape[-1], weight.shape[0]
+
+
+def stored_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of a layer's stored weight; for a bitsandbytes-quantised layer the (out, in)
+    matrix its packed weight encodes, so a quantised base and its dense original agree."""
+    module = unwrap(module)
+    if quantisation(module):
+        d_in, d_out = features(module)
+        return d_out, d_in
+    return tuple(module.weight.shape)
 
 
 def text_config(source: nn.Module) -> Any | None:

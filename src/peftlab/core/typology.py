@@ -36,6 +36,8 @@ class Typology:
     mergeable: bool = field(default=False, init=False)        # can be folded into the base weights
     merge_condition: str | None = field(default=None, init=False)   # only when ... (None: always)
     param_formula: str              # trainable parameters per site
+    # Derived too: the capabilities its `Method` record declares (core/method.py, `Capability`).
+    capabilities: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -43,11 +45,13 @@ class Typology:
         if self.integration not in INTEGRATIONS:
             raise ValueError(f"integration {self.integration!r} is not one of {INTEGRATIONS}")
 
-    def with_merge(self, mergeable: bool, condition: str | None) -> Typology:
-        """A copy with the derived merge fields set (called by the `Method` record)."""
+    def with_merge(self, mergeable: bool, condition: str | None,
+                   capabilities: Iterable[str] = ()) -> Typology:
+        """A copy with the derived merge fields and capabilities set (called by the `Method` record)."""
         copy = dataclasses.replace(self)
         object.__setattr__(copy, "mergeable", mergeable)                  # frozen: set once here
         object.__setattr__(copy, "merge_condition", condition if mergeable else None)
+        object.__setattr__(copy, "capabilities", tuple(capabilities))
         return copy
 
     def rows(self) -> list[tuple[str, str]]:
@@ -59,7 +63,7 @@ class Typology:
             if value is None:
                 continue
             if isinstance(value, tuple):
-                value = ", ".join(value)
+                value = ", ".join(value) or "none"
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             out.append((f.name.replace("_", " "), str(value)))
@@ -113,7 +117,7 @@ TABLE_COLUMNS = (
     ("sharing", "parameter_sharing"), ("insertion", "insertion"),
     ("insertions per layer", "insertions_per_layer"), ("workspace", "workspace"),
     ("mergeable", "mergeable"), ("merge condition", "merge_condition"),
-    ("trainable parameters", "param_formula"),
+    ("trainable parameters", "param_formula"), ("capabilities", "capabilities"),
 )
 
 
@@ -141,7 +145,7 @@ def render_table(records: Iterable[tuple[str, Typology]], fmt: str = "text") -> 
             return "-"
         if isinstance(v, bool):
             return "yes" if v else "no"
-        return ", ".join(v) if isinstance(v, list) else str(v)
+        return (", ".join(v) or "none") if isinstance(v, list) else str(v)
 
     head = ["method", *(h for h, _ in TABLE_COLUMNS)]
     body = [[cell(r[h]) for h in head] for r in rows]

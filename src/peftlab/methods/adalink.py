@@ -203,7 +203,7 @@ METHOD = Method(
         param_formula="2·r·d per token group (+ the default group)",
     ),
     layer_kinds=("embedding",),
-    capabilities=frozenset({Capability.MERGE}),
+    capabilities=frozenset({Capability.MERGE, Capability.QUANTISED_BASE}),
     merge_condition="only with activation='identity' and no token groups",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -76,7 +76,7 @@ class BiasDelta(Delta):
     def merge_into(self, layer: AdaptedLayer) -> None:
         base = layer.base_layer
         if base._parameters["bias"] is None:
-            weight = base.weight
+            weight = layer.weight_out_in()   # a quantised base: its dense weight, not the packed bytes
             base._parameters["bias"] = nn.Parameter(
                 torch.zeros(self.bias.shape, dtype=weight.dtype, device=weight.device),
                 requires_grad=False)
@@ -118,7 +118,8 @@ METHOD = Method(
         param_formula="d_out per site",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
+                            Capability.QUANTISED_BASE}),
     merge_condition="not into a norm without a bias term (RMSNorm)",
     composition="additive",
     build=_build,

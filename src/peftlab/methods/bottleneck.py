@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdaptedLayer, Delta
-from ..core.method import Method, MethodConfig, check_number
+from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
 from ..core.typology import Typology
@@ -249,7 +249,7 @@ METHOD = Method(
         param_formula="2·m·d + m + d per site (m = bottleneck width)",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset(),
+    capabilities=frozenset({Capability.QUANTISED_BASE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

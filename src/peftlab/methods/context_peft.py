@@ -631,7 +631,7 @@ METHOD = Method(
         param_formula="G·r·(d_in + d_out) per site (lora); G·d (ia3); G·d_out (bias)",
     ),
     layer_kinds=("linear", "conv1d", "norm"),
-    capabilities=frozenset({Capability.MERGE}),
+    capabilities=frozenset({Capability.MERGE, Capability.QUANTISED_BASE}),
     merge_condition="only a single all-token group ({'all': True}); bias form: not into an RMSNorm",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -372,12 +372,14 @@ class LowRankDelta(Delta):
     def _row_scale(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
         """DoRA's m / ‖W + ΔW‖ per output row in `dtype`. The norm is a constant for the gradient
         (DoRA §4.3) and taken in fp32 (in bf16, W + ΔW loses most of what ΔW adds); without
-        gradients to the adapter it is cached until W, A, B or m change."""
+        gradients to the adapter it is cached until W, A, B or m change. The cache is keyed on the
+        stored weight, so a quantised base is dequantised when the scale is made, not on every
+        inference forward, and no dense copy of it is kept."""
         def prepare(raw: list[torch.Tensor], dtype: torch.dtype, cached: bool) -> list[torch.Tensor]:
-            norm = torch.linalg.norm(raw[1].float() + self.delta_weight().detach(), dim=1)
+            norm = torch.linalg.norm(layer.weight_out_in().float() + self.delta_weight().detach(), dim=1)
             return [(raw[0].float() / norm).to(dtype)]
         p, b = self._parameters, self._buffers
-        raw = [p["magnitude"], layer.weight_out_in(), p["lora_A"], p["lora_B"]]
+        raw = [p["magnitude"], layer.base_layer.weight, p["lora_A"], p["lora_B"]]
         if self.pissa:
             raw += [b["pissa_A0"], b["pissa_B0"]]
         return cast_at_use(self, raw, dtype, prepare, slot="_cast_dora")[0]
@@ -570,7 +572,8 @@ METHOD = Method(
         param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
-    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH}),
+    capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
+                            Capability.QUANTISED_BASE}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,

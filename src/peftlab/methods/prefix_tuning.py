@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import InputHook
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_at_use
 from ..core.sites import Site, attention_heads, layer_index, resolve_sites, text_config
@@ -384,7 +384,7 @@ METHOD = Method(
         param_formula="2·n·kv_heads·head_dim per layer",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer
-    capabilities=frozenset(),
+    capabilities=frozenset({Capability.QUANTISED_BASE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

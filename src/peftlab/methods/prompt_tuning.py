@@ -39,7 +39,7 @@ from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
 from ..core.layer import InputHook, layer_kind
-from ..core.method import Method, MethodConfig
+from ..core.method import Capability, Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site, resolve_sites, unwrap
@@ -277,7 +277,7 @@ METHOD = Method(
         param_formula="n·d (virtual tokens × embedding width)",
     ),
     layer_kinds=(),                 # model-level: an InputHook, no wrapped layer
-    capabilities=frozenset(),
+    capabilities=frozenset({Capability.QUANTISED_BASE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

@@ -63,13 +63,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import AdapterError, ConfigError
+from ..core.errors import AdapterError, CapabilityError, ConfigError
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.precision import adapter_dtype, cast_one, compute_dtype
+from ..core.quantised import quantisation
 from ..core.sites import (
     Site,
     attention_heads,
+    dims,
     resolve_sites,
     unwrap,
     weight_axes,
@@ -192,8 +194,8 @@ def _pools(am: Any, config: S2FTConfig) -> dict[str, list[_Group]]:
                               f"({[s.path for s in group]}); restrict targets or exclude to one each")
         sizes = set()
         for s in group:
-            w = weight_out_in(s.module)
-            sizes.add(w.shape[0] if ROLE_KIND[s.role][1] == "column" else w.shape[1])
+            d_in, d_out = dims(s.module)
+            sizes.add(d_out if ROLE_KIND[s.role][1] == "column" else d_in)
         if len(sizes) != 1:
             raise ConfigError(f"the FFN projections of block {block!r} disagree on the channel count "
                               f"({sorted(sizes)})")
@@ -285,6 +287,11 @@ def select_by_gradient(am: Any, config: S2FTConfig, batches: Iterable[Mapping[st
     returns `config`; add it with `am.add_adapter(name, config)`. The model runs as it is
     (active adapters included); base weights get gradients only during this call."""
     pools = _pools(am, config)
+    packed = [s.path for groups in pools.values() for g in groups for s in g.sites if quantisation(s.module)]
+    if packed:
+        raise CapabilityError(f"S2FT gradient selection needs the loss gradient of the base weights, and "
+                              f"{packed[0]!r} is bitsandbytes-quantised (packed weights have none); use "
+                              "selection='random' or 'weight' on a quantised base")
     weights = {id(w): w for groups in pools.values() for g in groups for s in g.sites
                for w in [unwrap(s.module).weight]}
     before = {i: (w.requires_grad, w.grad) for i, w in weights.items()}
@@ -518,7 +525,7 @@ METHOD = Method(
         param_formula="n_sel·d_in (V/up/gate rows) or d_out·n_sel (O/down columns) per site",
     ),
     layer_kinds=("linear", "conv1d"),
-    capabilities=frozenset({Capability.MERGE}),
+    capabilities=frozenset({Capability.MERGE, Capability.QUANTISED_BASE}),
     build=_build,
     tensor_shapes=_tensor_shapes,
     describe=_describe,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ...core.errors import AdapterError, CapabilityError
 from ...core.layer import AdaptedLayer, ModuleCopies
+from ...core.quantised import quantisation
 from ...core.sites import dims, is_linear_like, iter_modules, unwrap, weight_axes
 from ...methods.lora import LowRankDelta
 from .blocks import Block
@@ -24,6 +25,9 @@ def check_sliceable(module: nn.Module, path: str) -> None:
     if not is_linear_like(plain):
         raise CapabilityError(f"{path!r} is a {type(plain).__name__}; pruning slices nn.Linear and "
                               "GPT-2 Conv1D projections only")
+    if quantisation(plain):
+        raise CapabilityError(f"{path!r} is bitsandbytes-quantised ({quantisation(plain)}): its packed "
+                              "weight cannot be sliced; prune an unquantised model")
     if isinstance(module, AdaptedLayer):
         _check_deltas(module, path)
 
