@@ -1,8 +1,9 @@
-"""Run by tests/test_train.py under `torchrun --nproc_per_node=2`: trains the tiny Llama adapter
-with batch_size=4 per rank (global batch 8), evaluating on rank 0 every 2 steps, and reports
-what each rank saved.
+"""Run by tests/test_train.py (DDP) and tests/test_distributed.py (FSDP, two launches as two
+"nodes") under torchrun with two processes: trains the tiny Llama adapter with batch_size=4 per
+rank (global batch 8), evaluating every 2 steps (rank 0 alone under DDP; every rank under FSDP,
+rank 0 recording), and reports what each rank saved.
 
-    python -m torch.distributed.run --nproc_per_node=2 --standalone tests/ddp_worker.py OUT STEPS SEED
+    python -m torch.distributed.run --nproc_per_node=2 --standalone tests/ddp_worker.py OUT STEPS SEED [ENGINE [checkpointing]]
 """
 
 import os
@@ -17,12 +18,15 @@ from test_train import EVAL, TRAIN, LMTask, cfg, make_am   # this script's folde
 
 def main() -> None:
     out, steps, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    engine = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+    checkpointing = sys.argv[5:] == ["checkpointing"]
     torch.set_num_threads(1)
     am = make_am()
     rank = int(os.environ["RANK"])
-    # rank 0 evaluates every 2 steps while rank 1 goes on into the next step's all-reduce
+    # DDP: rank 0 evaluates every 2 steps while rank 1 goes on into the next step's all-reduce
     result = train(am, "a", LMTask(), TRAIN, EVAL,
-                   cfg(steps=steps, seed=seed, batch_size=4, eval_every=2, out=out))
+                   cfg(steps=steps, seed=seed, batch_size=4, eval_every=2, out=out, distributed=engine,
+                       gradient_checkpointing=checkpointing))
     assert bool(result.evals) == (rank == 0)
     assert result.rank == rank and result.world_size == 2
     assert not torch.distributed.is_initialized()    # train() created the group, so it destroyed it

