@@ -124,7 +124,8 @@ def test_two_launches_as_two_nodes_train_the_single_process_adapter(tmp_path):
     written = [files_under(n) for n in nodes]
     main_node = next(i for i, log in enumerate(logs) if "rank 0 saved ['best', 'last']" in log)
     assert "rank 1 saved []" in logs[1 - main_node] and written[1 - main_node] == []
-    assert written[main_node] == [f"run/{d}/{f}" for d in ("best", "last") for f in ADAPTER_FILES]
+    # best/ and last/ saved by train(); run-gathered/ saved after it through gathered_adapter
+    assert written[main_node] == sorted(f"run{d}/{f}" for d in ("/best", "/last", "-gathered") for f in ADAPTER_FILES)
     losses = [float(x) for x in re.search(r"losses ([-+.e\d ]+)", logs[main_node]).group(1).split()]
 
     am = make_am()
@@ -134,6 +135,8 @@ def test_two_launches_as_two_nodes_train_the_single_process_adapter(tmp_path):
     for kind in ("last", "best"):
         assert_close_tensors(saved_tensors(nodes[main_node] / "run" / kind),
                              saved_tensors(tmp_path / "single" / kind), atol=1e-5)
+    assert_close_tensors(saved_tensors(nodes[main_node] / "run-gathered"),
+                         saved_tensors(tmp_path / "single" / "last"), atol=1e-5)
 
 
 @needs_assets

@@ -330,6 +330,11 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
     from .. import __version__
     adapter = am.adapter(name)
     exact = adapter.tensors()
+    if any(hasattr(t, "full_tensor") for t in exact.values()):
+        # FSDP's shards: reading their values would wait for the other processes, forever
+        raise CapabilityError(f"adapter {name!r} is sharded over processes (FSDP): save it inside "
+                              "peftlab.training.distributed.gathered_adapter(am, name), entered on "
+                              "every process, or let peftlab.train save it (TrainConfig.out)")
     files: dict[str, Callable[[Path], None]] = {}
     tensors: dict[str, str] | None = None
     notes: dict[str, Any] = {}

@@ -20,6 +20,13 @@ only what inference needs.
 peft's flat layout (`prompt_embeddings`, (n, L·2·kv_dim)): viewed as (n, L·2, kv_heads,
 head_dim), entry 2l is layer l's key and 2l+1 its value.
 
+Gradient checkpointing: transformers' checkpointed layers replace any cache by None unless the
+layer says it only reads it (`_can_checkpoint_with_cache`), since a replayed layer would store its
+keys a second time. In a checkpointed training forward the hook therefore passes a cache that
+returns prefix + the layer's keys and values without storing anything, and sets that switch on
+the model's layers for that forward only (`release`). Where transformers lacks the switch, the
+combination is refused.
+
 Supported: decoder-only models whose attention reads a transformers Cache (Llama family, GPT-2).
 Encoder models (BERT) are refused with a CapabilityError: transformers 5 BERT encoders run no
 cache through self-attention unless configured as decoders, and peft 0.21.2 itself fails there

@@ -10,7 +10,10 @@
   the block's layers), so they shard with their block: FSDP2 shards each parameter on its own,
   so frozen and trainable ones mix in one unit, and gradients are reduce-scattered (averaged)
   for those that require them. FSDP2 has no way back: after `train` the model stays sharded, and
-  every process must take part in a forward (evaluation included) and in `gathered_adapter`.
+  every process must take part in a forward (evaluation included) and in `gathered_adapter`
+  (the adapter's tensors whole, for `save_adapter`, which refuses shards). `train` leaves a group
+  it created when it ends; to use the sharded model afterwards, hold the group yourself
+  (`with process_group(): ...`, as `peftlab train` does).
 
 Several machines are torchrun's business (`--nnodes`, `--node_rank`, `--rdzv-endpoint`): the
 processes form one group whatever machine they run on, and nothing here tells them apart.
