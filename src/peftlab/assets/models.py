@@ -20,6 +20,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError, MissingAssetError
 from ..core.files import commit_directory, commit_files, write_text
 from ..core.pretrained import register_named_model
+from ..core.quantised import Quantization, require_bitsandbytes
 from .packages import ASSET_PACKAGES, _asset_file, _distribution_version, _package_dir
 
 if TYPE_CHECKING:
@@ -244,7 +245,8 @@ register_named_model("minilm", lambda: _model_source("minilm", "classification")
 
 
 def _from_pretrained(directory: Path, kind: str, num_labels: int | None, dtype: torch.dtype,
-                     complete: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+                     complete: bool, quantization: Quantization | None
+                     ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Model and tokenizer of `directory`; with `complete`, a weight missing from the files
     (other than a new classification head) is an error, not a random initialisation."""
     from transformers import (
@@ -254,6 +256,8 @@ def _from_pretrained(directory: Path, kind: str, num_labels: int | None, dtype: 
     )
 
     common: dict[str, Any] = {"local_files_only": True, "dtype": dtype, "output_loading_info": True}
+    if quantization is not None:
+        common["quantization_config"] = quantization.loading_config()
     if kind == "causal-lm":
         model, info = AutoModelForCausalLM.from_pretrained(directory, **common)
         expected_new: set[str] = set()
@@ -274,7 +278,8 @@ def _from_pretrained(directory: Path, kind: str, num_labels: int | None, dtype: 
 
 
 def load_model(name: str, *, kind: str, num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               dtype: torch.dtype = torch.float32, quantization: Quantization | None = None
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a pretrained model and its tokenizer from local files only, in eval mode.
 
     name: ``"smollm2"``, ``"minilm"`` or a local transformers directory. kind: ``"causal-lm"``
@@ -283,7 +288,9 @@ def load_model(name: str, *, kind: str, num_labels: int | None = None,
     regression). The tokenizer always has a pad token (its eos token if it had none) and keeps its
     own ``padding_side`` (right for both packaged models: fine for training and scoring; set
     ``tokenizer.padding_side = "left"`` before batched generation). ``model.config.pad_token_id``
-    is set from the tokenizer, which sequence classification over decoder models needs."""
+    is set from the tokenizer, which sequence classification over decoder models needs.
+    `quantization`: load the linear layers quantised by bitsandbytes (QLoRA's frozen 4-bit base;
+    the rest of the model in `dtype`); CapabilityError with the pip command without bitsandbytes."""
     if kind not in MODEL_KINDS:
         raise ConfigError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     if kind == "classification":
@@ -292,6 +299,8 @@ def load_model(name: str, *, kind: str, num_labels: int | None = None,
                               f"got {num_labels!r}")
     elif num_labels is not None:
         raise ConfigError("num_labels applies to kind='classification' only")
+    if quantization is not None:
+        require_bitsandbytes()   # said before anything is read (or converted)
     # Belt and braces: local_files_only already keeps every load off the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
     directory, label = _model_source(name, kind)
@@ -299,13 +308,13 @@ def load_model(name: str, *, kind: str, num_labels: int | None = None,
 
     ours = label == "smollm2"
     try:
-        model, tokenizer = _from_pretrained(directory, kind, num_labels, dtype, ours)
+        model, tokenizer = _from_pretrained(directory, kind, num_labels, dtype, ours, quantization)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         if not ours:
             raise CheckpointError(f"cannot load model {label!r} from {directory}: {e}") from e
         # Damage the header check in smollm2_dir cannot see (e.g. a broken tokenizer file).
         directory = _smollm2_ready(f"failed to load: {type(e).__name__}: {str(e)[:200]}")
-        model, tokenizer = _from_pretrained(directory, kind, num_labels, dtype, ours)
+        model, tokenizer = _from_pretrained(directory, kind, num_labels, dtype, ours, quantization)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise CheckpointError(f"{directory}: the tokenizer has neither a pad nor an eos token")

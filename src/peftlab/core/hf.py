@@ -184,8 +184,9 @@ class HFCompat:
         """The wrapped model's activation checkpointing, with gradients for the input embeddings'
         output (as peft does): reentrant checkpointing of a frozen base gives the adapters inside a
         checkpointed block no gradient unless the block's input requires one. Refused for a model
-        that has no checkpointing, and while a prefix adapter is installed (transformers'
-        checkpointed layers drop the attention cache that carries the prefix)."""
+        that has no checkpointing, and while a prefix adapter is installed on a model whose
+        checkpointed layers cannot keep the attention cache that carries the prefix (before
+        transformers' `_can_checkpoint_with_cache`; prefix_tuning.py passes a cache they only read)."""
         inner = self.model
         enable = getattr(inner, "activation_checkpointing_enable", None)
         if enable is None:
@@ -248,9 +249,13 @@ class _Backbone:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self.am._as_kwargs(args, kwargs, "the backbone")
-        for hook in self.hooks:
-            kwargs = hook.prepare(self.am.model, kwargs)
-        out = self.backbone(**kwargs)
+        try:
+            for hook in self.hooks:
+                kwargs = hook.prepare(self.am.model, kwargs)
+            out = self.backbone(**kwargs)
+        finally:
+            for hook in self.hooks:
+                hook.release(self.am.model)
         for hook in reversed(self.hooks):
             out = hook.finish(out, kwargs)
         return out
@@ -259,11 +264,19 @@ class _Backbone:
         return getattr(self.backbone, name)
 
 
+def cache_keeping_layers(model: nn.Module) -> list[nn.Module]:
+    """The gradient-checkpointed layers of a transformers model that can be told to keep a cache
+    they only read (`_can_checkpoint_with_cache`, transformers 5.2x); otherwise they replace it
+    by None. Empty for older versions and other models."""
+    return [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
+
+
 def refuse_cache_hooks(am: AdaptedModel) -> None:
-    """CapabilityError while an installed adapter passes the attention cache (prefix tuning):
-    transformers' checkpointed layers replace the cache by None, so the prefix would be ignored."""
+    """CapabilityError while an installed adapter passes the attention cache (prefix tuning) and
+    the model's checkpointed layers cannot keep it: they replace the cache by None, so the prefix
+    would be ignored."""
     prefixed = [name for name, hook in am.hooks.items() if getattr(hook, "uses_cache", False)]
-    if prefixed:
+    if prefixed and not cache_keeping_layers(am.model):
         raise CapabilityError(f"gradient checkpointing cannot train prefix adapters {prefixed}: "
                               "transformers' checkpointed layers drop the attention cache that "
                               "carries the prefix. Train them without gradient checkpointing")

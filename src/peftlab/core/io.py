@@ -57,6 +57,7 @@ from .errors import (
 )
 from .files import commit_files, write_json
 from .method import describe_type, get_method, value_fits
+from .quantised import Quantization, model_quantization
 from .sites import Site, sites_at, stored_shape
 
 try:
@@ -207,7 +208,7 @@ def warn_of(problems: Sequence[str], stacklevel: int) -> None:
 
 # ---- identity of the base model ---------------------------------------------------------------
 _BASE_FIELDS = {"class": str, "name_or_path": str, "num_parameters": int, "site_shapes_sha256": str,
-                "num_labels": int | None}
+                "num_labels": int | None, "quantization": dict[str, Any] | None}
 _COMPARED = ("class", "num_parameters", "site_shapes_sha256")   # a path may differ for one model
 
 
@@ -226,12 +227,15 @@ def base_identity(am: AdaptedModel, sites: Sequence[Site]) -> dict[str, Any]:
     shapes; its name and head size (num_labels), from which from_pretrained rebuilds it."""
     shapes = "\n".join(f"{s.path}={list(stored_shape(s.module))}" for s in sites
                        if getattr(s.module, "weight", None) is not None)
+    quantization = model_quantization(am.model)
     return {
         "class": type(am.model).__name__,
         "name_or_path": base_name(am),
         "num_parameters": am.base_parameters(),
         "site_shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
         "num_labels": getattr(getattr(am.model, "config", None), "num_labels", None),
+        # a bitsandbytes base: from_pretrained loads it quantised the same way again
+        **({"quantization": quantization.to_record()} if quantization is not None else {}),
     }
 
 
@@ -326,6 +330,11 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
     from .. import __version__
     adapter = am.adapter(name)
     exact = adapter.tensors()
+    if any(hasattr(t, "full_tensor") for t in exact.values()):
+        # FSDP's shards: reading their values would wait for the other processes, forever
+        raise CapabilityError(f"adapter {name!r} is sharded over processes (FSDP): save it inside "
+                              "peftlab.training.distributed.gathered_adapter(am, name), entered on "
+                              "every process, or let peftlab.train save it (TrainConfig.out)")
     files: dict[str, Callable[[Path], None]] = {}
     tensors: dict[str, str] | None = None
     notes: dict[str, Any] = {}
@@ -440,14 +449,16 @@ def base_record(directory: Path) -> dict[str, Any]:
     """What an adapter directory says of its base model, for rebuilding it: "name_or_path" ("" when
     unknown), "class" (transformers class name, or None), "auto_class" (the transformers Auto
     class for another library's task type, or None), "num_labels" (or None), "copies" (module
-    paths or names of its modules_to_save) and "adapter" (the name it was saved under)."""
+    paths or names of its modules_to_save), "adapter" (the name it was saved under) and
+    "quantization" (the bitsandbytes `Quantization` the base was loaded with, or None)."""
     record_file, meta = read_record(Path(directory))
     if meta is None:
-        return record_file.base(Path(directory))
+        return {"quantization": None, **record_file.base(Path(directory))}
     base = meta.get("base_model", {})
     return {"name_or_path": base.get("name_or_path", ""), "class": base.get("class"),
             "auto_class": None, "num_labels": base.get("num_labels"),
-            "copies": meta.get("modules_to_save", []), "adapter": meta.get("name")}
+            "copies": meta.get("modules_to_save", []), "adapter": meta.get("name"),
+            "quantization": Quantization.from_record(base.get("quantization"), str(record_file))}
 
 
 # ---- load ---------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ class InputHook(nn.Module):
     arguments of the model's forward and generate, and trims what it added from the outputs.
     Its per-site tensors live in `parts` (site path -> module), which is what is saved."""
 
-    uses_cache = False   # passes the attention cache (prefix): gradient checkpointing would drop it
+    uses_cache = False   # passes the attention cache (prefix): checkpointed layers must keep it
 
     def __init__(self, parts: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -386,6 +386,10 @@ class InputHook(nn.Module):
     def finish(self, output: Any, kwargs: dict[str, Any]) -> Any:
         """The model's output with the positions this hook added removed (default: unchanged)."""
         return output
+
+    def release(self, model: nn.Module) -> None:
+        """Undo what `prepare` set on the model for one forward (default: nothing); called once
+        the forward is over, whether it succeeded or raised."""
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
         """`model.generate(**kwargs)` with this adapter applied; returns what generate returns,

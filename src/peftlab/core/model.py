@@ -94,16 +94,19 @@ class AdaptedModel(HFCompat, nn.Module):
         if not hooks and not capture and not tap:
             return self.model(*args, **kwargs)
         inputs = kwargs = self._as_kwargs(args, kwargs, "forward")
-        for hook in hooks:
-            kwargs = hook.prepare(self.model, kwargs)
-        if tap:
-            self.taps.begin(kwargs.get("attention_mask"))
+        try:
+            for hook in hooks:
+                kwargs = hook.prepare(self.model, kwargs)
+            if tap:
+                self.taps.begin(kwargs.get("attention_mask"))
             try:
                 out = self.model(**kwargs)
             finally:
-                self.taps.end()
-        else:
-            out = self.model(**kwargs)
+                if tap:
+                    self.taps.end()
+        finally:   # what a hook set on the model for this forward, undone even when it failed
+            for hook in hooks:
+                hook.release(self.model)
         for hook in reversed(hooks):
             out = hook.finish(out, kwargs)
         if capture:

@@ -9,7 +9,8 @@ layer that knows the names registers them here (as methods fill the method regis
 else must be a local transformers directory. The model is built with the recorded class (for a
 peft directory, transformers' Auto class of its task type), from local files only; a weight the
 folder lacks is an error unless the adapter carries that module (a trained head in
-modules_to_save), never a silent random initialisation.
+modules_to_save), never a silent random initialisation. A base the record says was loaded with
+bitsandbytes (`base_model.quantization`, quantised.py) is loaded quantised the same way again.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def build_base(directory: Path, *, model: str | None = None, dtype: torch.dtype 
 
     record = base_record(directory)
     source = base_source(directory, model, option=option)
-    folder = NAMED_MODELS[source]() if source in NAMED_MODELS else Path(source).expanduser()
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype or torch.float32,
                               "output_loading_info": True}
+    if record["quantization"] is not None:   # before building the folder: a missing package says so first
+        kwargs["quantization_config"] = record["quantization"].loading_config()
+    folder = NAMED_MODELS[source]() if source in NAMED_MODELS else Path(source).expanduser()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         # the recorded class; for a peft adapter its task's Auto class, else the folder's own

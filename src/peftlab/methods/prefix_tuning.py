@@ -20,6 +20,13 @@ only what inference needs.
 peft's flat layout (`prompt_embeddings`, (n, L·2·kv_dim)): viewed as (n, L·2, kv_heads,
 head_dim), entry 2l is layer l's key and 2l+1 its value.
 
+Gradient checkpointing: transformers' checkpointed layers replace any cache by None unless the
+layer says it only reads it (`_can_checkpoint_with_cache`), since a replayed layer would store its
+keys a second time. In a checkpointed training forward the hook therefore passes a cache that
+returns prefix + the layer's keys and values without storing anything, and sets that switch on
+the model's layers for that forward only (`release`). Where transformers lacks the switch, the
+combination is refused.
+
 Supported: decoder-only models whose attention reads a transformers Cache (Llama family, GPT-2).
 Encoder models (BERT) are refused with a CapabilityError: transformers 5 BERT encoders run no
 cache through self-attention unless configured as decoders, and peft 0.21.2 itself fails there
@@ -28,6 +35,7 @@ cache through self-attention unless configured as decoders, and peft 0.21.2 itse
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
+from ..core.hf import cache_keeping_layers
 from ..core.layer import InputHook
 from ..core.method import Capability, Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
@@ -217,6 +226,16 @@ class PrefixHook(InputHook):
         del parts[0].projection
         self.config.projection_hidden = None
 
+    def layer_prefix(self, layer: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s (key, value), (batch, kv_heads, n, head_dim) in `dtype`, made from the
+        parameters now (with the projection MLP: the whole MLP, for one layer's share)."""
+        key, value = self.prefixes()[layer]
+        return self._batched(key.to(dtype), batch), self._batched(value.to(dtype), batch)
+
+    def _batched(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(n, kv_heads·head_dim) -> the cache's (batch, kv_heads, n, head_dim), a view."""
+        return t.view(self.n, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
+
     def cache(self, model: nn.Module, batch: int, dtype: torch.dtype | None = None):
         """A DynamicCache holding the n prefix positions of every layer, for `batch` rows."""
         from transformers import DynamicCache
@@ -226,20 +245,20 @@ class PrefixHook(InputHook):
         raw = [p for part in self.parts.values() for p in part.parameters()]
         flat = cast_at_use(self, raw, dtype, lambda raw, dtype, cached: [
             t.to(dtype) for kv in self.prefixes() for t in kv])
-        data = []
-        for key, value in zip(flat[::2], flat[1::2], strict=True):
-            k, v = (t.view(self.n, self.kv_heads, self.head_dim).transpose(0, 1)
-                    .unsqueeze(0).expand(batch, -1, -1, -1) for t in (key, value))
-            data.append((k, v))
-        return DynamicCache(data)
+        return DynamicCache([(self._batched(key, batch), self._batched(value, batch))
+                             for key, value in zip(flat[::2], flat[1::2], strict=True)])
 
     # ---- InputHook ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
-            # checkpointed transformers layers replace the cache by None: the prefix would vanish
-            raise CapabilityError("a prefix adapter cannot train with gradient checkpointing: "
-                                  "transformers' checkpointed layers drop the attention cache that "
-                                  "carries the prefix; turn gradient checkpointing off")
+        # the condition under which transformers' layers run checkpointed (GradientCheckpointingLayer)
+        checkpointed = (model.training and torch.is_grad_enabled()
+                        and getattr(model, "is_activation_checkpointing", False))
+        layers = cache_keeping_layers(model) if checkpointed else []
+        if checkpointed and not layers:
+            # older transformers: checkpointed layers replace any cache by None, prefix included
+            raise CapabilityError("a prefix adapter cannot train with gradient checkpointing on this "
+                                  "transformers version: its checkpointed layers drop the attention "
+                                  "cache that carries the prefix; turn gradient checkpointing off")
         kwargs = dict(kwargs)
         batch, _ = prompting.batch_and_length(kwargs)
         for arg in ("cache", "past_key_values"):
@@ -248,12 +267,30 @@ class PrefixHook(InputHook):
                 raise CapabilityError("a prefix adapter builds the attention cache itself; continuing "
                                       "from a given cache is not supported (use generate)")
         embeds = kwargs.get("inputs_embeds")
-        kwargs[self.cache_arg] = self.cache(model, batch, embeds.dtype if embeds is not None else None)
+        dtype = embeds.dtype if embeds is not None else _model_dtype(model)
+        if checkpointed:
+            # A cache the layers only read: checkpointing replays each layer in the backward pass,
+            # and a cache that stored the layer's keys would hand the replay twice as many. So the
+            # layers may keep it (transformers' documented switch for read-only caches), for this
+            # forward only (release()).
+            kwargs[self.cache_arg] = _replay_cache_class()(self, batch, dtype)
+            self.__dict__["_switched"] = [(m, m.__dict__.get("_can_checkpoint_with_cache")) for m in layers]
+            for m in layers:
+                m._can_checkpoint_with_cache = True
+        else:
+            kwargs[self.cache_arg] = self.cache(model, batch, dtype)
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = prompting.prepend(kwargs["attention_mask"], self.n, 1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
         return kwargs
+
+    def release(self, model: nn.Module) -> None:
+        for m, before in self.__dict__.pop("_switched", ()):
+            if before is None:
+                del m._can_checkpoint_with_cache   # the class's value (False) again
+            else:
+                m._can_checkpoint_with_cache = before
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
         prompting.check_generates(model)
@@ -275,6 +312,33 @@ class PrefixHook(InputHook):
         kwargs["attention_mask"] = prompting.prepend(mask, self.n, 1)
         kwargs[self.cache_arg] = self.cache(model, ids.shape[0])
         return model.generate(**kwargs)
+
+
+@functools.cache
+def _replay_cache_class() -> type:
+    """The cache prefix tuning passes through gradient-checkpointed layers (built on first use:
+    transformers is imported then). `update` returns the prefix then the layer's keys and values
+    without storing them, so a replayed layer sees what the first pass saw; the prefix is made
+    from the parameters inside the call, so the replay rebuilds its graph within the checkpoint
+    (reentrant checkpointing backpropagates from there; a prefix made once outside would be
+    backpropagated through once per layer). The stored tensors are zero-stride placeholders:
+    they only give the mask its n cached positions."""
+    from transformers import DynamicCache
+
+    class PrefixReplayCache(DynamicCache):
+        def __init__(self, hook: PrefixHook, batch: int, dtype: torch.dtype) -> None:
+            shape = (batch, hook.kv_heads, hook.n, hook.head_dim)
+            device = next(hook.parameters()).device
+            blank = torch.zeros((), dtype=dtype, device=device).expand(shape)
+            super().__init__([(blank, blank)] * hook.num_layers)
+            self.hook, self.batch, self.dtype = hook, batch, dtype
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            key, value = self.hook.layer_prefix(layer_idx, self.batch, self.dtype)
+            return torch.cat([key, key_states], dim=-2), torch.cat([value, value_states], dim=-2)
+
+    return PrefixReplayCache
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

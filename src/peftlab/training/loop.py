@@ -25,11 +25,21 @@ rows into model inputs, computes the loss and evaluates. The rest is fixed:
   torch's global generator, which is seeded with `seed + rank` inside `torch.random.fork_rng`, so
   the caller's random state is left as it was.
 * **Distributed**: under `torchrun --nproc_per_node=N` (env WORLD_SIZE > 1) the process group is
-  created if needed (nccl with CUDA, else gloo), the model is wrapped in DistributedDataParallel
-  and the task's `loss` is called with the wrapped module so gradients are averaged across ranks.
-  Each rank's loss is the mean over its equal share of the global batch, so the averaged gradient
-  equals the single-process one. Rank 0 alone evaluates, saves, and prints; the group is destroyed
-  at the end only if `train` created it.
+  created if needed (nccl with CUDA, else gloo) and the model runs under `config.distributed`
+  (training/distributed.py): "ddp", DistributedDataParallel (the task's `loss` is called with the
+  wrapped module), or "fsdp", FSDP2 `fully_shard` per transformer block and at the root, the base
+  sharded too. Either way gradients are averaged across ranks, and each rank's loss is the mean
+  over its equal share of the global batch, so the averaged gradient equals the single-process
+  one. Rank 0 alone saves and prints; it alone evaluates under DDP, every rank does under FSDP
+  (a sharded forward needs them all), and an FSDP save gathers the adapter's parameters only
+  (`gathered_adapter`). The group is destroyed at the end only if `train` created it.
+* **Gradient checkpointing** (`gradient_checkpointing=True`): the model's own (transformers')
+  activation checkpointing for the run, with `gradient_checkpointing_kwargs` (default: torch's
+  non-reentrant checkpointing; `{"use_reentrant": True}` works too: input gradients are switched
+  on for it), switched off again afterwards unless it was on before.
+* **Peak memory**: `TrainResult.peak_memory_bytes` is the process's peak at the end of training
+  (training/memory.py: the RSS high-water mark on CPU, max_memory_allocated on GPU), the largest
+  over the ranks; `peak_memory_measure` says which.
 * **Checkpoints** (rank 0, when `out` is set): `out/last` at every evaluation point and at the end,
   `out/best` whenever the task's metric improves. Saves are atomic (peftlab.core.io.commit_files).
 * **Non-finite numbers**: a step whose loss or gradient norm is not finite (inf or NaN) is skipped:
@@ -45,16 +55,13 @@ rows into model inputs, computes the loss and evaluates. The rest is fixed:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -64,6 +71,9 @@ import torch.nn as nn
 from ..core.errors import AdapterError, ConfigError, PeftlabError, TrainingError
 from ..core.io import non_finite_tensors
 from ..core.method import check_number, check_positive_int
+from . import distributed
+from .distributed import is_main_process  # noqa: F401 (its home before distributed.py)
+from .memory import peak_memory
 from .tasks import format_metrics
 
 if TYPE_CHECKING:
@@ -111,6 +121,9 @@ class TrainConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier
     progress: bool = True               # False: no progress bar and no printed lines
     max_nonfinite_steps: int = 3        # steps with a non-finite loss / gradient skipped; one more fails
+    gradient_checkpointing: bool = False  # the model's activation checkpointing for the run
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None  # e.g. {"use_reentrant": True}
+    distributed: str = "ddp"            # under torchrun: "ddp" or "fsdp" (training/distributed.py)
 
     def validate(self) -> None:
         """ConfigError naming the first bad field; every number must be finite."""
@@ -130,6 +143,16 @@ class TrainConfig:
                               f"multipliers, got {self.lr_scale!r}")
         for pattern, factor in self.lr_scale.items():
             check_number(f"TrainConfig.lr_scale[{pattern!r}]", factor, low=0, low_open=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"TrainConfig.gradient_checkpointing must be True or False, got "
+                              f"{self.gradient_checkpointing!r}")
+        kwargs = self.gradient_checkpointing_kwargs
+        if kwargs is not None and (not isinstance(kwargs, dict) or not self.gradient_checkpointing):
+            raise ConfigError(f"TrainConfig.gradient_checkpointing_kwargs ({kwargs!r}) must be a dict, "
+                              "and goes with gradient_checkpointing=True")
+        if self.distributed not in distributed.ENGINES:
+            raise ConfigError(f"TrainConfig.distributed must be one of {', '.join(distributed.ENGINES)}, "
+                              f"got {self.distributed!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -150,6 +173,8 @@ class TrainResult:
     skipped: list[int] = field(default_factory=list)  # steps (1-based) not applied: non-finite loss / grad
     world_size: int = 1
     rank: int = 0
+    peak_memory_bytes: int | None = None     # the process's peak memory (max over ranks); None: unknown
+    peak_memory_measure: str = ""            # what was measured (training/memory.py)
 
 
 # ---- schedule and data order ---------------------------------------------------------------------
@@ -176,48 +201,6 @@ def index_stream(num_rows: int, seed: int) -> Iterator[int]:
     g = torch.Generator().manual_seed(seed)
     while True:
         yield from torch.randperm(num_rows, generator=g).tolist()
-
-
-# ---- distributed ---------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without distributed training): the process that saves and prints."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return _env_int("RANK", 0) == 0
-
-
-def _setup_distributed() -> tuple[int, int, bool]:
-    """(rank, world_size, created): joins the group torchrun describes in the environment."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if _env_int("WORLD_SIZE", 1) <= 1:
-        return 0, 1, False
-    if not dist.is_available():
-        raise PeftlabError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    # Rank 0 evaluates while the others wait in the next step's all-reduce: allow long evaluations.
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    import torch.distributed as dist
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / world_size
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -269,9 +252,13 @@ def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict]
     if callable(getattr(task, "check", None)):
         task.check(train_rows)
 
-    rank, world_size, created_group = _setup_distributed()
+    rank, world_size, created_group = distributed.setup()
     main = rank == 0
+    checkpointing = config.gradient_checkpointing and not getattr(am.model, "is_activation_checkpointing", False)
     try:
+        distributed.check_engine(am, config.distributed, world_size, optimizer=config.optimizer)
+        if checkpointing:   # refused here (a prefix adapter on an older transformers) before any change
+            am.gradient_checkpointing_enable(config.gradient_checkpointing_kwargs)
         if world_size > 1 and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
             am.to(device)
@@ -281,25 +268,30 @@ def train(am: AdaptedModel, adapter: str, task: TaskLike, train_rows: list[dict]
             if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed + rank)
-            return _train(am, adapter, task, train_rows, eval_rows or None, config, params,
-                          rank, world_size, main, device, start)
+            result = _train(am, adapter, task, train_rows, eval_rows or None, config,
+                            rank, world_size, main, device, start)
+        peak = peak_memory(device)
+        result.peak_memory_bytes, result.peak_memory_measure = peak.bytes, peak.measure
+        if world_size > 1 and peak.bytes is not None and not result.interrupted:
+            result.peak_memory_bytes = int(distributed.all_reduce(torch.tensor(peak.bytes, device=device), "max"))
+            result.peak_memory_measure += f"; the largest of {world_size} processes"
+        return result
     finally:
+        if checkpointing:
+            am.gradient_checkpointing_disable()
         if created_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params, rank: int,
+def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, rank: int,
            world_size: int, main: bool, device: torch.device, start: float) -> TrainResult:
     model: nn.Module = am
     if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # Buffers (rotary tables, position ids) are fixed: synced once at construction, not on
-        # every forward. torch 2.13 renamed the switch.
-        no_buffer_sync = ({"forward_sync_buffers": False}
-                          if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                          else {"broadcast_buffers": False})
-        model = DDP(am, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+        model = distributed.wrap(am, config.distributed, device)
+    sharded = distributed.is_sharded(model)
+    # after wrapping: FSDP replaces every parameter by its sharded DTensor
+    params = [p for p in am.parameters() if p.requires_grad]
 
     from .optim import build_optimizer
     optimizer = build_optimizer([(n, p) for n, p in am.named_parameters() if p.requires_grad],
@@ -326,6 +318,7 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
         else (lambda _msg: None)
 
     saved_at: dict[str, int] = {}
+    seen_best: dict[str, float] = {}
 
     def kept() -> str:
         """What the save directory holds now, for errors that stop training."""
@@ -339,7 +332,7 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
         """Evaluate (rank 0, when there are eval rows) and save out/last and, if improved, out/best;
         TrainingError, on every rank, rather than save an adapter that is not finite."""
         improved = False
-        if main and eval_rows:
+        if eval_rows and (main or sharded):   # a sharded forward needs every rank
             am.eval()
             try:
                 with torch.no_grad(), autocast():
@@ -350,30 +343,34 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
             if task.metric not in metrics:
                 raise PeftlabError(f"{type(task).__name__}.evaluate returned {sorted(metrics)} but "
                                    f"not its metric {task.metric!r}")
-            result.evals.append((step, metrics))
             value = metrics[task.metric]
-            best = result.best
+            best = seen_best.get("value")
             improved = not math.isnan(value) and (
-                best is None or (value > best["value"] if task.higher_is_better else value < best["value"]))
-            if improved:
-                result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
+                best is None or (value > best if task.higher_is_better else value < best))
+            if improved:   # every evaluating rank keeps it: under FSDP they all save together
+                seen_best["value"] = value
+            if main:
+                result.evals.append((step, metrics))
+                if improved:
+                    result.best = {"step": step, "metric": task.metric, "value": value, "metrics": metrics}
             say(f"step {step}/{config.steps}  {format_metrics(metrics)}" + ("  (best)" if improved else ""))
         # Checked whether or not this loop saves (a caller such as the CLI saves the result
-        # itself): a non-finite adapter ends training here. DDP ranks hold the same adapter, so
-        # every rank stops together.
-        bad = non_finite_tensors({f"{name} at {path!r}": t
-                                  for (path, name), t in am.adapter_tensors(adapter).items()})
-        if bad:
-            raise TrainingError(f"training stopped at step {step}: adapter {adapter!r} is not finite "
-                                f"(its tensor {bad[0]} holds inf or NaN), so it was not saved. "
-                                f"{kept()} {_NONFINITE_FIX}")
-        if out is None:
-            return
-        if main:
-            result.saved["last"] = am.save_adapter(out / "last", adapter)
-            saved_at["last"] = step
-            if improved:
-                result.saved["best"] = am.save_adapter(out / "best", adapter)
+        # itself): a non-finite adapter ends training here. Ranks hold the same adapter (whole
+        # under DDP, gathered under FSDP), so every rank stops together.
+        with distributed.gathered_adapter(am, adapter):
+            bad = non_finite_tensors({f"{name} at {path!r}": t
+                                      for (path, name), t in am.adapter_tensors(adapter).items()})
+            if bad:
+                raise TrainingError(f"training stopped at step {step}: adapter {adapter!r} is not finite "
+                                    f"(its tensor {bad[0]} holds inf or NaN), so it was not saved. "
+                                    f"{kept()} {_NONFINITE_FIX}")
+            if out is None:
+                return
+            if main:
+                result.saved["last"] = am.save_adapter(out / "last", adapter)
+                saved_at["last"] = step
+                if improved:
+                    result.saved["best"] = am.save_adapter(out / "best", adapter)
 
     train_seconds = 0.0
     recent: list[float] = []
@@ -389,8 +386,7 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                 rows = [train_rows[i] for i in ids[micro * config.batch_size:(micro + 1) * config.batch_size]]
                 batch = _to_device(task.collate(rows), device)
                 last_micro = micro == config.grad_accum - 1
-                sync = model.no_sync() if world_size > 1 and not last_micro else nullcontext()
-                with sync:
+                with distributed.accumulating(model, last_micro):
                     with autocast():
                         loss = task.loss(model, batch)
                         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -403,11 +399,12 @@ def _train(am, adapter, task, train_rows, eval_rows, config: TrainConfig, params
                 total += loss.detach().float()
             mean_loss = total / config.grad_accum
             if world_size > 1:   # before the update: every rank then skips the same steps
-                mean_loss = _all_reduce_mean(mean_loss, world_size)
+                mean_loss = distributed.all_reduce(mean_loss)
             if config.max_grad_norm is not None and config.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = distributed.full_value(norm)   # FSDP: the norm of the sharded gradients, whole
             # one host sync for both; the gradients are averaged across ranks, so is the norm
             loss_value, norm_value = torch.stack([mean_loss.float(), norm.float().to(device)]).tolist()
             if math.isfinite(loss_value) and math.isfinite(norm_value):

@@ -35,8 +35,9 @@ The modules: `settings` (what a grid is: Settings, Cell, cell keys, the parsed o
 resumable grid, the command) and `report` (summary over seeds, table, plots, files).
 """
 
+from ...training.memory import PeakRSS
 from .grid import NotRun, compare_command, run_cell, run_grid
-from .measure import PeakRSS, environment, warm_up
+from .measure import environment, warm_up
 from .report import summarise, write_report
 from .settings import Cell, Settings
 

@@ -25,10 +25,10 @@ from ...core.model import AdaptedModel, adapt
 from ...core.typology import summarise_sites
 from ...methods import get_method
 from ...training.loop import TrainConfig, train
+from ...training.memory import PeakRSS
 from ...training.tasks import ClassificationTask, RegressionTask
 from ..recipes import build_job, method_config
 from .measure import (
-    PeakRSS,
     TokenCounter,
     available_memory,
     directory_bytes,

@@ -1,65 +1,25 @@
-"""How `peftlab compare` measures a cell: peak memory (`PeakRSS`), the memory full fine-tuning
-needs, input tokens, forward latency, bytes on disk, and the environment the numbers come from."""
+"""How `peftlab compare` measures a cell: the memory full fine-tuning needs, input tokens, forward
+latency, bytes on disk, and the environment the numbers come from (peak memory: `PeakRSS` in
+training/memory.py)."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
 
 from ... import __version__
+from ...training.memory import MEMORY_MEASURE
 
 LATENCY_REPEATS = 10
 FULL_FIT_MARGIN = 0.8   # share of the available memory full fine-tuning may plan for: activations need the rest
-MEMORY_MEASURE = ("peak resident set (RSS) growth during training: the kernel's high-water mark "
-                  "VmHWM, reset through /proc/self/clear_refs with freed heap trimmed first, minus "
-                  "VmRSS at the start (Linux)")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap back to the system (glibc), so memory an earlier run left free is not
-    reused unseen by the next one."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRSS:
-    """Peak growth of the resident set while the block runs (`MEMORY_MEASURE`); `peak_bytes` is
-    None where the kernel's high-water mark cannot be reset (not Linux)."""
-
-    def __enter__(self) -> Self:
-        gc.collect()
-        _malloc_trim()
-        try:
-            # 5: reset VmHWM to the current RSS (a kernel switch, not a file: no atomic writer)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.start: int | None = _status_kib("VmRSS")
-        except OSError:
-            self.start = None
-        self.peak_bytes: int | None = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.start is not None:
-            self.peak_bytes = 1024 * (_status_kib("VmHWM") - self.start)
 
 
 def available_memory() -> int | None:

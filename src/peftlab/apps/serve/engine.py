@@ -17,6 +17,7 @@ import torch
 from ...core.bank import AdapterBank
 from ...core.errors import CapabilityError, PeftlabError
 from ...core.model import AdaptedModel
+from ...core.quantised import Quantization
 from ...training.chat import prompt_ids
 
 KINDS = ("causal-lm", "classification")
@@ -222,18 +223,19 @@ class Engine:
 def load_engine(model: str, adapters: str | Path | None, *, causal: bool,
                 max_adapters: int = 8, labels: Sequence[str] | None = None, num_labels: int = 2,
                 max_input_tokens: int | None = None, max_new_tokens: int = 256,
-                max_adapter_bytes: int | None = None) -> Engine:
+                max_adapter_bytes: int | None = None, quantization: Quantization | None = None) -> Engine:
     """An Engine for a model name (`smollm2`, `minilm`) or local model directory, serving the
     adapters under `adapters`. Classification models get a head of `num_labels` outputs (the
     length of `labels` when given), which each adapter's trained head replaces.
-    `max_adapter_bytes`: the largest tensors file the bank loads (None: its default)."""
+    `max_adapter_bytes`: the largest tensors file the bank loads (None: its default).
+    `quantization`: the base loaded quantised by bitsandbytes, as the adapters were trained."""
     from ... import adapt
     from ...assets import load_model
 
     if causal:
-        base, tokenizer = load_model(model, kind="causal-lm")
+        base, tokenizer = load_model(model, kind="causal-lm", quantization=quantization)
     else:
-        base, tokenizer = load_model(model, kind="classification",
+        base, tokenizer = load_model(model, kind="classification", quantization=quantization,
                                      num_labels=len(labels) if labels else num_labels)
     am = adapt(base)
     bank = AdapterBank(am, adapters, max_adapters=max_adapters, max_adapter_bytes=max_adapter_bytes)
