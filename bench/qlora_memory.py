@@ -64,7 +64,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     import peftlab
-    from peftlab.apps.compare.measure import PeakRSS
+    from peftlab.training.memory import PeakRSS
     from peftlab.training.tasks import CausalLMTask
 
     torch.manual_seed(0)
