@@ -43,7 +43,8 @@ OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.sites import compress_paths, describe_sites, model_family
+    from ..core.role_maps import model_family
+    from ..core.sites import compress_paths, describe_sites
     model = load_model_skeleton(args.model)
     print(f"{type(model).__name__}  (architecture map: {model_family(model)})")
     for role, paths in describe_sites(model).items():

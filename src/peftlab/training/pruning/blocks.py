@@ -10,13 +10,12 @@ from torch import nn
 
 from ...core.errors import CapabilityError
 from ...core.model import AdaptedModel
+from ...core.role_maps import model_family, model_layout
 from ...core.sites import (
     attention_heads,
     dims,
     iter_modules,
     layer_index,
-    model_family,
-    model_layout,
     site_roles,
 )
 
