@@ -211,7 +211,7 @@ def test_method_record():
     m = get_method("bitfit")
     assert m.typology.form == "bias" and m.typology.adaptation == "selection"
     assert m.typology.mergeable and m.supports("merge")
-    assert set(m.layer_kinds) == {"linear", "conv1d", "norm"}
+    assert set(m.layer_kinds) == {"linear", "conv1d", "norm", "conv"}
     am = peftlab.adapt(tiny_gpt2())
     am.add_adapter("a", BitFitConfig())
     assert "biases of all-linear, norm" in am.card("a")

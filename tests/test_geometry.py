@@ -37,8 +37,9 @@ def test_a_wrapper_answers_for_its_layer():
 
 
 def test_layers_without_an_out_in_reading_are_refused():
-    with pytest.raises(CapabilityError, match="Conv2d"):
-        dims(nn.Conv2d(2, 3, 3))
+    assert dims(nn.Conv2d(2, 3, 3)) == (2, 3)       # torch convolutions: (in, out) channels
+    with pytest.raises(CapabilityError, match="ConvTranspose2d"):
+        dims(nn.ConvTranspose2d(2, 3, 3))
     with pytest.raises(CapabilityError, match="no weight"):
         dims(nn.ReLU())
 

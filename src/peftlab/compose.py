@@ -229,6 +229,9 @@ def _compose_lowrank(inputs: list[Adapter], weights: list[float], mode: str, how
             k = rank or sum(a.shape[0] for _, a in pairs)
             B, A, errors[path] = _truncated_svd(dense, min(k, *dense.shape))
         ranks[path] = A.shape[0]
+        # back to the stored shapes: a conv's A (r, in, *kernel), B (out, r, 1, ...); Linear's as is
+        A = A.reshape(A.shape[0], *ds[0].lora_A.shape[1:])
+        B = B.reshape(B.shape[0], B.shape[1], *ds[0].lora_B.shape[2:])
         tensors[(path, "lora_A")], tensors[(path, "lora_B")] = A.to(dtype), B.to(dtype)
     r = max(set(ranks.values()), key=list(ranks.values()).count)    # the commonest rank
     odd = {re.escape(p): k for p, k in ranks.items() if k != r}

@@ -35,7 +35,8 @@ from .sites import Site, iter_modules, resolve_sites, sites_at
 if TYPE_CHECKING:
     from .model import AdaptedModel
 
-_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding", "norm": "a norm"}
+_KIND_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding", "norm": "a norm",
+               "conv": "nn.Conv1d/2d/3d"}
 
 TensorMap = Mapping[tuple[str, str], torch.Tensor]    # (site or module path, tensor name) -> tensor
 

@@ -30,22 +30,25 @@ from torch.func import functional_call
 
 from .errors import AdapterError, CapabilityError
 from .quantised import quantisation
-from .sites import dims, weight_out_in
+from .sites import TORCH_CONVS, dims, weight_out_in
 
 if TYPE_CHECKING:
     # annotations only: the router (routing.py) looks up methods, whose records name this module's
     # classes, so routing.py sits above this module
     from .routing import RoutingState
 
-LAYER_KINDS = ("linear", "conv1d", "embedding", "norm")
+LAYER_KINDS = ("linear", "conv1d", "embedding", "norm", "conv")
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """'linear' (bitsandbytes' quantised Linear4bit / Linear8bitLt included: they subclass
     nn.Linear), 'conv1d' (GPT-2's transposed Linear), 'embedding', 'norm' (LayerNorm, RMSNorm
-    and the like: an elementwise weight over the last dimension), or None for other modules."""
+    and the like: an elementwise weight over the last dimension), 'conv' (torch's nn.Conv1d /
+    Conv2d / Conv3d: channels are dim 1 of their activations), or None for other modules."""
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, TORCH_CONVS):
+        return "conv"
     if isinstance(module, nn.Embedding):
         return "embedding"
     name = type(module).__name__
@@ -181,7 +184,7 @@ class MixedDeltas:
 
 
 class AdaptedLayer(nn.Module):
-    """A base Linear / GPT-2 Conv1D / Embedding / norm plus named deltas; the output is the base
+    """A base Linear / GPT-2 Conv1D / Embedding / norm / torch convolution plus named deltas; the output is the base
     output plus the active, unmerged deltas' contributions, applied in activation order."""
 
     is_peftlab_wrapper = True

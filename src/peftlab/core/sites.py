@@ -230,24 +230,64 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+# torch's convolutions (layer kind "conv"); not their transposed forms, whose weight is (in, out, *k)
+TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """nn.Conv1d / Conv2d / Conv3d (or the layer a peftlab wrapper holds). Not linear-like:
+    `all-linear` leaves convolutions out, as peft's does."""
+    return isinstance(unwrap(module), TORCH_CONVS)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a delta on a torch convolution needs of it: channels (activations' dim 1), kernel,
+    and how it slides (a conv's weight is (out, in / groups, *kernel))."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+
+    @property
+    def spatial(self) -> int:
+        """The number of spatial dimensions: 1, 2 or 3."""
+        return len(self.kernel)
+
+
+def conv_geometry(module: nn.Module) -> ConvGeometry:
+    """The geometry of a torch convolution (or of the one a peftlab wrapper holds)."""
+    conv = unwrap(module)
+    if not isinstance(conv, TORCH_CONVS):
+        raise CapabilityError(f"a {type(conv).__name__} is not an nn.Conv1d, Conv2d or Conv3d")
+    return ConvGeometry(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                        conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                        tuple(conv.dilation), conv.groups, conv.padding_mode)
+
+
 def weight_axes(module: nn.Module) -> tuple[int, int]:
-    """(output axis, input axis) of the stored weight of a Linear — (0, 1) — or of a GPT-2
-    Conv1D or an Embedding — (1, 0), as they store it transposed; a peftlab wrapper answers for
-    the layer it holds."""
+    """(output axis, input axis) of the stored weight of a Linear or a torch convolution — (0, 1)
+    — or of a GPT-2 Conv1D or an Embedding — (1, 0), as they store it transposed; a peftlab
+    wrapper answers for the layer it holds."""
     module = unwrap(module)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, *TORCH_CONVS)):
         return 0, 1
     if isinstance(module, nn.Embedding) or _is_conv1d(module):
         return 1, 0
-    raise CapabilityError(f"a {type(module).__name__} is not a Linear, GPT-2 Conv1D or Embedding "
-                          "layer, so its weight has no (out, in) reading; target one of those")
+    raise CapabilityError(f"a {type(module).__name__} is not a Linear, GPT-2 Conv1D, Embedding or "
+                          "torch convolution, so its weight has no (out, in) reading; target one of those")
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear, GPT-2 Conv1D, Embedding or norm (or of the layer a peftlab wrapper
-    holds) as an (out, in) view; a norm's elementwise (d,) weight is returned as it is. A
-    bitsandbytes-quantised layer's weight is packed: it is dequantised into a new fp32 tensor
-    (so writing into the result changes nothing: merging goes through core/merging.py)."""
+    holds) as an (out, in) view; a norm's elementwise (d,) weight and a torch convolution's
+    (out, in / groups, *kernel) weight are returned as they are. A bitsandbytes-quantised
+    layer's weight is packed: it is dequantised into a new fp32 tensor (so writing into the result changes nothing: merging goes through core/merging.py)."""
     module = unwrap(module)
     if isinstance(module, nn.Linear):    # first: layers read this in their forward
         return dequantised(module) if quantisation(module) else module.weight
@@ -262,12 +302,15 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, GPT-2 Conv1D, Embedding (vocabulary, width) or
-    norm (width, width), read from its current weight (a bitsandbytes-quantised layer's from the
-    module: its packed weight has another shape); a peftlab wrapper answers for its layer."""
+    """(in_features, out_features) of a Linear, GPT-2 Conv1D, Embedding (vocabulary, width),
+    norm (width, width) or torch convolution (in, out channels), read from its current weight (a
+    bitsandbytes-quantised layer's from the module: its packed weight has another shape); a
+    peftlab wrapper answers for its layer."""
     module = unwrap(module)
     if quantisation(module):
         return features(module)
+    if isinstance(module, TORCH_CONVS):     # weight (out, in / groups, *kernel)
+        return module.weight.shape[1] * module.groups, module.weight.shape[0]
     weight = weight_out_in(module)
     return weight.shape[-1], weight.shape[0]
 

@@ -21,12 +21,13 @@ from ..core.method import Capability, Method, MethodConfig
 from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site
 from ..core.typology import Typology
+from ._conv import build_conv_bias
 
 
 @dataclass
 class BitFitConfig(MethodConfig):
-    """BitFit on Linear, GPT-2 Conv1D and norm sites (default: every linear layer but the head,
-    and every norm)."""
+    """BitFit on Linear, GPT-2 Conv1D, norm and torch convolution sites (default: every linear
+    layer but the head, and every norm; convolutions when targeted: methods/_conv.py)."""
 
     targets: str | list[str] = field(default_factory=lambda: ["all-linear", "norm"])
 
@@ -83,7 +84,9 @@ class BiasDelta(Delta):
         base.bias.copy_((base.bias.float() + self.bias.float()).to(base.bias.dtype))   # one rounding
 
 
-def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bool = True) -> BiasDelta:
+def _build(site: Site, layer: AdaptedLayer, config: BitFitConfig, initialise: bool = True) -> Delta:
+    if layer.kind == "conv":
+        return build_conv_bias(layer, config)
     weight = layer.base_layer.weight
     bias = getattr(layer.base_layer, "bias", None)
     dtype = bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
@@ -117,7 +120,7 @@ METHOD = Method(
         workspace="every sublayer: attention and FFN projections and the norms",
         param_formula="d_out per site",
     ),
-    layer_kinds=("linear", "conv1d", "norm"),
+    layer_kinds=("linear", "conv1d", "norm", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
                             Capability.QUANTISED_BASE}),
     merge_condition="not into a norm without a bias term (RMSNorm)",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
-from ..core.layer import AdaptedLayer, Delta, MixedDeltas, per_example
+from ..core.layer import AdaptedLayer, Delta, MixedDeltas, layer_kind, per_example
 from ..core.method import (
     Capability,
     Method,
@@ -32,6 +32,7 @@ from ..core.precision import adapter_dtype, cast_one
 from ..core.sites import Site, dims, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import PREFIX, split_copies
+from ._conv import build_conv_ia3, ia3_peft_shape
 
 TENSOR = "ia3_l"
 
@@ -50,7 +51,8 @@ def check_feedforward(value: Any, owner: str) -> list[str]:
 
 @dataclass
 class IA3Config(MethodConfig):
-    """(IA)³ on Linear and GPT-2 Conv1D sites.
+    """(IA)³ on Linear, GPT-2 Conv1D and torch convolution sites (nn.Conv1d/2d/3d, whose
+    channels are dim 1: methods/_conv.py).
 
     `feedforward`: roles or module-path regexes (matched at a dotted boundary, as peft does)
     whose vector scales the layer's input instead of its output; by default the FFN down
@@ -131,9 +133,11 @@ def _size(layer: AdaptedLayer, scale_input: bool) -> int:
     return layer.in_features if scale_input else layer.out_features
 
 
-def _build(site: Site, layer: AdaptedLayer, config: IA3Config, initialise: bool = True) -> IA3Delta:
+def _build(site: Site, layer: AdaptedLayer, config: IA3Config, initialise: bool = True) -> Delta:
     # ones is both the initial value and harmless filler for a checkpoint to overwrite
     scale_input = config.scales_input(site)
+    if layer.kind == "conv":
+        return build_conv_ia3(layer, _size(layer, scale_input), scale_input, config)
     weight = layer.base_layer.weight
     return IA3Delta(_size(layer, scale_input), scale_input, dtype=adapter_dtype(config, weight.dtype),
                     device=weight.device)
@@ -157,11 +161,13 @@ def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[s
     for site in adapter.sites:
         delta = adapter.layers[site.path].deltas[adapter.name]
         l = delta.ia3_l.detach()
+        if adapter.layers[site.path].kind == "conv":    # (1, d, 1, ...): a conv's channels are dim 1
+            l = l.reshape(ia3_peft_shape(site.module, site.path, l.numel()))
         if delta.scale_input:
             feedforward.append(site.path)
-            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(1, -1)
+            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(1, -1) if l.dim() == 1 else l
         else:
-            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(-1, 1)
+            tensors[f"{PREFIX}{site.path}.{TENSOR}"] = l.reshape(-1, 1) if l.dim() == 1 else l
     kinds = {layer.kind for layer in adapter.layers.values()}
     fields = {
         "target_modules": [s.path for s in adapter.sites],
@@ -204,6 +210,8 @@ def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.T
         is_ff = _peft_is_feedforward(cfg.get("feedforward_modules"), site.path)
         d_in, d_out = dims(site.module) if hasattr(site.module, "weight") else (None, None)
         expected = (1, d_in) if is_ff else (d_out, 1)
+        if layer_kind(site.module) == "conv":
+            expected = ia3_peft_shape(site.module, site.path, d_in if is_ff else d_out)
         if tuple(t.shape) != expected:
             raise CheckpointError(
                 f"ia3_l of {site.path!r} is {list(t.shape)} but this model needs {list(expected)} "
@@ -234,7 +242,7 @@ METHOD = Method(
         workspace="attention (K, V) and the FFN intermediate activation",
         param_formula="d_out per output-scaled site, d_in per feed-forward (input-scaled) site",
     ),
-    layer_kinds=("linear", "conv1d"),
+    layer_kinds=("linear", "conv1d", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
                             Capability.QUANTISED_BASE}),
     composition="scale",

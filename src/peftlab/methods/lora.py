@@ -41,13 +41,15 @@ from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
+from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
 
 @dataclass
 class LoraConfig(MethodConfig):
-    """LoRA, rsLoRA and DoRA on Linear, GPT-2 Conv1D and Embedding sites.
+    """LoRA, rsLoRA and DoRA on Linear, GPT-2 Conv1D, Embedding and torch convolution sites
+    (nn.Conv1d/2d/3d as peft's conv LoRA: methods/_conv.py).
 
     `init`: "zero" (B = 0, the default: a new adapter is a no-op), "gaussian" (A ~ N(0, 1/r),
     B = 0), "random" (A and B both random: a non-zero delta, for tests and composition) or
@@ -393,7 +395,9 @@ class LowRankDelta(Delta):
         w.copy_(merged.to(w.dtype))
 
 
-def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> LowRankDelta:
+def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> Delta:
+    if layer.kind == "conv":
+        return build_conv_lora(site, layer, config, initialise)
     embedding = layer.kind == "embedding"
     if config.dora and embedding:
         raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
@@ -412,6 +416,8 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     r, d_in, d_out = config.rank_at(layer, site), layer.in_features, layer.out_features
+    if layer.kind == "conv":
+        return conv_lora_shapes(layer, r, config.dora)
     shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
     if config.dora:
         shapes["magnitude"] = (d_out,)
@@ -457,6 +463,9 @@ def to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[st
         delta = layer.deltas[name]
         kind = "embedding" if layer.kind == "embedding" else "linear"
         B, A = (t.detach() for t in delta.factors())
+        if layer.kind == "conv":     # peft's conv shapes: A (r, in, *kernel), B (out, r, 1, ...)
+            check_peft_conv(layer.base_layer, site.path)
+            B, A = delta.lora_B.detach(), delta.lora_A.detach()
         r = A.shape[0]
         # Keep the site's scaling s at the exported rank: α' = s·r' (rsLoRA: s·√r').
         alpha = delta.scaling * (math.sqrt(r) if config.rslora else r)
@@ -536,7 +545,10 @@ def from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Te
                         rslora=bool(cfg.get("use_rslora", False)), dora=bool(cfg.get("use_dora", False)),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         modules_to_save=[s.path for s in copy_sites] or None)
-    return config, sites_at(am.model, paths, am.site_roles()), {**lora, **copies}
+    sites = sites_at(am.model, paths, am.site_roles())
+    for site in sites:      # peft's A ignores a conv's dilation and padding mode: not ours there
+        check_peft_conv(site.module, site.path)
+    return config, sites, {**lora, **copies}
 
 
 def _check_unchanged_base(am: AdaptedModel, path: str, weight: torch.Tensor) -> None:
@@ -571,7 +583,7 @@ METHOD = Method(
         workspace="the targeted projections (attention Q, V by default)",
         param_formula="r·(d_in + d_out) per site (+ d_out with DoRA)",
     ),
-    layer_kinds=("linear", "conv1d", "embedding"),
+    layer_kinds=("linear", "conv1d", "embedding", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
                             Capability.QUANTISED_BASE}),
     composition="lowrank",
