@@ -280,6 +280,9 @@ def test_dilated_or_reflect_padded_convs_merge_exactly_but_have_no_peft_form(con
     am.merge("a")          # A slides like the base, so B(A(x)) is conv(x, ΔW)
     torch.testing.assert_close(outputs(am, x), live, atol=1e-5, rtol=0)
     am.unmerge("a")
+    mixed = outputs(am, x, adapter_ids=["a", None, "a", None])    # the grouped conv slides alike
+    torch.testing.assert_close(mixed[::2], live[::2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1::2], outputs(net(2, conv2=conv2), x)[1::2], atol=1e-5, rtol=0)
     with pytest.raises(CapabilityError, match="conv2.*peft 0.21's conv LoRA builds A without"):
         peftlab.export_peft(am, "a", tmp_path / "peft")
     am.save_adapter(tmp_path / "own", "a")        # kept in peftlab's layout instead
@@ -288,6 +291,17 @@ def test_dilated_or_reflect_padded_convs_merge_exactly_but_have_no_peft_form(con
     again.load_adapter(tmp_path / "own", "a")
     again.set_active("a")
     assert torch.equal(outputs(again, x), live)
+
+
+def test_an_unbatched_input_gets_the_same_deltas():
+    for method in CONFIGS:
+        am = adapted(2, method, **({"dora": True} if method == "lora" else {}))
+        perturb(am, "a")
+        x = images(2, n=1)
+        for path in TARGETS:
+            layer = am.model.get_submodule(path)
+            torch.testing.assert_close(outputs(layer, x[0]), outputs(layer, x)[0], atol=1e-6, rtol=0)
+            x = torch.randn(1, 8, *SIZES[2])
 
 
 def test_lora_refuses_grouped_convs_and_pissa_before_changing_anything():
@@ -340,7 +354,7 @@ def test_ia3_export_and_import_match_peft(dim, tmp_path):
 
 def test_ia3_on_conv1d_has_no_peft_form_and_saves_in_peftlab_layout(tmp_path):
     am = adapted(1, "ia3")
-    with pytest.raises(CapabilityError, match="IA3 adapts nn.Conv2d / Conv3d but not the nn.Conv1d at 'conv1'"):
+    with pytest.raises(CapabilityError, match="but not the nn.Conv1d at 'conv1'"):
         peftlab.export_peft(am, "a", tmp_path / "peft")
     am.save_adapter(tmp_path / "own", "a")
     assert not (tmp_path / "own" / "adapter_config.json").exists()

@@ -287,7 +287,8 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear, GPT-2 Conv1D, Embedding or norm (or of the layer a peftlab wrapper
     holds) as an (out, in) view; a norm's elementwise (d,) weight and a torch convolution's
     (out, in / groups, *kernel) weight are returned as they are. A bitsandbytes-quantised
-    layer's weight is packed: it is dequantised into a new fp32 tensor (so writing into the result changes nothing: merging goes through core/merging.py)."""
+    layer's weight is packed: it is dequantised into a new fp32 tensor (so writing into the
+    result changes nothing: merging goes through core/merging.py)."""
     module = unwrap(module)
     if isinstance(module, nn.Linear):    # first: layers read this in their forward
         return dequantised(module) if quantisation(module) else module.weight

@@ -206,7 +206,9 @@ class ConvLowRankDelta(Delta):
         A = self.lora_A.float()
         return (self.lora_B.float().flatten(1) @ A.flatten(1)).view(-1, *A.shape[1:]) * self.scaling
 
-    def _factors(self, activation: torch.dtype, device: torch.device) -> tuple[torch.dtype, list[torch.Tensor]]:
+    def _factors(self, activation: torch.dtype, device: torch.device
+                 ) -> tuple[torch.dtype, list[torch.Tensor]]:
+        """The compute dtype and [A, B] in it (cached between updates: `cast_at_use`)."""
         p = self._parameters
         dtype = compute_dtype(p["lora_A"].dtype, activation, device)
         return dtype, cast_at_use(self, [p["lora_A"], p["lora_B"]], dtype)
@@ -235,7 +237,8 @@ class ConvLowRankDelta(Delta):
         if self.dropout is not None and self.training:
             plain = conv_like(base, x, base.weight.to(dtype))
         else:
-            plain = (base_out if base.bias is None else base_out - channels(base.bias, self.spatial)).to(dtype)
+            plain = base_out if base.bias is None else base_out - channels(base.bias, self.spatial)
+            plain = plain.to(dtype)
         y = out.to(dtype) + (scale - 1) * plain + scale * lora * self.scaling
         return y.to(out.dtype)
 
