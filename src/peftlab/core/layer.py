@@ -184,8 +184,9 @@ class MixedDeltas:
 
 
 class AdaptedLayer(nn.Module):
-    """A base Linear / GPT-2 Conv1D / Embedding / norm / torch convolution plus named deltas; the output is the base
-    output plus the active, unmerged deltas' contributions, applied in activation order."""
+    """A base Linear / GPT-2 Conv1D / Embedding / norm / torch convolution plus named deltas; the
+    output is the base output plus the active, unmerged deltas' contributions, applied in
+    activation order."""
 
     is_peftlab_wrapper = True
 
