@@ -52,11 +52,6 @@ def conv_like(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: in
     return fn(x, weight, None, base.stride, padding, base.dilation, groups)
 
 
-def _pointwise(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """B's 1×1 conv: `weight` (out, r, 1, ...) applied to h (..., r, *positions)."""
-    return _CONV_FNS[weight.dim() - 2](h, weight)
-
-
 def channels(v: torch.Tensor, spatial: int) -> torch.Tensor:
     """A per-channel vector (d,) as (d, 1, ..., 1): it broadcasts over a conv activation's
     positions, batched (N, d, *positions) or not."""
@@ -208,10 +203,15 @@ class ConvLowRankDelta(Delta):
 
     def _factors(self, activation: torch.dtype, device: torch.device
                  ) -> tuple[torch.dtype, list[torch.Tensor]]:
-        """The compute dtype and [A, B] in it (cached between updates: `cast_at_use`)."""
+        """The compute dtype and [A (r, in, *kernel), B (out, r)] in it (cached between updates:
+        `cast_at_use`)."""
         p = self._parameters
         dtype = compute_dtype(p["lora_A"].dtype, activation, device)
-        return dtype, cast_at_use(self, [p["lora_A"], p["lora_B"]], dtype)
+        return dtype, cast_at_use(self, [p["lora_A"], p["lora_B"]], dtype, self._prepare)
+
+    @staticmethod
+    def _prepare(raw: list[torch.Tensor], dtype: torch.dtype, cached: bool) -> list[torch.Tensor]:
+        return [raw[0].to(dtype), raw[1].to(dtype).flatten(1)]
 
     def _row_scale(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
         """DoRA's m / ‖W + ΔW‖ per output channel (out,), the norm in fp32 and a constant for the
@@ -224,23 +224,30 @@ class ConvLowRankDelta(Delta):
         return cast_at_use(self, raw, dtype, prepare, slot="_cast_dora")[0]
 
     def contribute(self, layer, x, base_out, out):
+        # B, a 1×1 conv, runs as a matmul over the flattened positions: F.conv2d with 8 input
+        # channels takes ~8× a matmul's time on CPU (16 × 64 × 32 × 32, r 8: 8.2 vs 1.0 ms)
         base = layer.base_layer
-        dtype, (A, B) = self._factors(out.dtype, out.device)
+        dtype, (A, B) = self._factors(out.dtype, out.device)                 # B: (out, r)
         if self.dropout is not None:
             x = self.dropout(x)
         x = x.to(dtype)
-        lora = _pointwise(conv_like(base, x, A), B)
-        if not self.dora:      # as peft: result + lora_B(lora_A(dropout(x))) * scaling
-            return (out.to(dtype) + lora * self.scaling).to(out.dtype)
+        h = conv_like(base, x, A).flatten(-self.spatial)                    # (N, r, P) or (r, P)
+        acc = out.to(dtype).flatten(-self.spatial)                          # (N, out, P) or (out, P)
+        if not self.dora:      # peft's result + lora_B(lora_A(dropout(x))) * scaling, fused
+            if h.dim() == 3:
+                acc = torch.baddbmm(acc, B.expand(h.shape[0], -1, -1), h, alpha=self.scaling)
+            else:
+                acc = torch.addmm(acc, B, h, alpha=self.scaling)
+            return acc.to(out.dtype).view(out.shape)
         # DoRA, as peft: a correction on the base output, W x recomputed on a dropped-out input
-        scale = channels(self._row_scale(layer, dtype), self.spatial)
+        scale = self._row_scale(layer, dtype)[:, None]                       # (out, 1)
         if self.dropout is not None and self.training:
             plain = conv_like(base, x, base.weight.to(dtype))
         else:
             plain = base_out if base.bias is None else base_out - channels(base.bias, self.spatial)
-            plain = plain.to(dtype)
-        y = out.to(dtype) + (scale - 1) * plain + scale * lora * self.scaling
-        return y.to(out.dtype)
+        plain = plain.to(dtype).flatten(-self.spatial)
+        y = acc + (scale - 1) * plain + scale * (B @ h) * self.scaling
+        return y.to(out.dtype).view(out.shape)
 
     @torch.no_grad()
     def merge_into(self, layer: AdaptedLayer) -> None:
