@@ -194,3 +194,25 @@ def test_status_and_card():
     for needle in ("attn.q ×2", "attn.v ×2", "lowrank", "weight-delta", "mergeable             yes",
                    f"{n:,}", "active, frozen, merged"):
         assert needle in text, needle
+
+
+def test_an_adapter_added_to_a_model_in_eval_mode_runs_without_dropout():
+    """Modules are built in training mode; a delta joining an eval-mode model takes its mode, so
+    LoRA dropout does not fire at inference (two forwards agree and match the merged model)."""
+    import torch
+    from torch import nn
+
+    import peftlab
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    am = peftlab.adapt(model)
+    am.add_adapter("a", peftlab.LoraConfig(targets="all-linear", r=4, dropout=0.5, init="random"))
+    am.set_active("a")
+    x = torch.randn(8, 16)
+    first, second = am(x), am(x)
+    assert torch.equal(first, second)
+    am.merge("a")
+    torch.testing.assert_close(am(x), first, rtol=1e-5, atol=1e-5)
+    am.unmerge("a")
+    am.train()
+    assert all(m.training for m in am.modules())

@@ -214,6 +214,9 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
         for site in sites:
             part = method.build(site, layers.get(site.path), config, initialise=tensors is None,
                                 **build_kwargs)
+            # modules are built in training mode: a delta added to a model in eval mode must not
+            # run its dropout at inference, so it takes the mode of the layer it joins
+            part.train(site.module.training)
             parts[site.path] = part
             if tensors is not None:
                 with torch.no_grad():
@@ -222,6 +225,8 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
                 if isinstance(part, Delta):
                     part.loaded(layers[site.path], site.path)
         hook = method.build_hook(am.model, config, parts) if method.build_hook else None
+        if hook is not None:
+            hook.train(am.model.training)
         terms = method.loss_terms(am, name, config, parts) if method.loss_terms else []
         copies: dict[str, nn.Module] = {}
         for site in copy_sites:
