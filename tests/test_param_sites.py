@@ -12,6 +12,7 @@ import warnings
 import peft
 import pytest
 import torch
+from torch import nn
 from transformers import (MambaConfig, MambaForCausalLM, MixtralConfig, MixtralForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -224,17 +225,70 @@ def test_peft_saved_expert_lora_loads_with_equal_logits(family, tmp_path):
     assert torch.allclose(logits(am), expected, atol=1e-5, rtol=0)
 
 
-def test_expert_lora_alongside_attention_and_transposed_layout():
-    """Experts and attention LoRA in one adapter export and reload; an experts module that stores
-    (experts, in, out) (`is_transposed`) gets its ΔW transposed, as peft does."""
-    am = experts_adapter(tiny_mixtral, targets=["attn.q", "ffn.experts"])
-    expected = logits(am)
-    experts = am.model.model.layers[0].mlp.experts
-    delta = experts.deltas["e"]
-    delta.transposed["down_proj"] = True
-    assert delta.delta_of("down_proj").shape == (4, 16, 32)
-    delta.transposed["down_proj"] = False
-    assert torch.equal(logits(am), expected)
+class TransposedExperts(nn.Module):
+    """Experts stored (experts, in, out), as transformers' `is_transposed` implementations do."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 6) / 3)      # (experts, in 8, out 6)
+        self.down_proj = nn.Parameter(torch.randn(4, 6, 8) / 3)         # (experts, in 6, out 8)
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("ti,tio->to", x, self.gate_up_proj[expert]).relu()
+        return torch.einsum("ti,tio->to", h, self.down_proj[expert])
+
+
+class TransposedMoE(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList([nn.ModuleDict({"experts": TransposedExperts()})])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert = torch.arange(x.shape[0]) % 4
+        return x + self.layers[0]["experts"](x, expert)
+
+
+def test_transposed_experts_match_peft(tmp_path):
+    """An experts module storing (experts, in, out) gets ΔW_e = (s·B_e A_e)ᵀ, as peft does: our
+    export loads in peft with equal outputs, and peft's adapter loads in peftlab."""
+    x = torch.randn(8, 8)
+    am = peftlab.adapt(TransposedMoE())
+    am.add_adapter("t", LoraConfig(targets=["ffn.experts"], r=2, init="random"))
+    am.set_active("t")
+    f = am.model.layers[0]["experts"].deltas["t"]._modules["gate_up_proj"]
+    assert f.lora_A.shape == (4, 2, 8) and f.lora_B.shape == (4, 6, 2)
+    with torch.no_grad():
+        ours = am(x)
+        am.merge("t")
+        assert torch.allclose(am(x), ours, atol=1e-5, rtol=0)
+        am.unmerge("t")
+    export_peft(am, "t", tmp_path / "p")
+    theirs = peft.PeftModel.from_pretrained(TransposedMoE(), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(x), ours, atol=1e-5, rtol=0)
+    pm = peft.get_peft_model(TransposedMoE(), peft.LoraConfig(
+        r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    back = peftlab.adapt(TransposedMoE())
+    import_peft(back, tmp_path / "theirs", "t")
+    back.set_active("t")
+    with torch.no_grad():
+        assert torch.allclose(back(x), pm(x), atol=1e-5, rtol=0)
+        assert not torch.allclose(back(x), TransposedMoE()(x), atol=1e-3)
+
+
+def test_inspect_lists_parameter_sites(tmp_path, capsys):
+    from peftlab.apps.cli import main
+    tiny_mixtral().save_pretrained(tmp_path / "m")
+    assert main(["inspect", "--model", str(tmp_path / "m"), "--full"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "ffn.experts" in ln)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in line
+    assert "model.layers.1.mlp.experts.down_proj" in out
 
 
 # ---- refusals -------------------------------------------------------------------------------------
