@@ -10,7 +10,9 @@ features and (out, in) weight whatever its type stores, and the attention heads 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,6 +153,7 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
     param_roles = parameter_roles(model, modules)
     chosen: set[str] = set()
     chosen_params: set[str] = set()
+    excluded: set[str] = set()      # parameters `exclude` names: left out on purpose, no warning
     for target, (paths, params) in _match_all(model, targets, modules, roles, param_roles).items():
         if not paths and not params:
             raise TargetNotFoundError(_not_found_message(target, model, modules, roles))
@@ -162,6 +165,7 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
                 raise TargetNotFoundError(_not_found_message(target, model, modules, roles, what="exclude"))
             chosen -= paths
             chosen_params -= params
+            excluded |= params
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         chosen = {p for p in chosen if layer_index(p) in wanted}
@@ -172,14 +176,24 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
             f"layers={layers!r} exclude={exclude!r} leave no site; widen the targets or the layers")
     if "all-linear" in ([targets] if isinstance(targets, str) else targets):
         left_out = [p for p, role in param_roles.items() if role == "ffn.experts" and p not in chosen_params
-                    and (layers is None or layer_index(p) in wanted)]
+                    and p not in excluded and (layers is None or layer_index(p) in wanted)]
         if left_out:
             shown = left_out if len(left_out) <= 8 else compress_paths(left_out)
             warnings.warn(TargetWarning(
                 f"'all-linear' adapts Linear layers only and leaves out {len(left_out)} expert weight "
                 f"parameters (nn.Parameters of MoE experts modules, not Linear layers): {', '.join(shown)}. "
-                "targets=[..., 'ffn.experts'] includes them (LoRA per expert)"), stacklevel=3)
+                "targets=[..., 'ffn.experts'] includes them (LoRA per expert)"), stacklevel=_user_level())
     return _sites(modules, roles, param_roles, chosen, chosen_params)
+
+
+def _user_level() -> int:
+    """The stacklevel, for a warning given by the caller of this function, of the first frame
+    outside peftlab: the warning points at the user's line, whichever API led here."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _match_all(model: nn.Module, targets: str | Sequence[str], modules: dict[str, nn.Module],
@@ -267,7 +281,7 @@ def site_paths(sites: Sequence[Site]) -> list[str]:
 def _not_found_message(target: str, model: nn.Module, modules: dict[str, nn.Module], roles: dict[str, str],
                        what: str = "target") -> str:
     leaves = {p.rsplit(".", 1)[-1] for p in modules}
-    present_roles = sorted(set(roles.values()))
+    present_roles = sorted(set(roles.values()) | set(parameter_roles(model, modules).values()))
     pool = [*present_roles, *ROLE_GROUPS, *leaves, *modules]
     hint = close_matches(target, pool)
     msg = f"{what} {target!r} matches no module of this {type(model).__name__}"
