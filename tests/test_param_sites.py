@@ -13,8 +13,14 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import (MambaConfig, MambaForCausalLM, MixtralConfig, MixtralForCausalLM,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (
+    MambaConfig,
+    MambaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 import peftlab
 from peftlab import CapabilityError, ConfigError
@@ -312,9 +318,8 @@ def test_param_site_lora_refuses_dropout_and_dora():
 def test_routed_batch_with_expert_lora_is_refused_before_the_forward():
     am = experts_adapter(tiny_mixtral)
     am.add_adapter("q", LoraConfig(targets=["attn.q"], init="random"))
-    with pytest.raises(CapabilityError, match=r"'e'.*model\.layers\.0\.mlp\.experts"):
-        with torch.no_grad():
-            am(input_ids=IDS, adapter_ids=["e", "q"])
+    with pytest.raises(CapabilityError, match=r"'e'.*model\.layers\.0\.mlp\.experts"), torch.no_grad():
+        am(input_ids=IDS, adapter_ids=["e", "q"])
     with torch.no_grad():                                  # adapters on layers still route
         am(input_ids=IDS, adapter_ids=["q", None])
 

@@ -23,7 +23,13 @@ from torch import nn
 
 from .errors import CapabilityError, TargetNotFoundError, TargetWarning, close_matches
 from .quantised import dequantised, features, quantisation
-from .role_maps import ROLE_GROUPS, ROLES, compiled_role_map, fused_fallback, parameter_role
+from .role_maps import (
+    ROLE_GROUPS,
+    ROLES,
+    compiled_role_map,
+    fused_fallback,
+    parameter_role,
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,8 @@ def _match_all(model: nn.Module, targets: str | Sequence[str], modules: dict[str
 
 
 def _layer_kind(module: nn.Module) -> str | None:
-    from .layer import layer_kind     # layer.py reads this module's geometry: imported at use
+    # layer.py reads this module's geometry, so it is imported at use
+    from .layer import layer_kind
     return layer_kind(unwrap(module))
 
 
