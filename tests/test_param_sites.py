@@ -369,3 +369,25 @@ def test_mamba_A_log_lora_trains_merges_and_round_trips(tmp_path):
     assert type(am.model.backbone.layers[0].mixer).__name__ == "MambaMixer"
     assert type(am.model.backbone.layers[0].mixer.in_proj).__name__ == "Linear"
     assert torch.equal(logits(am), base)
+
+
+def test_composition_and_pruning_refuse_parameter_sites():
+    from peftlab.compose import scale
+    from peftlab.training.pruning import prune_adapter
+    am = experts_adapter(tiny_mixtral)
+    with pytest.raises(CapabilityError, match="parameter site"):
+        scale(am, "e", 0.5, name="half")
+    with pytest.raises(CapabilityError, match=r"model\.layers\.0\.mlp\.experts.*layers only"):
+        prune_adapter(am, "e", drop=["model.layers.0.mlp.experts"])
+    assert list(am.adapters) == ["e"]
+
+
+def test_bf16_experts_merge_equals_unmerged_bit_for_bit():
+    """On a bf16 base the fp32 factors' ΔW is added in fp32 and rounded once, in the forward and
+    in the merge alike, so merging changes no output bit."""
+    am = experts_adapter(lambda: tiny_mixtral().to(torch.bfloat16))
+    delta = am.model.model.layers[0].mlp.experts.deltas["e"]
+    assert delta._modules["down_proj"].lora_A.dtype == torch.float32
+    unmerged = logits(am)
+    am.merge("e")
+    assert torch.equal(logits(am), unmerged)
