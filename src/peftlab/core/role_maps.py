@@ -137,11 +137,13 @@ _COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items
 _COMPILED_PARAMETERS = {role: [_compile(p) for p in pats] for role, pats in PARAMETER_ROLES.items()}
 
 
-def parameter_role(path: str, param: torch.Tensor) -> str | None:
-    """The parameter role of the parameter at `path`, or None. The experts role takes the weights
-    (2-D and up, biases left out: a LoRA on a bias would be meaningless)."""
+def parameter_role(path: str, param: torch.Tensor, owner: nn.Module) -> str | None:
+    """The parameter role of the parameter at `path` (held by `owner`), or None. The experts role
+    takes the weights (2-D and up, biases left out: a LoRA on a bias would be meaningless) of a
+    module called `experts` or of a class named for experts (GraniteMoe's ParallelExperts)."""
+    experts = "Experts" in type(owner).__name__
     for role, patterns in _COMPILED_PARAMETERS.items():
-        if any(p.search(path) for p in patterns):
+        if any(p.search(path) for p in patterns) or (experts and role == "ffn.experts"):
             if role == "ffn.experts" and (param.dim() < 2 or "bias" in path.rsplit(".", 1)[-1]):
                 return None
             return role

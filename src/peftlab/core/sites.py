@@ -243,8 +243,8 @@ def parameter_roles(model: nn.Module, modules: dict[str, nn.Module] | None = Non
     """Parameter path -> parameter role (``ffn.experts``, ``ssm.A``, ``ssm.D``; role_maps.py)."""
     modules = modules if modules is not None else dict(iter_modules(model))
     roles = {}
-    for ppath, _, _, p in parameter_candidates(modules):
-        role = parameter_role(ppath, p)
+    for ppath, mpath, _, p in parameter_candidates(modules):
+        role = parameter_role(ppath, p, unwrap(modules[mpath]))
         if role is not None:
             roles[ppath] = role
     return roles
