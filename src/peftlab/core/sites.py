@@ -34,16 +34,13 @@ from .role_maps import (
 
 @dataclass(frozen=True)
 class Site:
-    """One attachment place: the module at `path`, its PEFT-Ref `role` and transformer `layer`.
-    A parameter site (`params` non-empty) is the module's nn.Parameters of those names, which its
-    forward reads directly (MoE expert weights, Mamba's A_log): one site per module, whatever the
-    number of its parameters targeted; checkpoints record it by its parameter paths."""
+    """One attachment place: the module at `path`, its PEFT-Ref `role` and transformer `layer`."""
 
     path: str
     role: str | None
     layer: int | None
     module: nn.Module
-    params: tuple[str, ...] = ()   # a parameter site: the names of the module's targeted parameters
+    params: tuple[str, ...] = ()   # a parameter site's targeted parameters (`parameter_candidates`)
 
     @property
     def type_name(self) -> str:
@@ -229,7 +226,12 @@ def _layer_kind(module: nn.Module) -> str | None:
 def parameter_candidates(modules: dict[str, nn.Module]) -> Iterator[tuple[str, str, str, nn.Parameter]]:
     """(parameter path, module path, parameter name, parameter) of every nn.Parameter that can be
     a parameter site: those a module that is no layer (Linear, Embedding, norm ...) holds itself.
-    A layer's weight is its module's site."""
+    A layer's weight is its module's site.
+
+    A parameter site (`Site.params` non-empty) is the nn.Parameters of those names of the module
+    at `Site.path`, which its forward reads directly (MoE expert weights, Mamba's A_log): one site
+    per module and adapter, whatever the number of its parameters targeted; checkpoints record it
+    by its parameter paths (`site_paths`)."""
     for path, module in modules.items():
         base = unwrap(module)
         if not base._parameters or _layer_kind(base) is not None:
