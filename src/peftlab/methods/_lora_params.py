@@ -182,7 +182,7 @@ def to_peft(site: Site, delta: ParamLowRankDelta, prefix: str, wrapped: Mapping[
     (keyed by its parameter path) for the config's patterns."""
     tensors, ranks, alphas = {}, {}, {}
     n = len(site.params)
-    path = wrapped_path(site.path, {k: v for k, v in wrapped.items() if k != site.path})
+    path = wrapped_path(site.path, wrapped)       # a parameter module inside another one
     for i, name in enumerate(site.params):
         f = delta._modules[name]
         A, B = f.lora_A.detach(), f.lora_B.detach()
