@@ -179,6 +179,11 @@ def _check_request(inputs: list[Adapter], weights: Sequence[float] | None, how: 
             raise CapabilityError(f"adapter {a.name!r} is DoRA: its magnitude renormalisation is not "
                                   "linear in ΔW, so it has no sum or negation. Merge it into the base or "
                                   "compose plain LoRA adapters")
+        params = [s for s in a.sites if s.params]
+        if params:
+            raise CapabilityError(f"adapter {a.name!r} adapts parameters ({params[0].path}."
+                                  f"{params[0].params[0]}, a parameter site): composition combines layer "
+                                  "deltas only. Merge it into the base, or compose adapters on layers")
         _check_same_places(first, a)
     return weights
 

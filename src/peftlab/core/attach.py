@@ -30,7 +30,7 @@ from .errors import (
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation
-from .sites import Site, iter_modules, resolve_sites, sites_at
+from .sites import Site, iter_modules, resolve_sites, sites_at, unwrap
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -187,10 +187,12 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
         if isinstance(current[site.path], ModuleCopies):
             raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
                               f"adapter; {method.title} cannot also attach there")
-        kind = layer_kind(site.module)
+        kind = layer_kind(site.module, site.params)
         if quantisation(site.module):
             check_quantised(method, site)
-        if not model_level and kind not in method.layer_kinds:
+        if site.params:
+            check_parameter_site(method, site)
+        elif not model_level and kind not in method.layer_kinds:
             kinds = ", ".join(_KIND_NAMES[k] for k in method.layer_kinds)
             raise ConfigError(
                 f"{method.title} cannot attach to {site.type_name} at {site.path!r} "
@@ -202,7 +204,7 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
                                   "cannot be trained as a copy; adapt it with a method instead")
     layers = {} if model_level else {
         s.path: current[s.path] if isinstance(current[s.path], AdaptedLayer)
-        else AdaptedLayer(s.module, am.state) for s in sites}
+        else AdaptedLayer(s.module, am.state, s.params) for s in sites}
     if tensors is not None:
         check_tensors(am.model, name, config, method, sites, layers, copy_sites, tensors,
                       copy_tensors or {})
@@ -268,6 +270,19 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
     return adapter
 
 
+def check_parameter_site(method: Method, site: Site) -> None:
+    """CapabilityError, before anything changes, when `method` does not declare PARAMETER_SITE
+    (it attaches to layers, and `site` is parameters a module's forward reads directly)."""
+    if Capability.PARAMETER_SITE not in method.capabilities:
+        able = [m.title for m in METHODS.values() if Capability.PARAMETER_SITE in m.capabilities]
+        params = ", ".join(f"{site.path}.{n}" for n in site.params)
+        raise CapabilityError(
+            f"{params} (role {site.role}) {'is an nn.Parameter' if len(site.params) == 1 else 'are nn.Parameters'} "
+            f"of {site.type_name}, read directly by its forward, and {method.title} does not declare the "
+            f"{Capability.PARAMETER_SITE.value!r} capability (it attaches to layers). Exclude them, or use "
+            f"a method that declares it: {', '.join(able) or 'none'}")
+
+
 def check_quantised(method: Method, site: Site) -> None:
     """CapabilityError, before anything changes, when `method` cannot work on the quantised
     layer at `site` (it does not declare QUANTISED_BASE: it rewrites the base weight) or the
@@ -331,8 +346,9 @@ def replace_module(model: nn.Module, path: str, module: nn.Module,
         owner = modules[parent]
     else:
         owner = model.get_submodule(parent)
-    # `leaf` is an existing child: replace it in place, skipping Module.__setattr__'s checks
-    owner._modules[leaf] = module
+    # `leaf` is an existing child: replace it in place, skipping Module.__setattr__'s checks; a
+    # module wrapped for its parameters (core/sites.py iter_modules) holds its children in its base
+    unwrap(owner)._modules[leaf] = module
 
 
 def remove_delta(model: nn.Module, layer: AdaptedLayer, path: str, name: str) -> None:

@@ -30,6 +30,7 @@ from .attach import Adapter
 from .errors import AdapterError, CheckpointError, close_matches
 from .io import CONFIG_FILE, RECORD_FILE, adapter_directory, files_read
 from .model import AdaptedModel
+from .sites import site_paths
 
 # Size limits checked before a file is read. A config is a few KB even with a long compose
 # provenance. A parameter-efficient adapter is a small part of its base model, so by default
@@ -77,7 +78,7 @@ def default_adapter_bytes_limit(am: AdaptedModel) -> int:
 def _installed(adapter: Adapter) -> dict[str, Any]:
     """The arguments of `AdaptedModel.install` that put `adapter` in again as it is now, from
     its tensors in memory (references: install copies them into fresh modules)."""
-    return {"config": adapter.config, "sites": [s.path for s in adapter.sites],
+    return {"config": adapter.config, "sites": site_paths(adapter.sites),
             "tensors": {(path, tname): t for path, part in adapter.parts().items()
                         for tname, t in part.state_dict().items()},
             "copies": {path: wrapper.copies[adapter.name].state_dict()

@@ -46,6 +46,11 @@ class PeftlabWarning(UserWarning):
     """Base class of every warning peftlab gives: it went ahead, but something looks wrong."""
 
 
+class TargetWarning(PeftlabWarning):
+    """Targets resolved, but they leave out sites the user likely meant (e.g. `all-linear` on an
+    MoE model, whose expert weights are parameters, not Linear layers); the message names them."""
+
+
 class CheckpointWarning(PeftlabWarning):
     """A checkpoint loaded, but it was made for another base model or holds NaN/inf values;
     `load_adapter(..., strict=True)` refuses such a checkpoint with a CheckpointError instead."""

@@ -58,7 +58,7 @@ from .errors import (
 from .files import commit_files, write_json
 from .method import describe_type, get_method, value_fits
 from .quantised import Quantization, model_quantization
-from .sites import Site, sites_at, stored_shape
+from .sites import Site, site_paths, sites_at, stored_shape
 
 try:
     import fcntl
@@ -226,7 +226,8 @@ def base_identity(am: AdaptedModel, sites: Sequence[Site]) -> dict[str, Any]:
     """What an adapter on these sites is made for: class, size, a hash of the sites' weight
     shapes; its name and head size (num_labels), from which from_pretrained rebuilds it."""
     shapes = "\n".join(f"{s.path}={list(stored_shape(s.module))}" for s in sites
-                       if getattr(s.module, "weight", None) is not None)
+                       if not s.params and getattr(s.module, "weight", None) is not None)
+    shapes += "".join(f"\n{s.path}.{n}={list(s.module.get_parameter(n).shape)}" for s in sites for n in s.params)
     quantization = model_quantization(am.model)
     return {
         "class": type(am.model).__name__,
@@ -243,10 +244,9 @@ def _identity_differences(source: Path, recorded: Mapping[str, Any], am: Adapted
                           site_paths: Sequence[str]) -> list[str]:
     """How this model differs from the one the checkpoint records (empty: it does not)."""
     try:
-        by_path = {s.path: s for s in sites_at(am.model, site_paths, am.site_roles())}
+        here = base_identity(am, sites_at(am.model, site_paths, am.site_roles()))
     except PeftlabError:
         return []                  # a recorded site is missing: installing says which, as an error
-    here = base_identity(am, [by_path[p] for p in site_paths])
 
     def show(key: str, value: Any) -> str:
         if key == "num_parameters":
@@ -359,7 +359,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "method": adapter.method.name,
         "name": name,
         "config": adapter.config.to_dict(),
-        "sites": [s.path for s in adapter.sites],
+        "sites": site_paths(adapter.sites),
         "modules_to_save": list(adapter.copies),
         "base_model": base_identity(am, adapter.sites),
         "tensors": tensors,

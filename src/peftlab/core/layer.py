@@ -21,6 +21,7 @@ loop over the adapters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,14 +38,19 @@ if TYPE_CHECKING:
     # classes, so routing.py sits above this module
     from .routing import RoutingState
 
-LAYER_KINDS = ("linear", "conv1d", "embedding", "norm", "conv")
+LAYER_KINDS = ("linear", "conv1d", "embedding", "norm", "conv", "params")
 
 
-def layer_kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module, params: Sequence[str] = ()) -> str | None:
     """'linear' (bitsandbytes' quantised Linear4bit / Linear8bitLt included: they subclass
     nn.Linear), 'conv1d' (GPT-2's transposed Linear), 'embedding', 'norm' (LayerNorm, RMSNorm
     and the like: an elementwise weight over the last dimension), 'conv' (torch's nn.Conv1d /
-    Conv2d / Conv3d: channels are dim 1 of their activations), or None for other modules."""
+    Conv2d / Conv3d: channels are dim 1 of their activations), or None for other modules.
+    Given targeted parameter names (a parameter site, core/sites.py), any other module holding
+    them is 'params': its deltas act at the "params" stage, on the parameters its forward reads."""
+    if params and all(isinstance(module._parameters.get(n), torch.Tensor) for n in params):
+        other = layer_kind(module)
+        return "params" if other is None else other
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, TORCH_CONVS):
@@ -186,13 +192,14 @@ class MixedDeltas:
 class AdaptedLayer(nn.Module):
     """A base Linear / GPT-2 Conv1D / Embedding / norm / torch convolution plus named deltas; the
     output is the base output plus the active, unmerged deltas' contributions, applied in
-    activation order."""
+    activation order. A module wrapped for its parameters (kind 'params': MoE experts, a Mamba
+    mixer) gets deltas on them at the "params" stage, called with its usual arguments."""
 
     is_peftlab_wrapper = True
 
-    def __init__(self, base_layer: nn.Module, state: RoutingState) -> None:
+    def __init__(self, base_layer: nn.Module, state: RoutingState, params: Sequence[str] = ()) -> None:
         super().__init__()
-        kind = layer_kind(base_layer)
+        kind = layer_kind(base_layer, params)
         if kind is None:
             raise TypeError(f"cannot wrap {type(base_layer).__name__}; supported: {LAYER_KINDS}")
         self._modules["base_layer"] = base_layer
@@ -325,13 +332,17 @@ class AdaptedLayer(nn.Module):
         """The forward of a routed batch: every example as if its own adapter alone were active.
         Each group applies its stage to all rows at once; a row whose adapter has no delta of that
         kind here gets the identity (adds 0, scales by 1)."""
+        before, params, after = self._mixed
+        if not (before or params or after):
+            # no routed adapter has a delta here: the base layer alone, whatever its input's shape
+            # (an MoE experts module gets the batch's tokens flattened)
+            return self._modules["base_layer"](x, *args, **kwargs)
         index = self.state.index                                   # (B,) slot of each example
         if x.shape[0] != index.shape[0]:
             raise AdapterError(
                 f"adapter_ids routes {index.shape[0]} examples but a wrapped {self.kind} layer got a "
                 f"batch of {x.shape[0]}; give one adapter id per example (for generate: one per "
                 "prompt) and pass inputs batch-first")
-        before, params, after = self._mixed
         for group in before:
             x = group.transform_input(self, x, index)
         if params:

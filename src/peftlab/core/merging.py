@@ -241,7 +241,11 @@ def check_untied(model: nn.Module, layers: list[AdaptedLayer]) -> None:
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     for layer in layers:
-        tied = owners.get(id(layer.base_layer.weight), [])
+        base = layer.base_layer
+        # a module wrapped for its parameters: merging writes into those (core/layer.py)
+        written = [p for p in base._parameters.values() if p is not None] if layer.kind == "params" \
+            else [base.weight]
+        tied = max((owners.get(id(p), []) for p in written), key=len, default=[])
         if len(tied) > 1:
             raise CapabilityError(
                 f"the weight {tied[0]!r} is tied to {tied[1:]}; merging would change every "

@@ -42,6 +42,9 @@ class Capability(enum.StrEnum):
     # attaches to and trains on bitsandbytes-quantised layers (Linear4bit, Linear8bitLt: see
     # core/quantised.py); `install` refuses a method without it where a site's layer is quantised
     QUANTISED_BASE = "quantised-base"
+    # attaches to parameter sites (core/sites.py): nn.Parameters a module's forward reads directly
+    # (MoE expert weights, Mamba's A_log); `install` refuses a method without it at such a site
+    PARAMETER_SITE = "parameter-site"
 
 
 def _capability(value: Any) -> Capability | Any:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .layer import AdaptedLayer, ModuleCopies
 from .quantised import RequantError
-from .sites import iter_modules, site_roles
+from .sites import iter_modules, parameter_roles, site_roles
 from .typology import describe_provenance, render_card, summarise_sites
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class LayerStatus:
 def status_rows(model: nn.Module) -> list[LayerStatus]:
     """One row per peftlab wrapper in `model`, in module order."""
     roles = site_roles(model)
+    for ppath, role in parameter_roles(model).items():    # a module wrapped for its parameters
+        roles.setdefault(ppath.rpartition(".")[0], role)
     rows = []
     for path, module in iter_modules(model):
         if isinstance(module, AdaptedLayer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 # PEFT-Ref components (shared/DESIGN.md, "Vocabulary"). Module-backed roles name a layer whose
@@ -17,6 +18,7 @@ from torch import nn
 ROLES: tuple[str, ...] = (
     "embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
     "ffn.up", "ffn.gate", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
+    "ffn.experts", "ssm.A", "ssm.D",
 )
 # Role groups a user may name as one target.
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -111,6 +113,18 @@ _FAMILIES: dict[str, dict[str, list[str]]] = {
 }
 
 
+# Parameter roles name nn.Parameters that a module's forward reads directly (they are sites of
+# their own: core/sites.py `parameter_roles`); the patterns match parameter paths, in every family.
+# ffn.experts: the stacked expert weights of an MoE layer (Mixtral, Qwen3-MoE under transformers 5:
+# (experts, out, in) tensors on an `experts` module); ssm.A / ssm.D: Mamba's state matrix (as its
+# log) and skip vector, read in the mixer's forward.
+PARAMETER_ROLES: dict[str, list[str]] = {
+    "ffn.experts": ["experts.\\w+"],
+    "ssm.A": ["mixer.A_log"],
+    "ssm.D": ["mixer.D"],
+}
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     body = pattern.replace(".", r"\.").replace("{L}", r"\d+")
     return re.compile(r"(?:^|\.)(?:" + body + r")$")
@@ -118,6 +132,22 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 _COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items()}
              for m in (_LLAMA, _GPT2, _BERT, _T5, _GENERIC)}
+
+
+_COMPILED_PARAMETERS = {role: [_compile(p) for p in pats] for role, pats in PARAMETER_ROLES.items()}
+
+
+def parameter_role(path: str, param: torch.Tensor, owner: nn.Module) -> str | None:
+    """The parameter role of the parameter at `path` (held by `owner`), or None. The experts role
+    takes the weights (2-D and up, biases left out: a LoRA on a bias would be meaningless) of a
+    module called `experts` or of a class named for experts (GraniteMoe's ParallelExperts)."""
+    experts = "Experts" in type(owner).__name__
+    for role, patterns in _COMPILED_PARAMETERS.items():
+        if any(p.search(path) for p in patterns) or (experts and role == "ffn.experts"):
+            if role == "ffn.experts" and (param.dim() < 2 or "bias" in path.rsplit(".", 1)[-1]):
+                return None
+            return role
+    return None
 
 
 def compiled_role_map(model: nn.Module) -> dict[str, list[re.Pattern[str]]]:

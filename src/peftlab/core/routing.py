@@ -178,6 +178,13 @@ class Router:
                     f"adapter {n!r} is a {adapter.method.title} adapter, a method without a batched "
                     f"(per-example) form; mixed batches support {', '.join(supported)}. Run its "
                     "examples in their own batch with set_active")
+            params = [s for s in adapter.sites if s.params]
+            if params:
+                raise CapabilityError(
+                    f"adapter {n!r} adapts parameters that {params[0].type_name} at {params[0].path!r} "
+                    f"reads directly ({', '.join(params[0].params)}; {len(params)} such sites), for the "
+                    "whole batch at once (an MoE layer mixes the tokens of every example): they have no "
+                    "per-example form. Run its examples in their own batch with set_active")
         merged = [n for n, a in adapters.items() if a.merged]
         if merged:
             raise AdapterError(f"adapters {merged} are merged into the base weights, which every example "

@@ -10,7 +10,10 @@ features and (out, in) weight whatever its type stores, and the attention heads 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CapabilityError, TargetNotFoundError, close_matches
+from .errors import CapabilityError, TargetNotFoundError, TargetWarning, close_matches
 from .quantised import dequantised, features, quantisation
-from .role_maps import ROLE_GROUPS, ROLES, compiled_role_map, fused_fallback
+from .role_maps import (
+    ROLE_GROUPS,
+    ROLES,
+    compiled_role_map,
+    fused_fallback,
+    parameter_role,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Site:
     role: str | None
     layer: int | None
     module: nn.Module
+    params: tuple[str, ...] = ()   # a parameter site's targeted parameters (`parameter_candidates`)
 
     @property
     def type_name(self) -> str:
@@ -45,6 +55,9 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
         yield path, child
         if not getattr(child, "is_peftlab_wrapper", False):
             yield from iter_modules(child, path)
+        elif child.__dict__.get("kind") == "params":
+            # a module wrapped for its parameters (a Mamba mixer) keeps its layers as sites
+            yield from iter_modules(child._modules["base_layer"], path)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -129,37 +142,155 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
                   exclude: str | Sequence[str] | None = None,
                   roles: dict[str, str] | None = None) -> list[Site]:
     """The sites `targets` name, in model order, restricted to `layers` and minus `exclude`.
-    `roles` (path -> role) may be passed when already known.
+    `roles` (path -> role) may be passed when already known. A target may also name parameters
+    (a parameter role such as ``ffn.experts``, or parameter paths): they become parameter sites,
+    one per module holding them; a target naming a module that is no layer but holds parameters
+    with a parameter role (``experts``) names those parameters.
 
     Raises TargetNotFoundError naming close candidates when a target matches nothing, and when
-    `layers` or `exclude` leave nothing.
+    `layers` or `exclude` leave nothing. `all-linear` on a model with expert parameters warns
+    (TargetWarning) naming those it leaves out.
     """
     modules = dict(iter_modules(model))
     roles = roles if roles is not None else site_roles(model)
+    param_roles = parameter_roles(model, modules)
     chosen: set[str] = set()
-    for target, paths in match_targets(model, targets, modules, roles).items():
-        if not paths:
+    chosen_params: set[str] = set()
+    excluded: set[str] = set()      # parameters `exclude` names: left out on purpose, no warning
+    for target, (paths, params) in _match_all(model, targets, modules, roles, param_roles).items():
+        if not paths and not params:
             raise TargetNotFoundError(_not_found_message(target, model, modules, roles))
         chosen |= paths
+        chosen_params |= params
     if exclude:
-        for target, paths in match_targets(model, exclude, modules, roles).items():
-            if not paths:
+        for target, (paths, params) in _match_all(model, exclude, modules, roles, param_roles).items():
+            if not paths and not params:
                 raise TargetNotFoundError(_not_found_message(target, model, modules, roles, what="exclude"))
             chosen -= paths
+            chosen_params -= params
+            excluded |= params
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         chosen = {p for p in chosen if layer_index(p) in wanted}
-    if not chosen:
+        chosen_params = {p for p in chosen_params if layer_index(p) in wanted}
+    if not chosen and not chosen_params:
         raise TargetNotFoundError(
             f"targets {list(targets) if not isinstance(targets, str) else targets!r} with "
             f"layers={layers!r} exclude={exclude!r} leave no site; widen the targets or the layers")
-    return [Site(p, roles.get(p), layer_index(p), unwrap(m)) for p, m in modules.items() if p in chosen]
+    if "all-linear" in ([targets] if isinstance(targets, str) else targets):
+        left_out = [p for p, role in param_roles.items() if role == "ffn.experts" and p not in chosen_params
+                    and p not in excluded and (layers is None or layer_index(p) in wanted)]
+        if left_out:
+            shown = left_out if len(left_out) <= 8 else compress_paths(left_out)
+            warnings.warn(TargetWarning(
+                f"'all-linear' adapts Linear layers only and leaves out {len(left_out)} expert weight "
+                f"parameters (nn.Parameters of MoE experts modules, not Linear layers): {', '.join(shown)}. "
+                "targets=[..., 'ffn.experts'] includes them (LoRA per expert)"), stacklevel=_user_level())
+    return _sites(modules, roles, param_roles, chosen, chosen_params)
+
+
+def _user_level() -> int:
+    """The stacklevel, for a warning given by the caller of this function, of the first frame
+    outside peftlab: the warning points at the user's line, whichever API led here."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _match_all(model: nn.Module, targets: str | Sequence[str], modules: dict[str, nn.Module],
+               roles: dict[str, str], param_roles: dict[str, str]) -> dict[str, tuple[set[str], set[str]]]:
+    """For each target, (module paths, parameter paths) it names. A module it names that is no
+    layer but holds parameters with a parameter role stands for those parameters."""
+    found = match_targets(model, targets, modules, roles)
+    held: dict[str, list[str]] = {}
+    for ppath in param_roles:
+        held.setdefault(ppath.rpartition(".")[0], []).append(ppath)
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    for target, paths in found.items():
+        params = set(match_parameters(target, param_roles, modules))
+        for path in [p for p in paths if p in held and _layer_kind(modules[p]) is None]:
+            paths.discard(path)
+            params.update(held[path])
+        out[target] = (paths, params)
+    return out
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    # layer.py reads this module's geometry, so it is imported at use
+    from .layer import layer_kind
+    return layer_kind(unwrap(module))
+
+
+def parameter_candidates(modules: dict[str, nn.Module]) -> Iterator[tuple[str, str, str, nn.Parameter]]:
+    """(parameter path, module path, parameter name, parameter) of every nn.Parameter that can be
+    a parameter site: those a module that is no layer (Linear, Embedding, norm ...) holds itself.
+    A layer's weight is its module's site.
+
+    A parameter site (`Site.params` non-empty) is the nn.Parameters of those names of the module
+    at `Site.path`, which its forward reads directly (MoE expert weights, Mamba's A_log): one site
+    per module and adapter, whatever the number of its parameters targeted; checkpoints record it
+    by its parameter paths (`site_paths`)."""
+    for path, module in modules.items():
+        base = unwrap(module)
+        if not base._parameters or _layer_kind(base) is not None:
+            continue
+        for name, p in base._parameters.items():
+            if p is not None:
+                yield f"{path}.{name}", path, name, p
+
+
+def parameter_roles(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, str]:
+    """Parameter path -> parameter role (``ffn.experts``, ``ssm.A``, ``ssm.D``; role_maps.py)."""
+    modules = modules if modules is not None else dict(iter_modules(model))
+    roles = {}
+    for ppath, mpath, _, p in parameter_candidates(modules):
+        role = parameter_role(ppath, p, unwrap(modules[mpath]))
+        if role is not None:
+            roles[ppath] = role
+    return roles
+
+
+def match_parameters(target: str, param_roles: dict[str, str], modules: dict[str, nn.Module]) -> list[str]:
+    """The parameter paths a target names: a parameter role's, or, for a name, glob or regex,
+    the candidate parameters' paths it matches (`all-linear` and module roles name none)."""
+    if target == "all-linear" or target in ROLE_GROUPS:
+        return []
+    if target in ROLES:
+        return [p for p, role in param_roles.items() if role == target]
+    return [ppath for ppath, _, _, _ in parameter_candidates(modules) if _matches(target, ppath)]
+
+
+def _sites(modules: dict[str, nn.Module], roles: dict[str, str], param_roles: dict[str, str],
+           chosen: set[str], chosen_params: set[str]) -> list[Site]:
+    """Module sites at `chosen` and one parameter site per module holding `chosen_params`, in
+    model order (a module's parameters in its own order)."""
+    by_module: dict[str, list[str]] = {}
+    for ppath in chosen_params:
+        by_module.setdefault(ppath.rpartition(".")[0], []).append(ppath.rpartition(".")[2])
+    sites = []
+    for path, module in modules.items():
+        if path in chosen:
+            sites.append(Site(path, roles.get(path), layer_index(path), unwrap(module)))
+        elif path in by_module:
+            base = unwrap(module)
+            names = tuple(n for n in base._parameters if n in by_module[path])
+            role = param_roles.get(f"{path}.{names[0]}")
+            sites.append(Site(path, role, layer_index(path), base, names))
+    return sites
+
+
+def site_paths(sites: Sequence[Site]) -> list[str]:
+    """The paths that record `sites` in a checkpoint (`sites_at` reads them back): a module
+    site's module path, a parameter site's parameter paths."""
+    return [p for s in sites for p in ([f"{s.path}.{n}" for n in s.params] or [s.path])]
 
 
 def _not_found_message(target: str, model: nn.Module, modules: dict[str, nn.Module], roles: dict[str, str],
                        what: str = "target") -> str:
     leaves = {p.rsplit(".", 1)[-1] for p in modules}
-    present_roles = sorted(set(roles.values()))
+    present_roles = sorted(set(roles.values()) | set(parameter_roles(model, modules).values()))
     pool = [*present_roles, *ROLE_GROUPS, *leaves, *modules]
     hint = close_matches(target, pool)
     msg = f"{what} {target!r} matches no module of this {type(model).__name__}"
@@ -194,28 +325,37 @@ def compress_paths(paths: list[str]) -> list[str]:
 
 
 def describe_sites(model: nn.Module) -> dict[str, list[str]]:
-    """Role -> module paths, in ROLES order, for `peftlab inspect` and error messages."""
+    """Role -> module paths (parameter roles: parameter paths), in ROLES order, for `peftlab
+    inspect` and error messages."""
     by_role: dict[str, list[str]] = {}
     for path, role in site_roles(model).items():
         by_role.setdefault(role, []).append(path)
+    for ppath, role in parameter_roles(model).items():     # parameter sites, by parameter path
+        by_role.setdefault(role, []).append(ppath)
     return {role: by_role[role] for role in ROLES if role in by_role}
 
 
 def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | None = None) -> list[Site]:
-    """Sites at these exact module paths (as a checkpoint records them), in model order."""
+    """Sites at these exact paths (as a checkpoint records them: `site_paths`), in model order;
+    a parameter path names a parameter site (those of one module form one site)."""
     if not paths:
         return []
     modules = dict(iter_modules(model))
     roles = roles if roles is not None else site_roles(model)
     missing = [p for p in paths if p not in modules]
+    params: set[str] = set()
+    if missing:
+        candidates = {ppath for ppath, _, _, _ in parameter_candidates(modules)}
+        params = {p for p in missing if p in candidates}
+        missing = [p for p in missing if p not in params]
     if missing:
         hint = close_matches(missing[0], modules)
         raise TargetNotFoundError(
             f"module {missing[0]!r} does not exist in this {type(model).__name__}"
             + (f"; close candidates: {', '.join(hint)}" if hint else "")
             + f" ({len(missing)} of {len(paths)} recorded sites are missing: a different base model?)")
-    wanted = set(paths)
-    return [Site(p, roles.get(p), layer_index(p), unwrap(m)) for p, m in modules.items() if p in wanted]
+    param_roles = parameter_roles(model, modules) if params else {}
+    return _sites(modules, roles, param_roles, set(paths) - params, params)
 
 
 # ---- geometry: the sizes of layers and of attention, read in this one place ----------------------

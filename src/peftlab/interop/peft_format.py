@@ -37,6 +37,7 @@ from ..core.io import (
 )
 from ..core.method import METHODS, Method
 from ..core.model import AdaptedModel, Adapter
+from ..core.sites import site_paths
 from .peft_names import (
     AUTO_CLASSES,
     CONFIG_FILE,
@@ -52,7 +53,8 @@ from .peft_names import (
 PEFT_FIELDS: dict[str, Any] = {
     "peft_type": str, "task_type": str | None, "base_model_name_or_path": str | None,
     "inference_mode": bool, "modules_to_save": list[str] | None,
-    "target_modules": list[str] | str | None, "layers_to_transform": list[int] | int | None,
+    "target_modules": list[str] | str | None, "target_parameters": list[str] | None,
+    "layers_to_transform": list[int] | int | None,
     "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "use_dora": bool,
     "fan_in_fan_out": bool, "bias": str, "init_lora_weights": bool | str,
     "rank_pattern": dict[str, int] | None, "alpha_pattern": dict[str, float] | None,
@@ -128,7 +130,7 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
         copies: dict[str, dict[str, torch.Tensor]] = {p: {} for p in config.modules_to_save or []}
         for path, tname in [k for k in site_tensors if k[0] in copies]:
             copies[path][tname] = site_tensors.pop((path, tname))
-        adapter = am.install(name, config, sites=[s.path for s in sites], tensors=site_tensors,
+        adapter = am.install(name, config, sites=site_paths(sites), tensors=site_tensors,
                              copies=copies, trainable=trainable)
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint

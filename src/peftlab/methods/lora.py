@@ -8,6 +8,7 @@ s · (B A − B0 A0): the base stays untouched, so disable, unmerge and peft exp
 training sees the same gradients as PiSSA's residual form.
 
 peft format (LORA): `to_peft` / `from_peft` at the end of this file; BA-LoRA exports through them.
+Parameter sites (MoE experts, Mamba's A_log; peft's target_parameters): methods/_lora_params.py.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from ..core.method import (
 )
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
-from ..core.sites import Site, match_targets, sites_at
+from ..core.sites import Site, iter_modules, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
+from . import _lora_params as lora_params
 from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
 
 INITS = ("zero", "gaussian", "random", "pissa")
@@ -396,6 +398,8 @@ class LowRankDelta(Delta):
 
 
 def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> Delta:
+    if site.params:     # a parameter site: methods/_lora_params.py
+        return lora_params.build(site, config, initialise)
     if layer.kind == "conv":
         return build_conv_lora(site, layer, config, initialise)
     embedding = layer.kind == "embedding"
@@ -415,6 +419,8 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    if site.params:
+        return lora_params.tensor_shapes(site, config)
     r, d_in, d_out = config.rank_at(layer, site), layer.in_features, layer.out_features
     if layer.kind == "conv":
         return conv_lora_shapes(layer, r, config.dora)
@@ -458,9 +464,17 @@ def to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[st
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
+    wrapped = {s.path: len(s.params) for s in adapter.sites if s.params}   # peft nests a wrapper each
     for site in adapter.sites:
         layer = adapter.layers[site.path]
         delta = layer.deltas[name]
+        if site.params:     # peft's target_parameters (methods/_lora_params.py)
+            found, ranks, alphas = lora_params.to_peft(site, delta, PREFIX, wrapped, config.rslora)
+            tensors.update(found)
+            rank_pattern |= {re.escape(p): r for p, r in ranks.items() if r != config.r}
+            alpha_pattern |= {re.escape(p): a for p, a in alphas.items()
+                              if not math.isclose(a, config.alpha, rel_tol=1e-12)}
+            continue
         kind = "embedding" if layer.kind == "embedding" else "linear"
         B, A = (t.detach() for t in delta.factors())
         if layer.kind == "conv":     # peft's conv shapes: A (r, in, *kernel), B (out, r, 1, ...)
@@ -477,12 +491,14 @@ def to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[st
         if delta.magnitude is not None:
             ours["magnitude"] = delta.magnitude.detach()
         for tname, t in ours.items():
-            tensors[f"{PREFIX}{site.path}.{PEFT_TENSOR_NAMES[(tname, kind)]}"] = t
+            tensors[f"{PREFIX}{lora_params.wrapped_path(site.path, wrapped)}.{PEFT_TENSOR_NAMES[(tname, kind)]}"] = t
     kinds = {layer.kind for layer in adapter.layers.values()}
     fields = {
         "r": config.r,
         "lora_alpha": config.alpha,
-        "target_modules": [s.path for s in adapter.sites],
+        "target_modules": [s.path for s in adapter.sites if not s.params],
+        **({"target_parameters": [f"{s.path}.{n}" for s in adapter.sites for n in s.params]}
+           if wrapped else {}),
         "lora_dropout": config.dropout,
         "fan_in_fan_out": "conv1d" in kinds,
         "bias": "none",
@@ -529,11 +545,14 @@ def from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Te
             raise CheckpointError(f"tensor {key!r} of {TENSORS_FILE} is neither a LoRA tensor nor "
                                   "part of modules_to_save")
         lora[(rest[: -len(peft_name) - 1], _FROM_PEFT_NAMES[peft_name])] = t
-    paths = list(dict.fromkeys(p for p, _ in lora))
-
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     peft_alphas = cfg.get("alpha_pattern") or {}
-    rank_pattern, alpha_pattern = {}, {}
+    rank_pattern, alpha_pattern, params = {}, {}, []
+    if cfg.get("target_parameters"):     # peft's ParamWrapper keys: methods/_lora_params.py
+        lora, params, rank_pattern, alpha_pattern = lora_params.import_peft(
+            am.model, dict(iter_modules(am.model)), cfg["target_parameters"], lora, r, alpha, peft_alphas)
+    held = {p.rpartition(".")[0] for p in params}
+    paths = [p for p in dict.fromkeys(p for p, _ in lora) if p not in held]
     for path in paths:
         site_r = lora[(path, "lora_A")].shape[0]
         site_alpha = next((v for k, v in peft_alphas.items() if matches_path(k, path)), None) or alpha
@@ -541,11 +560,11 @@ def from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Te
             rank_pattern[re.escape(path)] = site_r
         if site_alpha != alpha:
             alpha_pattern[re.escape(path)] = float(site_alpha)
-    config = LoraConfig(targets=paths, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+    config = LoraConfig(targets=paths + params, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
                         rslora=bool(cfg.get("use_rslora", False)), dora=bool(cfg.get("use_dora", False)),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         modules_to_save=[s.path for s in copy_sites] or None)
-    sites = sites_at(am.model, paths, am.site_roles())
+    sites = sites_at(am.model, paths + params, am.site_roles())
     for site in sites:      # peft's A ignores a conv's dilation and padding mode: not ours there
         check_peft_conv(site.module, site.path)
     return config, sites, {**lora, **copies}
@@ -585,7 +604,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "embedding", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
-                            Capability.QUANTISED_BASE}),
+                            Capability.QUANTISED_BASE, Capability.PARAMETER_SITE}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -29,6 +29,10 @@ def prune_adapter(am: AdaptedModel, adapter: str, *, keep_ranks: Mapping[str, Se
     if not isinstance(ad.config, LoraConfig) or ad.method.name != "lora":
         raise CapabilityError(f"adapter {adapter!r} is {ad.method.title}; rank and module pruning "
                               "supports LoRA adapters")
+    params = [s for s in ad.sites if s.params]
+    if params:      # LoRA on parameters (MoE experts): no per-site rank units to prune
+        raise CapabilityError(f"adapter {adapter!r} adapts parameters ({params[0].path}: "
+                              f"{', '.join(params[0].params)}); pruning supports LoRA on layers only")
     if ad.merged:
         raise AdapterError(f"adapter {adapter!r} is merged; unmerge({adapter!r}) before pruning it")
     keep_ranks = dict(keep_ranks or {})

@@ -42,6 +42,10 @@ class EarlyPruning:
             raise CapabilityError(f"Light-PEFT early pruning needs a LoRA adapter without DoRA; "
                                   f"{adapter!r} is {ad.method.title}"
                                   + (" with DoRA" if getattr(ad.config, "dora", False) else ""))
+        params = [s for s in ad.sites if s.params]
+        if params:      # LoRA on parameters (MoE experts): no per-site rank units to prune
+            raise CapabilityError(f"adapter {adapter!r} adapts parameters ({params[0].path}: "
+                                  f"{', '.join(params[0].params)}); pruning supports LoRA on layers only")
         for name, value in (("estimate_steps", estimate_steps), ("grad_accum", grad_accum)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"EarlyPruning {name} must be a positive integer, got {value!r}")
