@@ -42,6 +42,9 @@ class Capability(enum.StrEnum):
     # attaches to and trains on bitsandbytes-quantised layers (Linear4bit, Linear8bitLt: see
     # core/quantised.py); `install` refuses a method without it where a site's layer is quantised
     QUANTISED_BASE = "quantised-base"
+    # acts on a slice of a fused projection's output rows (attn.q of Phi-3's qkv_proj, GPT-2's
+    # c_attn); `install` refuses a method without it on a sliced site (core/sites.py, RowSlice)
+    FUSED_SLICE = "fused-slice"
 
 
 def _capability(value: Any) -> Capability | Any:

@@ -12,6 +12,7 @@ peft format (LORA): `to_peft` / `from_peft` at the end of this file; BA-LoRA exp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -41,6 +42,7 @@ from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
+from ._row_slices import SlicedLowRank, refuse_on_slices, slice_rows
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
@@ -84,7 +86,7 @@ class LoraConfig(MethodConfig):
             check_number(f"LoraConfig.alpha_pattern[{key!r}]", value, low=0, low_open=True)
 
     def rank_for(self, site: Site) -> int:
-        return pattern_value(self.rank_pattern, site) or self.r
+        return _slice_value(self.rank_pattern, site, "rank_pattern") or self.r
 
     def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
         """The site's rank, checked against the layer before anything is allocated. ΔW's rank is
@@ -93,7 +95,7 @@ class LoraConfig(MethodConfig):
         never useful (r=10**12 would try to allocate terabytes). PiSSA: r ≤ min(d_in, d_out)."""
         r = self.rank_for(site)
         d_in, d_out = layer.in_features, layer.out_features
-        field_name = "rank_pattern" if pattern_value(self.rank_pattern, site) else "r"
+        field_name = "rank_pattern" if _slice_value(self.rank_pattern, site, "rank_pattern") else "r"
         if r > max(d_in, d_out):
             raise ConfigError(
                 f"LoRA rank {field_name}={r} at {site.path!r} ({d_out}×{d_in}) exceeds max(d_in, d_out)="
@@ -108,8 +110,22 @@ class LoraConfig(MethodConfig):
 
     def scaling_for(self, site: Site) -> float:
         r = self.rank_for(site)
-        alpha = pattern_value(self.alpha_pattern, site) or self.alpha
+        alpha = _slice_value(self.alpha_pattern, site, "alpha_pattern") or self.alpha
         return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+def _slice_value(patterns: dict[str, Any], site: Site, field_name: str) -> Any | None:
+    """`pattern_value` for a site; on a sliced site (sub-roles of a fused projection) every
+    slice's sub-role must get the same value: the slices share one rank and scaling."""
+    if not site.slices or not patterns:
+        return pattern_value(patterns, site)
+    values = {sl.role: pattern_value(patterns, dataclasses.replace(site, role=sl.role, slices=()))
+              for sl in site.slices}
+    if len(set(values.values())) > 1:
+        raise ConfigError(f"LoraConfig.{field_name} gives the slices of the fused projection {site.path!r} "
+                          f"different values ({values}); they share one rank and scaling there: give "
+                          "them the same value, or adapt them with separate adapters")
+    return next(iter(values.values()))
 
 
 class MixedLowRank(MixedDeltas):
@@ -393,7 +409,34 @@ class LowRankDelta(Delta):
         w.copy_(merged.to(w.dtype))
 
 
+class SlicedLowRankDelta(SlicedLowRank, LowRankDelta):
+    """LoRA on slices of a fused projection's output rows (methods/_row_slices.py): A (k·r, d_in)
+    and B (n_rows, r), one rank-r block per slice."""
+
+    def __init__(self, site: Site, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(d_in, d_out, r, scaling, dropout=dropout, dtype=dtype, device=device)
+        rows, sizes = slice_rows(site, device)
+        self.__dict__.update(block_sizes=sizes, d_out=d_out)
+        self._buffers["rows"] = rows
+        self._non_persistent_buffers_set.add("rows")
+        self._parameters["lora_A"] = nn.Parameter(torch.empty(len(sizes) * r, d_in, dtype=dtype, device=device),
+                                                  requires_grad=False)
+        self._parameters["lora_B"] = nn.Parameter(torch.empty(len(rows), r, dtype=dtype, device=device),
+                                                  requires_grad=False)
+
+
 def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> LowRankDelta:
+    if site.slices:
+        if config.dora or config.init == "pissa":
+            refuse_on_slices("DoRA" if config.dora else "PiSSA initialisation", site)
+        weight = layer.base_layer.weight
+        delta = SlicedLowRankDelta(site, layer.in_features, layer.out_features, config.rank_at(layer, site),
+                                   config.scaling_for(site), dropout=config.dropout,
+                                   dtype=adapter_dtype(config, weight.dtype), device=weight.device)
+        if initialise:
+            delta.initialise(layer, config.init)
+        return delta
     embedding = layer.kind == "embedding"
     if config.dora and embedding:
         raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
@@ -412,6 +455,8 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     r, d_in, d_out = config.rank_at(layer, site), layer.in_features, layer.out_features
+    if site.slices:        # one rank-r block per slice, B over the slices' rows
+        return {"lora_A": (len(site.slices) * r, d_in), "lora_B": (len(site.rows), r)}
     shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
     if config.dora:
         shapes["magnitude"] = (d_out,)
@@ -573,7 +618,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "embedding"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
-                            Capability.QUANTISED_BASE}),
+                            Capability.QUANTISED_BASE, Capability.FUSED_SLICE}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,
