@@ -124,8 +124,15 @@ def test_each_sub_role_owns_exactly_the_rows_the_model_reads_as_it(family, ids):
             assert changed == (i == j), f"{role} rows changed state {QKV[j]}: {changed}"
 
 
-def test_phi3_gate_up_halves_are_gate_then_up(ids):
-    model = tiny_phi3()
+def tiny_glm4(seed: int = 0):
+    torch.manual_seed(seed)
+    return T.Glm4ForCausalLM(T.Glm4Config(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, **SMALL)).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_phi3, tiny_glm4], ids=["phi3", "glm4"])
+def test_gate_up_halves_are_gate_then_up(build, ids):
+    model = build()
     mlp = model.model.layers[0].mlp
     seen: list[torch.Tensor] = []
     mlp.activation_fn.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
@@ -283,6 +290,11 @@ def test_mixed_batch_on_slices_equals_each_adapter_alone(family, kind, ids):
         mixed = am(input_ids=ids, adapter_ids=["c", "a", "b"]).logits
     am.set_active("c")
     torch.testing.assert_close(mixed[:1], logits(am, ids[:1]), rtol=0, atol=1e-5)
+    am.set_trainable(["a", "b"])            # routed training: each adapter gets its rows' gradients
+    with am.routed(["a", "b", "a"]):
+        am(input_ids=ids).logits.square().mean().backward()
+    for name in ("a", "b"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in am.adapter(name).parameters())
 
 
 def test_composition_keeps_or_densifies_slices(ids):
@@ -342,6 +354,13 @@ def test_what_cannot_act_on_a_slice_is_refused_before_anything_changes(config, m
         am.add_adapter("a", config)
     assert not am.adapters and not any(isinstance(m, peftlab.AdaptedLayer) for m in model.modules())
     assert torch.equal(logits(am, ids), base)
+
+
+def test_light_peft_refuses_a_sliced_lora_before_training():
+    from peftlab.training.pruning.early import EarlyPruning
+    am = adapted("phi3", "lora")
+    with pytest.raises(CapabilityError, match="fused projection.*'attn.qkv'"):
+        EarlyPruning(am, "a", estimate_steps=2)
 
 
 def test_whole_projection_roles_serve_every_method():
