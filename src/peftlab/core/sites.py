@@ -20,7 +20,14 @@ from torch import nn
 
 from .errors import CapabilityError, TargetNotFoundError, close_matches
 from .quantised import dequantised, features, quantisation
-from .role_maps import FUSED_PARTS, ROLE_GROUPS, ROLES, compiled_role_map, fused_fallback, fused_layout
+from .role_maps import (
+    FUSED_PARTS,
+    ROLE_GROUPS,
+    ROLES,
+    compiled_role_map,
+    fused_fallback,
+    fused_layout,
+)
 
 
 @dataclass(frozen=True)

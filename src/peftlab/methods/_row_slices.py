@@ -11,13 +11,17 @@ slices' rows and adds them with `index_add`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..core.errors import CapabilityError
+from ..core.errors import CapabilityError, ConfigError
 from ..core.layer import AdaptedLayer
+from ..core.method import pattern_value
 from ..core.sites import Site
 
 
@@ -38,6 +42,16 @@ class SlicedLowRank:
     """LowRankDelta's behaviour on row slices (mixed into `SlicedLowRankDelta` in lora.py): the
     delta holds `rows` (a non-persistent buffer), `block_sizes` and `d_out`; `r` is the rank of
     each slice's block."""
+
+    def hold_slices(self, site: Site, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Reshape the (uninitialised) factors for the site's slices: A (k·r, d_in), B (n_rows, r)."""
+        rows, sizes = slice_rows(site, device)
+        self.__dict__.update(block_sizes=sizes, d_out=d_out)
+        self._buffers["rows"] = rows
+        self._non_persistent_buffers_set.add("rows")
+        for name, shape in (("lora_A", (len(sizes) * self.r, d_in)), ("lora_B", (len(rows), self.r))):
+            self._parameters[name] = nn.Parameter(torch.empty(shape, dtype=dtype, device=device),
+                                                  requires_grad=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with s·B A = ΔW on the whole layer: B (d_out, k·r) block-diagonal on the slices'
@@ -70,6 +84,20 @@ class SlicedLowRank:
         raise CapabilityError("structural pruning of a LoRA on slices of a fused projection "
                               "(attn.q of a qkv_proj) is not supported: its rank units are per slice. "
                               "Target the whole projection ('attn.qkv') to prune it")
+
+
+def slice_pattern_value(patterns: dict[str, Any], site: Site, field_name: str) -> Any | None:
+    """`pattern_value` for a site; on a sliced site (sub-roles of a fused projection) every
+    slice's sub-role must get the same value: the slices share one rank and scaling."""
+    if not site.slices or not patterns:
+        return pattern_value(patterns, site)
+    values = {sl.role: pattern_value(patterns, dataclasses.replace(site, role=sl.role, slices=()))
+              for sl in site.slices}
+    if len(set(values.values())) > 1:
+        raise ConfigError(f"{field_name} gives the slices of the fused projection {site.path!r} "
+                          f"different values ({values}); they share one rank and scaling there: give "
+                          "them the same value, or adapt them with separate adapters")
+    return next(iter(values.values()))
 
 
 def refuse_on_slices(what: str, site: Site) -> None:

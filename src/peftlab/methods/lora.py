@@ -12,7 +12,6 @@ peft format (LORA): `to_peft` / `from_peft` at the end of this file; BA-LoRA exp
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -35,14 +34,13 @@ from ..core.method import (
     check_pattern_keys,
     check_positive_int,
     matches_path,
-    pattern_value,
 )
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
-from ._row_slices import SlicedLowRank, refuse_on_slices, slice_rows
+from ._row_slices import SlicedLowRank, refuse_on_slices, slice_pattern_value
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
@@ -86,7 +84,7 @@ class LoraConfig(MethodConfig):
             check_number(f"LoraConfig.alpha_pattern[{key!r}]", value, low=0, low_open=True)
 
     def rank_for(self, site: Site) -> int:
-        return _slice_value(self.rank_pattern, site, "rank_pattern") or self.r
+        return slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") or self.r
 
     def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
         """The site's rank, checked against the layer before anything is allocated. ΔW's rank is
@@ -95,7 +93,7 @@ class LoraConfig(MethodConfig):
         never useful (r=10**12 would try to allocate terabytes). PiSSA: r ≤ min(d_in, d_out)."""
         r = self.rank_for(site)
         d_in, d_out = layer.in_features, layer.out_features
-        field_name = "rank_pattern" if _slice_value(self.rank_pattern, site, "rank_pattern") else "r"
+        field_name = "rank_pattern" if slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") else "r"
         if r > max(d_in, d_out):
             raise ConfigError(
                 f"LoRA rank {field_name}={r} at {site.path!r} ({d_out}×{d_in}) exceeds max(d_in, d_out)="
@@ -110,22 +108,8 @@ class LoraConfig(MethodConfig):
 
     def scaling_for(self, site: Site) -> float:
         r = self.rank_for(site)
-        alpha = _slice_value(self.alpha_pattern, site, "alpha_pattern") or self.alpha
+        alpha = slice_pattern_value(self.alpha_pattern, site, "LoraConfig.alpha_pattern") or self.alpha
         return alpha / math.sqrt(r) if self.rslora else alpha / r
-
-
-def _slice_value(patterns: dict[str, Any], site: Site, field_name: str) -> Any | None:
-    """`pattern_value` for a site; on a sliced site (sub-roles of a fused projection) every
-    slice's sub-role must get the same value: the slices share one rank and scaling."""
-    if not site.slices or not patterns:
-        return pattern_value(patterns, site)
-    values = {sl.role: pattern_value(patterns, dataclasses.replace(site, role=sl.role, slices=()))
-              for sl in site.slices}
-    if len(set(values.values())) > 1:
-        raise ConfigError(f"LoraConfig.{field_name} gives the slices of the fused projection {site.path!r} "
-                          f"different values ({values}); they share one rank and scaling there: give "
-                          "them the same value, or adapt them with separate adapters")
-    return next(iter(values.values()))
 
 
 class MixedLowRank(MixedDeltas):
@@ -416,14 +400,7 @@ class SlicedLowRankDelta(SlicedLowRank, LowRankDelta):
     def __init__(self, site: Site, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(d_in, d_out, r, scaling, dropout=dropout, dtype=dtype, device=device)
-        rows, sizes = slice_rows(site, device)
-        self.__dict__.update(block_sizes=sizes, d_out=d_out)
-        self._buffers["rows"] = rows
-        self._non_persistent_buffers_set.add("rows")
-        self._parameters["lora_A"] = nn.Parameter(torch.empty(len(sizes) * r, d_in, dtype=dtype, device=device),
-                                                  requires_grad=False)
-        self._parameters["lora_B"] = nn.Parameter(torch.empty(len(rows), r, dtype=dtype, device=device),
-                                                  requires_grad=False)
+        self.hold_slices(site, d_in, d_out, dtype, device)
 
 
 def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> LowRankDelta:
