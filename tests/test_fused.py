@@ -178,7 +178,7 @@ def test_a_fused_projection_of_unknown_layout_is_refused_for_its_sub_roles():
 
 
 # ---- LoRA and IA3 on slices ----------------------------------------------------------------------
-def lora_on_slices(seed: int = 3, **extra) -> peftlab.LoraConfig:
+def lora_on_slices(**extra) -> peftlab.LoraConfig:
     return peftlab.LoraConfig(r=2, alpha=4, init="random", **extra)
 
 
@@ -420,3 +420,21 @@ def test_peftlab_train_on_a_phi3_directory_with_default_targets(tmp_path, capsys
         assert set(record["site_slices"]) == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)}
         assert main(["eval", "--adapter", str(out / method / "last")]) == 0
     capsys.readouterr()
+
+
+def test_a_served_sliced_adapter_is_replaced_in_place(ids, tmp_path):
+    from peftlab.core.bank import AdapterBank
+    am = peftlab.adapt(tiny_phi3(0))
+    for seed, name in ((0, "one"), (1, "two")):
+        torch.manual_seed(seed)
+        am.add_adapter(name, lora_on_slices())
+        am.save_adapter(tmp_path / name, name)
+    am.set_active("two")
+    expected = logits(am, ids)
+    served = peftlab.adapt(tiny_phi3(0))
+    bank = AdapterBank(served, paths={"x": tmp_path / "one"})
+    bank.load("x")
+    bank.load("x", tmp_path / "two", replace=True)
+    assert [s.slices for s in served.adapter("x").sites] == [s.slices for s in am.adapter("two").sites]
+    served.set_active("x")
+    assert torch.equal(logits(served, ids), expected)
