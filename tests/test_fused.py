@@ -51,6 +51,13 @@ def tiny_bloom(seed: int = 0):
     return T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_head=4, **SMALL)).eval()
 
 
+def tiny_bigcode(seed: int = 0, multi_query: bool = True):
+    torch.manual_seed(seed)
+    return T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                                      multi_query=multi_query, bos_token_id=0,
+                                                      eos_token_id=0)).eval()
+
+
 BUILD = {
     "phi3": tiny_phi3,
     "gpt2": tiny_gpt2,
@@ -59,6 +66,8 @@ BUILD = {
     "falcon-mq": lambda seed=0: tiny_falcon(seed, multi_query=True),
     "falcon-mha": lambda seed=0: tiny_falcon(seed, multi_query=False),
     "bloom": tiny_bloom,
+    "gpt_bigcode-mq": tiny_bigcode,
+    "gpt_bigcode-mha": lambda seed=0: tiny_bigcode(seed, multi_query=False),
 }
 FAMILIES = list(BUILD)
 QKV = ("attn.q", "attn.k", "attn.v")
