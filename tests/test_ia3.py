@@ -54,7 +54,10 @@ def test_gpt2_uses_fused_c_attn_and_mlp_c_proj_input():
                      "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"]
     c_attn = am.model.transformer.h[0].attn.c_attn.deltas["a"]
     c_proj = am.model.transformer.h[0].mlp.c_proj.deltas["a"]
-    assert tuple(c_attn.ia3_l.shape) == (96,) and not c_attn.scale_input      # 3·d outputs
+    # attn.k, attn.v: the key and value thirds of c_attn's 3·d outputs, the query third untouched
+    assert [sl.role for sl in a.sites[0].slices] == ["attn.k", "attn.v"] and a.sites[0].rows == list(range(32, 96))
+    assert tuple(c_attn.ia3_l.shape) == (64,) and not c_attn.scale_input
+    assert torch.equal(c_attn.scale_vector()[:32], torch.ones(32))
     assert tuple(c_proj.ia3_l.shape) == (128,) and c_proj.scale_input         # 4·d inputs
 
 
@@ -113,7 +116,8 @@ def test_merge_writes_rows_and_columns_of_conv1d():
     c_proj = am.model.transformer.h[0].mlp.c_proj
     w_attn, b_attn = c_attn.base_layer.weight.detach().clone(), c_attn.base_layer.bias.detach().clone()
     w_proj, b_proj = c_proj.base_layer.weight.detach().clone(), c_proj.base_layer.bias.detach().clone()
-    l_attn, l_proj = c_attn.deltas["a"].ia3_l, c_proj.deltas["a"].ia3_l
+    # c_attn's vector covers its k and v thirds (the default attn.k, attn.v), ones on the q third
+    l_attn, l_proj = c_attn.deltas["a"].scale_vector().detach(), c_proj.deltas["a"].ia3_l
     am.merge("a")
     # Conv1D stores (in, out): output scaling multiplies columns, input scaling rows
     assert torch.equal(c_attn.base_layer.weight, w_attn * l_attn[None, :])

@@ -119,8 +119,13 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
     form = first.method.composition
     merge = _merge_rule(how, density, seed)
 
+    # sites on slices of a fused projection keep them, unless the result is re-factored as
+    # dense factors over the whole layer (`LowRankDelta.factors` scatters a slice's B: exact)
+    slices = {s.path: s.slices for s in first.sites if s.slices}
     if form == "lowrank":
         tensors, config, info = _compose_lowrank(inputs, weights, mode, how, merge, rank)
+        if info["form"] in ("concatenated", "svd"):
+            slices = {}
     else:
         tensors = _compose_elementwise(inputs, weights, IDENTITY[form], merge)
         config, info = copy.deepcopy(first.config), {"form": "elementwise"}
@@ -131,7 +136,8 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
         "density": density, "seed": seed, **info,
     }
     return am.install(name, config, sites=[s.path for s in first.sites], tensors=tensors,
-                      copies=_compose_copies(inputs, weights, merge), provenance=provenance)
+                      copies=_compose_copies(inputs, weights, merge), provenance=provenance,
+                      slices=slices or None)
 
 
 def _check_request(inputs: list[Adapter], weights: Sequence[float] | None, how: str, mode: str,
@@ -194,6 +200,10 @@ def _check_same_places(first: Adapter, other: Adapter) -> None:
         extra = sorted(set(theirs) - set(mine)) or sorted(set(mine) - set(theirs))
         raise AdapterError(f"adapters {first.name!r} and {other.name!r} sit on different sites (e.g. "
                            f"{extra[0]!r}); composition needs the same sites in every input")
+    if {s.path: s.slices for s in first.sites} != {s.path: s.slices for s in other.sites}:
+        raise AdapterError(f"adapters {first.name!r} and {other.name!r} act on different slices of a "
+                           "fused projection (attn.q vs attn.v of one qkv_proj); composition needs the "
+                           "same slices in every input")
     if set(first.copies) != set(other.copies):
         raise AdapterError(f"adapters {first.name!r} and {other.name!r} train different whole modules "
                            f"({sorted(first.copies)} vs {sorted(other.copies)})")

@@ -43,11 +43,15 @@ OPTIMIZER_CHOICES = ("adamw", "galore", "natural-galore", "loraplus")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.role_maps import model_family
-    from ..core.sites import compress_paths, describe_sites
+    from ..core.role_maps import ROLES, model_family, role_map
+    from ..core.sites import compress_paths, describe_sites, describe_sliced_roles
     model = load_model_skeleton(args.model)
-    print(f"{type(model).__name__}  (architecture map: {model_family(model)})")
-    for role, paths in describe_sites(model).items():
+    used = role_map(model)[0]
+    source = ("; projections from config.base_model_tp_plan, the rest from the hand map"
+              if used.startswith("tp_plan+") else "")
+    print(f"{type(model).__name__}  (architecture map: {model_family(model)}; role map: {used}{source})")
+    found = {**describe_sites(model), **describe_sliced_roles(model)}    # sliced: "path[rows]"
+    for role, paths in ((r, found[r]) for r in ROLES if r in found):
         shown = paths if args.full else compress_paths(paths)
         print(f"  {role:<9} {len(paths):>4}  {shown[0]}")
         for p in shown[1:]:

@@ -30,7 +30,7 @@ from .errors import (
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation
-from .sites import Site, iter_modules, resolve_sites, sites_at, unwrap
+from .sites import RowSlice, Site, iter_modules, resolve_sites, sites_at, unwrap
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -145,7 +145,8 @@ def check_new_name(adapters: Mapping[str, Adapter], name: str) -> None:
 
 def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequence[str] | None,
             tensors: TensorMap | None, copies: Mapping[str, Mapping[str, torch.Tensor]] | None,
-            trainable: bool, provenance: dict | None) -> Adapter:
+            trainable: bool, provenance: dict | None,
+            slices: Mapping[str, Sequence[RowSlice]] | None = None) -> Adapter:
     """`AdaptedModel.install` (see there) once the model is known to be usable."""
     check_new_name(am.adapters, name)
     # The adapter owns its config: a caller reusing (and changing) the object for the next
@@ -155,10 +156,12 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     method = method_of(config)
     roles = am.site_roles()
     if sites is None:
+        if slices is not None:
+            raise ConfigError("install got row slices without sites; give the sites they belong to")
         found = resolve_sites(am.model, config.targets, layers=config.layers,
                               exclude=config.exclude, roles=roles)
     else:
-        found = sites_at(am.model, sites, roles)
+        found = sites_at(am.model, sites, roles, slices)
     if copies is None:
         copy_sites = (resolve_sites(am.model, config.modules_to_save, roles=roles)
                       if config.modules_to_save else [])
@@ -188,6 +191,8 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
             raise ConfigError(f"{site.path!r} is trained whole (modules_to_save) by another "
                               f"adapter; {method.title} cannot also attach there")
         kind = layer_kind(site.module, site.params)
+        if site.slices:
+            check_fused_slice(method, site)
         if quantisation(site.module):
             check_quantised(method, site)
         if site.params:
@@ -281,6 +286,17 @@ def check_parameter_site(method: Method, site: Site) -> None:
             f"of {site.type_name}, read directly by its forward, and {method.title} does not declare the "
             f"{Capability.PARAMETER_SITE.value!r} capability (it attaches to layers). Exclude them, or use "
             f"a method that declares it: {', '.join(able) or 'none'}")
+def check_fused_slice(method: Method, site: Site) -> None:
+    """CapabilityError, before anything changes, when `method` cannot act on the slice of a fused
+    projection `site` names (it does not declare FUSED_SLICE)."""
+    if Capability.FUSED_SLICE not in method.capabilities:
+        able = [m.title for m in METHODS.values() if Capability.FUSED_SLICE in m.capabilities]
+        raise CapabilityError(
+            f"{site.label} of this model {'is' if len(site.slices) == 1 else 'are'} part of the fused "
+            f"projection {site.path!r} ({site.type_name}), and {method.title} does not declare the "
+            f"{Capability.FUSED_SLICE.value!r} capability (it acts on whole layers). Target the whole "
+            f"projection ({site.role!r} or {site.path.rsplit('.', 1)[-1]!r}), or use a method that "
+            f"declares it: {', '.join(able)}")
 
 
 def check_quantised(method: Method, site: Site) -> None:

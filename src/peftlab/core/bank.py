@@ -83,7 +83,8 @@ def _installed(adapter: Adapter) -> dict[str, Any]:
                         for tname, t in part.state_dict().items()},
             "copies": {path: wrapper.copies[adapter.name].state_dict()
                        for path, wrapper in adapter.copies.items()},
-            "provenance": adapter.provenance}
+            "provenance": adapter.provenance,
+            "slices": {s.path: s.slices for s in adapter.sites if s.slices} or None}
 
 
 def valid_name(name: object) -> bool:

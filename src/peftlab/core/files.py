@@ -160,7 +160,7 @@ def _remove_stale(directory: Path) -> None:
 # ---- steps ------------------------------------------------------------------------------------
 def _file_mode() -> int:
     """0o666 less the process umask, read from /proc (os.umask would change it for every thread)."""
-    found = re.search(r"^Umask:\s*([0-7]+)", _read_proc("/proc/self/status") or "", re.M)
+    found = re.search(r"^Umask:\s*([0-7]+)", _read_proc("/proc/self/status") or "", re.MULTILINE)
     if found:
         return 0o666 & ~int(found.group(1), 8)
     mask = os.umask(0o022)

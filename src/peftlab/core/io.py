@@ -58,7 +58,7 @@ from .errors import (
 from .files import commit_files, write_json
 from .method import describe_type, get_method, value_fits
 from .quantised import Quantization, model_quantization
-from .sites import Site, site_paths, sites_at, stored_shape
+from .sites import RowSlice, Site, site_paths, sites_at, stored_shape
 
 try:
     import fcntl
@@ -321,7 +321,9 @@ def _same_tensors(a: Mapping[tuple[str, str], torch.Tensor], b: Mapping[tuple[st
 _RECORD = {"format_version": int, "method": str, "config": dict[str, Any], "sites": list[str],
            "modules_to_save": list[str], "name": str, "peftlab_version": str,
            "base_model": dict[str, Any], "provenance": dict[str, Any] | None,
-           "tensors": dict[str, str], "interchange": dict[str, Any]}
+           "tensors": dict[str, str], "interchange": dict[str, Any],
+           # sites on slices of a fused projection: path -> [{"role": sub-role, "rows": [[start, stop], ...]}]
+           "site_slices": dict[str, list[dict[str, Any]]]}
 
 
 def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
@@ -349,6 +351,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         notes[interchange.name] = {"files": sorted(encoding.files), "exact": lossless}
         if lossless and tensors is None:
             tensors = {"file": interchange.tensors_file, "layout": interchange.name}
+    site_slices = {s.path: [sl.to_record() for sl in s.slices] for s in adapter.sites if s.slices}
     if tensors is None:
         files[NATIVE_TENSORS_FILE] = write_tensors({tensor_key(p, n): t for (p, n), t in exact.items()})
         tensors = {"file": NATIVE_TENSORS_FILE, "layout": "peftlab"}
@@ -360,6 +363,7 @@ def save_adapter(am: AdaptedModel, directory: str | Path, name: str) -> Path:
         "name": name,
         "config": adapter.config.to_dict(),
         "sites": site_paths(adapter.sites),
+        **({"site_slices": site_slices} if site_slices else {}),
         "modules_to_save": list(adapter.copies),
         "base_model": base_identity(am, adapter.sites),
         "tensors": tensors,
@@ -462,6 +466,24 @@ def base_record(directory: Path) -> dict[str, Any]:
 
 
 # ---- load ---------------------------------------------------------------------------------------
+def read_slices(recorded: Mapping[str, Any], record_file: Path) -> dict[str, tuple[RowSlice, ...]]:
+    """The record's `site_slices` as RowSlices per site path; CheckpointError naming the field
+    for anything but [{"role": str, "rows": [[start, stop], ...]}, ...] per path."""
+    out: dict[str, tuple[RowSlice, ...]] = {}
+    for path, items in recorded.items():
+        parts = []
+        for item in items:
+            rows = item.get("rows")
+            ok = (set(item) == {"role", "rows"} and isinstance(item["role"], str) and isinstance(rows, list)
+                  and rows and all(value_fits(r, list[int]) and len(r) == 2 for r in rows))
+            if not ok:
+                raise CheckpointError(f"{record_file}, field 'site_slices' of {path!r}: {item!r:.80} is not "
+                                      '{"role": sub-role, "rows": [[start, stop], ...]}; ' + _EDITED)
+            parts.append(RowSlice(item["role"], tuple((start, stop) for start, stop in rows)))
+        out[path] = tuple(parts)
+    return out
+
+
 def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
                  trainable: bool = False, strict: bool = False) -> Adapter:
     """Load an adapter directory into `am` as `name` (inactive): peftlab's (format 2 or 1) or
@@ -482,6 +504,7 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
     except PeftlabError as e:
         raise CheckpointError(f"{record_file}, field 'config': {e}; {_EDITED}") from None
     sites, copy_paths = meta["sites"], meta.get("modules_to_save", [])
+    slices = read_slices(meta.get("site_slices", {}), record_file)
     spec = meta.get("tensors", {"file": TENSORS_FILE, "layout": "peftlab"})   # format 1: ours
     if spec["layout"] == "peftlab":
         source = directory / spec["file"]
@@ -489,7 +512,7 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
         found = {parse_tensor_key(key, source): t for key, t in raw.items()}
     else:
         try:   # the recorded sites first, so a misfit reads as from our own tensors file
-            sites_at(am.model, sites, am.site_roles())
+            sites_at(am.model, sites, am.site_roles(), slices)
             source, raw, found = INTERCHANGES[spec["layout"]].decode(am, directory, method)
         except CheckpointError:
             raise
@@ -507,7 +530,7 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
             site_tensors[(path, tname)] = t
     try:
         adapter = am.install(name, config, sites=sites, tensors=site_tensors, copies=copies,
-                             trainable=trainable, provenance=meta.get("provenance"))
+                             trainable=trainable, provenance=meta.get("provenance"), slices=slices)
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint
     except CheckpointError as e:

@@ -45,6 +45,9 @@ class Capability(enum.StrEnum):
     # attaches to parameter sites (core/sites.py): nn.Parameters a module's forward reads directly
     # (MoE expert weights, Mamba's A_log); `install` refuses a method without it at such a site
     PARAMETER_SITE = "parameter-site"
+    # acts on a slice of a fused projection's output rows (attn.q of Phi-3's qkv_proj, GPT-2's
+    # c_attn); `install` refuses a method without it on a sliced site (core/sites.py, RowSlice)
+    FUSED_SLICE = "fused-slice"
 
 
 def _capability(value: Any) -> Capability | Any:

@@ -34,7 +34,7 @@ from .routing import (
     check_routed_training,
     check_weights,
 )
-from .sites import iter_modules, site_roles
+from .sites import RowSlice, iter_modules, site_roles
 from .taps import ActivationTaps
 from .terms import LossContext, LossTerm, weighted_sum
 
@@ -182,7 +182,8 @@ class AdaptedModel(HFCompat, nn.Module):
     def install(self, name: str, config: MethodConfig, *, sites: Sequence[str] | None = None,
                 tensors: Mapping[tuple[str, str], torch.Tensor] | None = None,
                 copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-                trainable: bool = False, provenance: dict | None = None) -> Adapter:
+                trainable: bool = False, provenance: dict | None = None,
+                slices: Mapping[str, Sequence[RowSlice]] | None = None) -> Adapter:
         """Attach adapter `name` of `config`'s method (inactive) and return it; every check runs
         before the model changes, so a refused install leaves it as it was.
 
@@ -191,10 +192,12 @@ class AdaptedModel(HFCompat, nn.Module):
         initialised); every tensor the method expects must be there with its shape, and nothing
         else. `copies`: the state of its modules_to_save copies, module path -> state dict (None:
         copies of config.modules_to_save as they are now); needs `tensors`. `trainable` gives its
-        parameters gradients; `provenance` records how a composed adapter was made."""
+        parameters gradients; `provenance` records how a composed adapter was made. `slices`
+        (site path -> RowSlices, with `sites`): the sites that act on slices of a fused
+        projection's output rows, as `Adapter.sites` holds them."""
         self._check_usable()
         return attach.install(self, name, config, sites=sites, tensors=tensors, copies=copies,
-                              trainable=trainable, provenance=provenance)
+                              trainable=trainable, provenance=provenance, slices=slices)
 
     def site_roles(self) -> dict[str, str]:
         """Module path -> PEFT-Ref role for the wrapped model (computed once: wrapping a layer

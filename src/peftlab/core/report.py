@@ -76,7 +76,7 @@ def card(am: AdaptedModel, name: str) -> str:
     facts = [
         ("adapter", name),
         ("method", f"{a.method.name} ({a.method.describe(a.config)})"),
-        ("sites", summarise_sites((s.role, s.layer) for s in a.sites)),
+        ("sites", summarise_sites((s.label, s.layer) for s in a.sites)),   # slices: "attn.q+attn.v"
         ("modules to save", ", ".join(a.copies) or "none"),
         ("parameters", (f"{am.count_parameters(name):,} "
                         f"({100 * am.count_parameters(name) / max(am.base_parameters(), 1):.3f}% of base)")),

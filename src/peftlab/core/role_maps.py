@@ -8,6 +8,7 @@ them to a model.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,18 +18,19 @@ from torch import nn
 # module whose output is that position in the sublayer.
 ROLES: tuple[str, ...] = (
     "embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
-    "ffn.up", "ffn.gate", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
+    "ffn.up", "ffn.gate", "ffn.gate_up", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
     "ffn.experts", "ssm.A", "ssm.D",
 )
 # Role groups a user may name as one target.
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"),
-    "ffn": ("ffn.up", "ffn.gate", "ffn.down"),
+    "ffn": ("ffn.up", "ffn.gate", "ffn.gate_up", "ffn.down"),
 }
-# A model with fused q/k/v projections (GPT-2 c_attn) answers attn.q/k/v with the fused layer.
-fused_fallback = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv",
-                   # attn.kv names the same attention modules as attn.out, which claims them first
-                   "attn.kv": "attn.out"}
+# attn.kv names the same attention modules as attn.out, which claims them first.
+fused_fallback = {"attn.kv": "attn.out"}
+# A fused projection answers its sub-roles on a slice of its output rows (`fused_layout`).
+FUSED_PARTS: dict[str, str] = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv",
+                               "ffn.gate": "ffn.gate_up", "ffn.up": "ffn.gate_up"}
 
 # Patterns: '.' is literal, {L} is the layer index, (a|b) alternates; anchored at a path boundary
 # and at the end, so the same map serves the bare model and its task heads (model., bert., ...).
@@ -90,6 +92,21 @@ _T5 = {
     "norm": ["block.{L}.layer.(0|1|2).layer_norm", "final_layer_norm"],
     "head": ["lm_head", "classification_head.out_proj"],
 }
+# Phi-3: fused q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`) projections; their sub-roles are
+# slices of the fused output (`fused_layout`).
+_PHI3 = {
+    "embed": ["embed_tokens"],
+    "attn.qkv": ["layers.{L}.self_attn.qkv_proj"],
+    "attn.o": ["layers.{L}.self_attn.o_proj"],
+    "attn.out": ["layers.{L}.self_attn"],
+    "attn.kv": ["layers.{L}.self_attn"],
+    "ffn.gate_up": ["layers.{L}.mlp.gate_up_proj"],
+    "ffn.down": ["layers.{L}.mlp.down_proj"],
+    "ffn.act": ["layers.{L}.mlp.activation_fn"],
+    "ffn.out": ["layers.{L}.mlp"],
+    "norm": ["layers.{L}.(input_layernorm|post_attention_layernorm)", "norm"],
+    "head": ["lm_head", "score"],
+}
 # Fallback for unknown families: common leaf names. Norms are also found by class name.
 _GENERIC = {
     "embed": ["(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)"],
@@ -99,6 +116,7 @@ _GENERIC = {
     "attn.qkv": ["(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"],
     "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense)"],
     "ffn.gate": ["(gate_proj|w3)"],
+    "ffn.gate_up": ["gate_up_proj"],
     "ffn.up": ["(up_proj|fc1|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
     "ffn.down": ["(down_proj|fc2|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
     "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
@@ -106,8 +124,9 @@ _GENERIC = {
 }
 _FAMILIES: dict[str, dict[str, list[str]]] = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
-                     "granite", "phi3", "smollm3"], _LLAMA),
+                     "granite", "smollm3"], _LLAMA),
     "gpt2": _GPT2,
+    "phi3": _PHI3,
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
     **dict.fromkeys(["t5", "mt5"], _T5),
 }
@@ -131,7 +150,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 _COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items()}
-             for m in (_LLAMA, _GPT2, _BERT, _T5, _GENERIC)}
+             for m in (_LLAMA, _GPT2, _PHI3, _BERT, _T5, _GENERIC)}
 
 
 _COMPILED_PARAMETERS = {role: [_compile(p) for p in pats] for role, pats in PARAMETER_ROLES.items()}
@@ -151,8 +170,28 @@ def parameter_role(path: str, param: torch.Tensor, owner: nn.Module) -> str | No
 
 
 def compiled_role_map(model: nn.Module) -> dict[str, list[re.Pattern[str]]]:
-    """Role -> compiled path patterns of the map `model`'s family uses (the generic one if none)."""
-    return _COMPILED[id(_FAMILIES.get(model_family(model), _GENERIC))]
+    """Role -> compiled path patterns, in the order they claim a path, of the map `model` uses:
+    the projections its config's `base_model_tp_plan` names first (`tp_plan_roles`), then its
+    family's hand map (the generic one if none) for every other role."""
+    return role_map(model)[1]
+
+
+def role_map(model: nn.Module) -> tuple[str, dict[str, list[re.Pattern[str]]]]:
+    """(name, role -> compiled patterns) of the map `model` uses; the name is the hand map's
+    ("llama", "generic", ...), prefixed "tp_plan+" when the config's tensor-parallel plan gave
+    some roles."""
+    hand = _COMPILED[id(_FAMILIES.get(model_family(model), _GENERIC))]
+    derived = tp_plan_roles(model)
+    if not derived:
+        return model_family(model), hand
+    paths = [path for path, _ in model.named_modules()]
+    # a role whose tp_plan patterns match no module here (a plan naming parameters, or modules
+    # this class does not build) keeps the hand map's patterns
+    used = {role: pats for role, pats in derived.items() if any(p.search(x) for p in pats for x in paths)}
+    if not used:
+        return model_family(model), hand
+    return (f"tp_plan+{model_family(model)}",
+            {**used, **{role: pats for role, pats in hand.items() if role not in used}})
 
 
 def model_family(model: nn.Module) -> str:
@@ -168,3 +207,133 @@ def model_layout(model: nn.Module) -> str:
     """The module layout `model` shares with its family: "llama" (also Mistral, Qwen, Gemma, ...),
     "bert" (also RoBERTa, ELECTRA), "gpt2", "t5" or "generic"."""
     return _LAYOUTS.get(id(_FAMILIES.get(model_family(model))), "generic")
+
+
+# ---- roles from transformers' tensor-parallel plan -----------------------------------------------
+# `config.base_model_tp_plan` maps module-path patterns ("layers.*.self_attn.q_proj") to how each
+# is split across devices: column-wise splits are the input-side projections (q, k, v, gate, up
+# and their fusions), row-wise ones the output-side (o, down). The leaf name says which one.
+_ATTN_SECTIONS = frozenset({"self_attn", "attn", "attention", "self_attention"})
+_FFN_SECTIONS = frozenset({"mlp", "feed_forward"})
+_ATTN_COLWISE = {
+    **dict.fromkeys(("q_proj", "query", "wq"), "attn.q"), **dict.fromkeys(("k_proj", "key", "wk"), "attn.k"),
+    **dict.fromkeys(("v_proj", "value", "wv"), "attn.v"),
+    **dict.fromkeys(("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack"), "attn.qkv"),
+}
+_ATTN_ROWWISE = {leaf: "attn.o" for leaf in ("o_proj", "dense", "out_proj", "c_proj", "wo")}
+_FFN_COLWISE = {"gate_proj": "ffn.gate", "gate_up_proj": "ffn.gate_up",
+                **dict.fromkeys(("up_proj", "fc1", "c_fc", "fc_in", "dense_h_to_4h"), "ffn.up")}
+_FFN_ROWWISE = {leaf: "ffn.down" for leaf in ("down_proj", "fc2", "c_proj", "fc_out", "dense_4h_to_h")}
+
+
+def tp_plan_roles(model: nn.Module) -> dict[str, list[re.Pattern[str]]]:
+    """Role -> compiled patterns read from the model config's `base_model_tp_plan` (a multimodal
+    model's text config): the projections of each block's attention and FFN, and the attention /
+    FFN modules that hold them (attn.out, ffn.out). Routed experts (`experts`) are left
+    out. {} when the config has no plan. Reads the attribute only: no transformers import."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not isinstance(plan, dict):
+        return {}
+    found: dict[str, list[str]] = {}
+    for key, style in plan.items():
+        parts = key.split(".") if isinstance(key, str) and isinstance(style, str) else []
+        if "*" not in parts or "experts" in parts:
+            continue
+        inner = parts[parts.index("*") + 1:]                 # section, ..., leaf
+        leaf = inner[-2] if inner and inner[-1] == "linear" and len(inner) > 2 else (inner or [""])[-1]
+        if len(inner) < 2 or inner[0] not in _ATTN_SECTIONS | _FFN_SECTIONS:
+            continue
+        attention = inner[0] in _ATTN_SECTIONS
+        if "colwise" in style:
+            role = (_ATTN_COLWISE if attention else _FFN_COLWISE).get(leaf)
+        elif "rowwise" in style and "embedding" not in style:
+            role = (_ATTN_ROWWISE if attention else _FFN_ROWWISE).get(leaf)
+        else:
+            role = None
+        if role is None:
+            continue
+        pattern = ".".join("{L}" if part == "*" else part for part in parts)
+        found.setdefault(role, [])
+        if pattern not in found[role]:
+            found[role].append(pattern)
+        if len(inner) == 2:       # the module holding the projection: the sublayer's position
+            holder = pattern.rsplit(".", 1)[0]
+            # (attn.kv names the same modules: `fused_fallback` answers it with attn.out's)
+            position = "attn.out" if attention else "ffn.out"
+            if holder not in found.setdefault(position, []):
+                found[position].append(holder)
+    return {role: [_compile(p) for p in found[role]] for role in ROLES if role in found}
+
+
+# ---- fused projections -------------------------------------------------------------------------
+# Where each sub-role's rows sit in a fused projection's output, as the model's forward splits it
+# (read from transformers' modeling code): one block per group of `groups` repeats of
+# (sub-role, width) parts.
+RowRanges = tuple[tuple[int, int], ...]
+
+
+def _blocks(groups: int, parts: list[tuple[str, int]]) -> tuple[tuple[str, RowRanges], ...]:
+    ranges: dict[str, list[list[int]]] = {role: [] for role, _ in parts}
+    at = 0
+    for _ in range(groups):
+        for role, width in parts:
+            spans = ranges[role]
+            if spans and spans[-1][1] == at:
+                spans[-1][1] += width
+            else:
+                spans.append([at, at + width])
+            at += width
+    return tuple((role, tuple((a, b) for a, b in spans)) for role, spans in ranges.items())
+
+
+def _qkv_parts(model_type: str | None, config: Any, d_out: int,
+               heads: tuple[int, int, int] | None) -> tuple[int, list[tuple[str, int]]] | None:
+    q, k, v = "attn.q", "attn.k", "attn.v"
+    if model_type == "gpt2":                     # c_attn(x).split(n_embd): [q | k | v]
+        return 1, [(q, d_out // 3), (k, d_out // 3), (v, d_out // 3)]
+    if heads is None:
+        return None
+    h, kv, hd = heads
+    if model_type == "phi3":                     # qkv[..., :h·hd], then kv·hd each for k and v
+        return 1, [(q, h * hd), (k, kv * hd), (v, kv * hd)]
+    if model_type in ("gpt_neox", "bloom"):      # view(..., heads, 3·hd): per head [q | k | v]
+        return h, [(q, hd), (k, hd), (v, hd)]
+    if model_type == "falcon":
+        if getattr(config, "new_decoder_architecture", False):   # per kv group: its queries, k, v
+            groups = getattr(config, "num_kv_heads", None) or kv
+            return groups, [(q, h // groups * hd), (k, hd), (v, hd)]
+        if getattr(config, "multi_query", False):                # [q (h·hd) | k (hd) | v (hd)]
+            return 1, [(q, h * hd), (k, hd), (v, hd)]
+        return h, [(q, hd), (k, hd), (v, hd)]                    # per head [q | k | v]
+    if model_type == "gpt_bigcode":
+        if getattr(config, "multi_query", False):                # split((embed, hd, hd))
+            return 1, [(q, h * hd), (k, hd), (v, hd)]
+        return h, [(q, hd), (k, hd), (v, hd)]
+    return None
+
+
+def fused_layout(model: nn.Module, fused_role: str, d_out: int,
+                 heads: tuple[int, int, int] | None) -> tuple[tuple[str, RowRanges], ...] | None:
+    """((sub-role, row ranges), ...) of a fused projection of `model` playing `fused_role`
+    ("attn.qkv" or "ffn.gate_up") with `d_out` outputs, in output order; `heads` is (query
+    heads, key/value heads, head width) from its config. None when peftlab does not know how
+    this family splits it or the sizes do not add up to `d_out` (e.g. a pruned model)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    model_type = getattr(config, "model_type", None)
+    if fused_role == "attn.qkv":
+        found = _qkv_parts(model_type, config, d_out, heads)
+    elif fused_role == "ffn.gate_up" and model_type in ("phi3", "glm", "glm4"):
+        found = 1, [("ffn.gate", d_out // 2), ("ffn.up", d_out // 2)]  # gate, up = out.chunk(2)
+    else:
+        found = None
+    if found is None:
+        return None
+    groups, parts = found
+    if groups < 1 or groups * sum(width for _, width in parts) != d_out or any(w <= 0 for _, w in parts):
+        return None
+    return _blocks(groups, parts)

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,27 +24,62 @@ from torch import nn
 from .errors import CapabilityError, TargetNotFoundError, TargetWarning, close_matches
 from .quantised import dequantised, features, quantisation
 from .role_maps import (
+    FUSED_PARTS,
     ROLE_GROUPS,
     ROLES,
     compiled_role_map,
     fused_fallback,
+    fused_layout,
     parameter_role,
 )
 
 
 @dataclass(frozen=True)
+class RowSlice:
+    """The output rows of a fused projection one sub-role owns (attn.q of Phi-3's qkv_proj, the
+    query third of GPT-2's c_attn): half-open (start, stop) ranges of output features, in the
+    order the model's forward reads them."""
+
+    role: str
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    def indices(self) -> list[int]:
+        return [i for start, stop in self.ranges for i in range(start, stop)]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"role": self.role, "rows": [[start, stop] for start, stop in self.ranges]}
+
+
+@dataclass(frozen=True)
 class Site:
-    """One attachment place: the module at `path`, its PEFT-Ref `role` and transformer `layer`."""
+    """One attachment place: the module at `path`, its PEFT-Ref `role` and transformer `layer`.
+    `slices` (empty: the whole module) are the sub-roles of a fused projection an adapter acts
+    on, each on its own output rows; `role` stays the fused module's ("attn.qkv")."""
 
     path: str
     role: str | None
     layer: int | None
     module: nn.Module
     params: tuple[str, ...] = ()   # a parameter site's targeted parameters (`parameter_candidates`)
+    slices: tuple[RowSlice, ...] = ()   # a fused projection's rows this site owns (none: all)
 
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
+
+    @property
+    def rows(self) -> list[int] | None:
+        """The output rows the slices own, slice after slice (None: the whole module)."""
+        return [i for sl in self.slices for i in sl.indices()] if self.slices else None
+
+    @property
+    def label(self) -> str | None:
+        """The role as people read it: the sub-roles of a sliced site ("attn.q+attn.v")."""
+        return "+".join(sl.role for sl in self.slices) if self.slices else self.role
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -113,6 +148,8 @@ def _expand_roles(target: str, by_role: dict[str, list[str]]) -> list[str] | Non
     paths = by_role.get(target, [])
     if not paths and target in fused_fallback:
         paths = by_role.get(fused_fallback[target], [])
+    if not paths and target in FUSED_PARTS:    # the fused projection holding it (sliced by resolve_sites)
+        paths = by_role.get(FUSED_PARTS[target], [])
     return paths
 
 
@@ -142,33 +179,57 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
                   exclude: str | Sequence[str] | None = None,
                   roles: dict[str, str] | None = None) -> list[Site]:
     """The sites `targets` name, in model order, restricted to `layers` and minus `exclude`.
-    `roles` (path -> role) may be passed when already known. A target may also name parameters
-    (a parameter role such as ``ffn.experts``, or parameter paths): they become parameter sites,
-    one per module holding them; a target naming a module that is no layer but holds parameters
-    with a parameter role (``experts``) names those parameters.
+    `roles` (path -> role) may be passed when already known. A sub-role a fused projection
+    answers (attn.q of a qkv_proj) gives a site sliced to that sub-role's rows; several sub-roles
+    of one module give one site with all their slices, and a target naming the whole module
+    (attn.qkv, its path, all-linear) makes it whole. A target may also name parameters (a
+    parameter role such as ``ffn.experts``, or parameter paths): they become parameter sites, one
+    per module holding them; a target naming a module that is no layer but holds parameters with a
+    parameter role (``experts``) names those parameters.
 
     Raises TargetNotFoundError naming close candidates when a target matches nothing, and when
-    `layers` or `exclude` leave nothing. `all-linear` on a model with expert parameters warns
+    `layers` or `exclude` leave nothing; CapabilityError for a sub-role of a fused projection
+    whose layout peftlab does not know. `all-linear` on a model with expert parameters warns
     (TargetWarning) naming those it leaves out.
     """
     modules = dict(iter_modules(model))
     roles = roles if roles is not None else site_roles(model)
     param_roles = parameter_roles(model, modules)
-    chosen: set[str] = set()
+    by_role = _paths_by_role(roles)
+    whole: set[str] = set()
+    parts: dict[str, set[str]] = {}          # fused module path -> the sub-roles it acts for
     chosen_params: set[str] = set()
     excluded: set[str] = set()      # parameters `exclude` names: left out on purpose, no warning
     for target, (paths, params) in _match_all(model, targets, modules, roles, param_roles).items():
         if not paths and not params:
             raise TargetNotFoundError(_not_found_message(target, model, modules, roles))
-        chosen |= paths
         chosen_params |= params
+        for role, found in _split_fused(target, paths, by_role):
+            if role is None:
+                whole |= found
+            else:
+                for path in found:
+                    parts.setdefault(path, set()).add(role)
+    layouts = {path: _layout_of(model, path, modules[path], roles[path], sorted(subs))
+               for path, subs in parts.items() if path not in whole}
     if exclude:
         for target, (paths, params) in _match_all(model, exclude, modules, roles, param_roles).items():
             if not paths and not params:
                 raise TargetNotFoundError(_not_found_message(target, model, modules, roles, what="exclude"))
-            chosen -= paths
             chosen_params -= params
             excluded |= params
+            for role, found in _split_fused(target, paths, by_role):
+                for path in found:
+                    if role is None:
+                        whole.discard(path)
+                        parts.pop(path, None)
+                        continue
+                    if path in whole:         # the whole module less one sub-role: its other slices
+                        whole.discard(path)
+                        layouts[path] = _layout_of(model, path, modules[path], roles[path], [role])
+                        parts[path] = {sub for sub, _ in layouts[path]}
+                    parts.get(path, set()).discard(role)
+    chosen = whole | {p for p, subs in parts.items() if subs}
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         chosen = {p for p in chosen if layer_index(p) in wanted}
@@ -186,7 +247,9 @@ def resolve_sites(model: nn.Module, targets: str | Sequence[str], *,
                 f"'all-linear' adapts Linear layers only and leaves out {len(left_out)} expert weight "
                 f"parameters (nn.Parameters of MoE experts modules, not Linear layers): {', '.join(shown)}. "
                 "targets=[..., 'ffn.experts'] includes them (LoRA per expert)"), stacklevel=_user_level())
-    return _sites(modules, roles, param_roles, chosen, chosen_params)
+    slices = {p: tuple(RowSlice(sub, ranges) for sub, ranges in layouts[p] if sub in parts[p])
+              for p in chosen if p not in whole}
+    return _sites(modules, roles, param_roles, chosen, chosen_params, slices)
 
 
 def _user_level() -> int:
@@ -263,16 +326,19 @@ def match_parameters(target: str, param_roles: dict[str, str], modules: dict[str
 
 
 def _sites(modules: dict[str, nn.Module], roles: dict[str, str], param_roles: dict[str, str],
-           chosen: set[str], chosen_params: set[str]) -> list[Site]:
-    """Module sites at `chosen` and one parameter site per module holding `chosen_params`, in
-    model order (a module's parameters in its own order)."""
+           chosen: set[str], chosen_params: set[str],
+           slices: Mapping[str, Sequence[RowSlice]] | None = None) -> list[Site]:
+    """Module sites at `chosen` (sliced where `slices` gives rows) and one parameter site per
+    module holding `chosen_params`, in model order (a module's parameters in its own order)."""
+    slices = slices or {}
     by_module: dict[str, list[str]] = {}
     for ppath in chosen_params:
         by_module.setdefault(ppath.rpartition(".")[0], []).append(ppath.rpartition(".")[2])
     sites = []
     for path, module in modules.items():
         if path in chosen:
-            sites.append(Site(path, roles.get(path), layer_index(path), unwrap(module)))
+            sites.append(Site(path, roles.get(path), layer_index(path), unwrap(module),
+                              slices=tuple(slices.get(path, ()))))
         elif path in by_module:
             base = unwrap(module)
             names = tuple(n for n in base._parameters if n in by_module[path])
@@ -285,6 +351,45 @@ def site_paths(sites: Sequence[Site]) -> list[str]:
     """The paths that record `sites` in a checkpoint (`sites_at` reads them back): a module
     site's module path, a parameter site's parameter paths."""
     return [p for s in sites for p in ([f"{s.path}.{n}" for n in s.params] or [s.path])]
+
+
+def _paths_by_role(roles: dict[str, str]) -> dict[str, list[str]]:
+    by_role: dict[str, list[str]] = {}
+    for path, role in roles.items():
+        by_role.setdefault(role, []).append(path)
+    return by_role
+
+
+def _split_fused(target: str, paths: set[str], by_role: dict[str, list[str]]
+                 ) -> list[tuple[str | None, set[str]]]:
+    """A target's paths as (sub-role, fused module paths) for the sub-roles fused projections
+    answer, and (None, paths) for whole modules."""
+    names = ROLE_GROUPS.get(target, (target,))
+    out: list[tuple[str | None, set[str]]] = []
+    rest = set(paths)
+    for role in names:
+        fused = FUSED_PARTS.get(role)
+        if fused is not None and not by_role.get(role) and by_role.get(fused):
+            found = set(by_role[fused]) & paths
+            if role in ROLE_GROUPS.get(target, ()) and fused in names:
+                continue            # the group names the whole fused module too: it stays whole
+            out.append((role, found))
+            rest -= found
+    return [*out, (None, rest)] if rest else out
+
+
+def _layout_of(model: nn.Module, path: str, module: nn.Module, fused_role: str,
+               wanted: Sequence[str]) -> tuple[tuple[str, tuple[tuple[int, int], ...]], ...]:
+    """The (sub-role, rows) layout of the fused projection at `path`; CapabilityError, naming
+    the module and the whole role to target instead, when peftlab does not know it."""
+    layout = fused_layout(model, fused_role, dims(module)[1], attention_heads(model))
+    if layout is None:
+        raise CapabilityError(
+            f"{', '.join(wanted)} of this {type(model).__name__} is part of the fused projection "
+            f"{path!r} ({fused_role}, {dims(module)[1]} outputs), and peftlab does not know which of "
+            f"its output rows {'it owns' if len(wanted) == 1 else 'they own'} for this family; "
+            f"target the whole projection ({fused_role!r} or its path) instead")
+    return layout
 
 
 def _not_found_message(target: str, model: nn.Module, modules: dict[str, nn.Module], roles: dict[str, str],
@@ -335,9 +440,31 @@ def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     return {role: by_role[role] for role in ROLES if role in by_role}
 
 
-def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | None = None) -> list[Site]:
+def describe_sliced_roles(model: nn.Module) -> dict[str, list[str]]:
+    """Sub-role -> "path[rows]" of the fused projections that answer it (attn.q of a qkv_proj:
+    'model.layers.0.self_attn.qkv_proj[0:32]'), for `peftlab inspect`; sub-roles whose fused
+    projection has no known layout are left out."""
+    roles = site_roles(model)
+    by_role = _paths_by_role(roles)
+    modules = dict(iter_modules(model))
+    out: dict[str, list[str]] = {}
+    heads = attention_heads(model)
+    for path in [p for fused in sorted(set(FUSED_PARTS.values())) for p in by_role.get(fused, [])]:
+        layout = fused_layout(model, roles[path], dims(modules[path])[1], heads)
+        for sub, ranges in layout or ():
+            if not by_role.get(sub):
+                spans = [f"{start}:{stop}" for start, stop in ranges]
+                shown = ",".join(spans) if len(spans) <= 3 else (
+                    f"{','.join(spans[:2])},… {len(spans)} ranges, {sum(b - a for a, b in ranges)} rows")
+                out.setdefault(sub, []).append(f"{path}[{shown}]")
+    return out
+
+
+def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | None = None,
+             slices: Mapping[str, Sequence[RowSlice]] | None = None) -> list[Site]:
     """Sites at these exact paths (as a checkpoint records them: `site_paths`), in model order;
-    a parameter path names a parameter site (those of one module form one site)."""
+    a parameter path names a parameter site (those of one module form one site); `slices`
+    (path -> RowSlices) makes those module sites sliced (checked against the module's outputs)."""
     if not paths:
         return []
     modules = dict(iter_modules(model))
@@ -354,8 +481,28 @@ def sites_at(model: nn.Module, paths: Sequence[str], roles: dict[str, str] | Non
             f"module {missing[0]!r} does not exist in this {type(model).__name__}"
             + (f"; close candidates: {', '.join(hint)}" if hint else "")
             + f" ({len(missing)} of {len(paths)} recorded sites are missing: a different base model?)")
+    slices = slices or {}
+    for path, parts in slices.items():
+        if path not in paths:
+            raise TargetNotFoundError(f"row slices are given for {path!r}, which is not one of the sites")
+        check_slices(path, modules[path], parts)
     param_roles = parameter_roles(model, modules) if params else {}
-    return _sites(modules, roles, param_roles, set(paths) - params, params)
+    return _sites(modules, roles, param_roles, set(paths) - params, params, slices)
+
+
+def check_slices(path: str, module: nn.Module, slices: Sequence[RowSlice]) -> None:
+    """TargetNotFoundError unless the slices' rows are disjoint, non-empty and inside the
+    module's outputs (a checkpoint's slices on this model)."""
+    d_out = dims(module)[1]
+    seen: set[int] = set()
+    for sl in slices:
+        rows = sl.indices()
+        bad = not rows or any(start >= stop or start < 0 or stop > d_out for start, stop in sl.ranges)
+        if bad or seen & set(rows):
+            raise TargetNotFoundError(
+                f"the {sl.role} rows {[list(r) for r in sl.ranges]} recorded for {path!r} do not fit its "
+                f"{d_out} outputs (or overlap another slice): a different base model?")
+        seen |= set(rows)
 
 
 # ---- geometry: the sizes of layers and of attention, read in this one place ----------------------

@@ -487,8 +487,9 @@ METHOD = Method(
     ),
     layer_kinds=lora.METHOD.layer_kinds,
     # LoRA's minus routed training: the regularisers read the whole batch's logits, and the rows
-    # of a routed batch belong to other adapters
-    capabilities=lora.METHOD.capabilities - {Capability.TRAIN_IN_MIXED_BATCH},
+    # of a routed batch belong to other adapters; minus slices of fused projections: its PiSSA
+    # start is the SVD of the whole weight
+    capabilities=lora.METHOD.capabilities - {Capability.TRAIN_IN_MIXED_BATCH, Capability.FUSED_SLICE},
     build=lora._build,
     tensor_shapes=lora._tensor_shapes,
     describe=_describe,

@@ -10,6 +10,7 @@ entry of l merges and unmerges exactly too.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..core.sites import Site, dims, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import PREFIX, split_copies
 from ._conv import build_conv_ia3, ia3_peft_shape
+from ._row_slices import refuse_on_slices, slice_rows
 
 TENSOR = "ia3_l"
 
@@ -68,8 +70,10 @@ class IA3Config(MethodConfig):
 
     def scales_input(self, site: Site) -> bool:
         """Whether the site's vector scales the layer input (a feed-forward site)."""
-        patterns = [self.feedforward] if isinstance(self.feedforward, str) else self.feedforward
-        return bool(pattern_value(dict.fromkeys(patterns, True), site))
+        patterns = dict.fromkeys([self.feedforward] if isinstance(self.feedforward, str) else self.feedforward, True)
+        # a sliced site is named by its slices' sub-roles too (attn.k of a qkv_proj)
+        return bool(pattern_value(patterns, site)) or any(
+            pattern_value(patterns, dataclasses.replace(site, role=sl.role, slices=())) for sl in site.slices)
 
 
 class MixedScales(MixedDeltas):
@@ -77,8 +81,8 @@ class MixedScales(MixedDeltas):
     is scaled by its own slot's vector."""
 
     def stack(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
-        one = torch.ones_like(next(d for d in self.slots if d is not None).ia3_l, dtype=dtype)
-        return torch.stack([d.ia3_l.to(dtype) if d is not None else one for d in self.slots])
+        one = torch.ones_like(next(d for d in self.slots if d is not None).scale_vector(), dtype=dtype)
+        return torch.stack([d.scale_vector().to(dtype) if d is not None else one for d in self.slots])
 
     def scales(self, layer: AdaptedLayer, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """(B, 1.., d) in `like`'s dtype (the vectors are cast at use)."""
@@ -99,11 +103,19 @@ class MixedOutputScales(MixedScales):
 
 class IA3Delta(Delta):
     """One learned vector `ia3_l`: it scales the output (stage "output") or the input (stage
-    "input") of the wrapped layer."""
+    "input") of the wrapped layer. On slices of a fused projection (`site` with slices) it
+    scales only the slices' output rows: `ia3_l` has one entry per such row, identity elsewhere."""
 
 
-    def __init__(self, size: int, scale_input: bool, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, size: int, scale_input: bool, *, dtype: torch.dtype, device: torch.device,
+                 site: Site | None = None, d_out: int | None = None) -> None:
         super().__init__()
+        if site is not None and site.slices:
+            rows, _ = slice_rows(site, device)
+            self._buffers["rows"] = rows
+            self._non_persistent_buffers_set.add("rows")
+            self.__dict__.update(d_out=d_out)
+            size = len(rows)
         self.__dict__.update(scale_input=scale_input,
                              stage="input" if scale_input else "output",
                              algebra="input" if scale_input else "scale",
@@ -111,8 +123,18 @@ class IA3Delta(Delta):
         self._parameters[TENSOR] = nn.Parameter(torch.ones(size, dtype=dtype, device=device),
                                                 requires_grad=False)
 
+    def scale_vector(self) -> torch.Tensor:
+        """The scaling of every output (input) feature: `ia3_l`, or on slices of a fused
+        projection ones with `ia3_l` on the slices' rows (differentiable in `ia3_l`)."""
+        rows = self._buffers.get("rows")
+        if rows is None:
+            return self.ia3_l
+        return self.ia3_l.new_ones(self.d_out).index_copy(0, rows, self.ia3_l)
+
     # the vector is cast at use to the activations' dtype (cached between updates)
     def contribute(self, layer, x, base_out, out):
+        if "rows" in self._buffers:
+            return out * self.scale_vector().to(out.dtype)
         return out * cast_one(self, self.ia3_l, out.dtype)
 
     def transform_input(self, layer, x):
@@ -122,7 +144,7 @@ class IA3Delta(Delta):
     def merge_into(self, layer: AdaptedLayer) -> None:
         # the products in fp32, rounded once into the base's dtype
         w = layer.weight_out_in()          # (out, in) view: Conv1D's transposed weight included
-        l = self.ia3_l.float()
+        l = self.scale_vector().float()
         w.copy_((w.float() * (l[None, :] if self.scale_input else l[:, None])).to(w.dtype))
         bias = layer.base_layer.bias
         if not self.scale_input and bias is not None:
@@ -138,12 +160,16 @@ def _build(site: Site, layer: AdaptedLayer, config: IA3Config, initialise: bool 
     scale_input = config.scales_input(site)
     if layer.kind == "conv":
         return build_conv_ia3(layer, _size(layer, scale_input), scale_input, config)
+    if scale_input and site.slices:     # the input feeds every slice: it has no per-slice scaling
+        refuse_on_slices("IA3's input (feed-forward) scaling", site)
     weight = layer.base_layer.weight
     return IA3Delta(_size(layer, scale_input), scale_input, dtype=adapter_dtype(config, weight.dtype),
-                    device=weight.device)
+                    device=weight.device, site=site, d_out=layer.out_features)
 
 
 def _tensor_shapes(layer: AdaptedLayer, site: Site, config: IA3Config) -> dict[str, tuple[int, ...]]:
+    if site.slices:
+        return {TENSOR: (len(site.rows),)}
     return {TENSOR: (_size(layer, config.scales_input(site)),)}
 
 
@@ -160,8 +186,9 @@ def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[s
     feedforward: list[str] = []
     for site in adapter.sites:
         delta = adapter.layers[site.path].deltas[adapter.name]
-        l = delta.ia3_l.detach()
-        if adapter.layers[site.path].kind == "conv":    # (1, d, 1, ...): a conv's channels are dim 1
+        layer = adapter.layers[site.path]
+        l = delta.ia3_l.detach() if layer.kind == "conv" else delta.scale_vector().detach()
+        if layer.kind == "conv":    # (1, d, 1, ...): a conv's channels are dim 1
             l = l.reshape(ia3_peft_shape(site.module, site.path, l.numel()))
         if delta.scale_input:
             feedforward.append(site.path)
@@ -244,7 +271,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
-                            Capability.QUANTISED_BASE}),
+                            Capability.QUANTISED_BASE, Capability.FUSED_SLICE}),
     composition="scale",
     build=_build,
     tensor_shapes=_tensor_shapes,

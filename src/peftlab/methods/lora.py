@@ -35,7 +35,6 @@ from ..core.method import (
     check_pattern_keys,
     check_positive_int,
     matches_path,
-    pattern_value,
 )
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import HALF, adapter_dtype, cast_at_use, compute_dtype
@@ -44,6 +43,7 @@ from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
 from . import _lora_params as lora_params
 from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
+from ._row_slices import SlicedLowRank, refuse_on_slices, slice_pattern_value
 
 INITS = ("zero", "gaussian", "random", "pissa")
 
@@ -88,7 +88,7 @@ class LoraConfig(MethodConfig):
             check_number(f"LoraConfig.alpha_pattern[{key!r}]", value, low=0, low_open=True)
 
     def rank_for(self, site: Site) -> int:
-        return pattern_value(self.rank_pattern, site) or self.r
+        return slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") or self.r
 
     def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
         """The site's rank, checked against the layer before anything is allocated. ΔW's rank is
@@ -97,7 +97,7 @@ class LoraConfig(MethodConfig):
         never useful (r=10**12 would try to allocate terabytes). PiSSA: r ≤ min(d_in, d_out)."""
         r = self.rank_for(site)
         d_in, d_out = layer.in_features, layer.out_features
-        field_name = "rank_pattern" if pattern_value(self.rank_pattern, site) else "r"
+        field_name = "rank_pattern" if slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") else "r"
         if r > max(d_in, d_out):
             raise ConfigError(
                 f"LoRA rank {field_name}={r} at {site.path!r} ({d_out}×{d_in}) exceeds max(d_in, d_out)="
@@ -112,7 +112,7 @@ class LoraConfig(MethodConfig):
 
     def scaling_for(self, site: Site) -> float:
         r = self.rank_for(site)
-        alpha = pattern_value(self.alpha_pattern, site) or self.alpha
+        alpha = slice_pattern_value(self.alpha_pattern, site, "LoraConfig.alpha_pattern") or self.alpha
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
@@ -397,11 +397,31 @@ class LowRankDelta(Delta):
         w.copy_(merged.to(w.dtype))
 
 
+class SlicedLowRankDelta(SlicedLowRank, LowRankDelta):
+    """LoRA on slices of a fused projection's output rows (methods/_row_slices.py): A (k·r, d_in)
+    and B (n_rows, r), one rank-r block per slice."""
+
+    def __init__(self, site: Site, d_in: int, d_out: int, r: int, scaling: float, *, dropout: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(d_in, d_out, r, scaling, dropout=dropout, dtype=dtype, device=device)
+        self.hold_slices(site, d_in, d_out, dtype, device)
+
+
 def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool = True) -> Delta:
     if site.params:     # a parameter site: methods/_lora_params.py
         return lora_params.build(site, config, initialise)
     if layer.kind == "conv":
         return build_conv_lora(site, layer, config, initialise)
+    if site.slices:
+        if config.dora or config.init == "pissa":
+            refuse_on_slices("DoRA" if config.dora else "PiSSA initialisation", site)
+        weight = layer.base_layer.weight
+        delta = SlicedLowRankDelta(site, layer.in_features, layer.out_features, config.rank_at(layer, site),
+                                   config.scaling_for(site), dropout=config.dropout,
+                                   dtype=adapter_dtype(config, weight.dtype), device=weight.device)
+        if initialise:
+            delta.initialise(layer, config.init)
+        return delta
     embedding = layer.kind == "embedding"
     if config.dora and embedding:
         raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
@@ -424,6 +444,8 @@ def _tensor_shapes(layer: AdaptedLayer, site: Site, config: LoraConfig) -> dict[
     r, d_in, d_out = config.rank_at(layer, site), layer.in_features, layer.out_features
     if layer.kind == "conv":
         return conv_lora_shapes(layer, r, config.dora)
+    if site.slices:        # one rank-r block per slice, B over the slices' rows
+        return {"lora_A": (len(site.slices) * r, d_in), "lora_B": (len(site.rows), r)}
     shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r)}
     if config.dora:
         shapes["magnitude"] = (d_out,)
@@ -604,7 +626,7 @@ METHOD = Method(
     ),
     layer_kinds=("linear", "conv1d", "embedding", "conv"),
     capabilities=frozenset({Capability.MERGE, Capability.MIXED_BATCH, Capability.TRAIN_IN_MIXED_BATCH,
-                            Capability.QUANTISED_BASE, Capability.PARAMETER_SITE}),
+                            Capability.QUANTISED_BASE, Capability.PARAMETER_SITE, Capability.FUSED_SLICE}),
     composition="lowrank",
     build=_build,
     tensor_shapes=_tensor_shapes,

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..core.errors import AdapterError, ConfigError, PeftlabError, TrainingError
 from ..core.io import non_finite_tensors

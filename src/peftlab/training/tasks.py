@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.errors import ConfigError, DataError
 from .chat import IGNORE, chat_example, has_chat_template, prompt_ids

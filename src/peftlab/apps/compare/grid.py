@@ -184,7 +184,7 @@ def measure_cell(settings: Settings, cell: Cell, *, progress: bool = False) -> d
     latency = {"latency_base_ms": latency_base, "latency_ms": forward_ms(am, inputs),
                **_merged_latency(am, cell.method, inputs, unmerged)}
     head = sum(p.numel() for w in adapter.copies.values() for p in w.copies[cell.method].parameters())
-    sites = summarise_sites((s.role, s.layer) for s in adapter.sites)
+    sites = summarise_sites((s.label, s.layer) for s in adapter.sites)
     return {
         "train_examples": len(rows),
         "eval_examples": len(eval_rows),

@@ -46,6 +46,11 @@ class EarlyPruning:
         if params:      # LoRA on parameters (MoE experts): no per-site rank units to prune
             raise CapabilityError(f"adapter {adapter!r} adapts parameters ({params[0].path}: "
                                   f"{', '.join(params[0].params)}); pruning supports LoRA on layers only")
+        sliced = [s.path for s in ad.sites if s.slices]
+        if sliced:     # rank units and output features of a sliced LoRA are per slice
+            raise CapabilityError(f"Light-PEFT early pruning cannot prune LoRA {adapter!r} on slices of the "
+                                  f"fused projection {sliced[0]!r} ({len(sliced)} such sites); target the "
+                                  "whole projection ('attn.qkv') instead")
         for name, value in (("estimate_steps", estimate_steps), ("grad_accum", grad_accum)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"EarlyPruning {name} must be a positive integer, got {value!r}")
