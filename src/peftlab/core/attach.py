@@ -153,7 +153,9 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     config.validate()
     method = method_of(config)
     roles = am.site_roles()
-    if sites is None:
+    if sites is None and method.resolve is not None:
+        found = method.resolve(am.model, config, roles)
+    elif sites is None:
         found = resolve_sites(am.model, config.targets, layers=config.layers,
                               exclude=config.exclude, roles=roles)
     else:

@@ -82,8 +82,17 @@ def head_tensors(am: AdaptedModel, adapter: Adapter, fields: dict[str, Any]) -> 
         raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
                               f"head; {type(am.model).__name__} has neither")
     fields["modules_to_save"] = heads
-    return {f"{PROMPT_LEARNING_PREFIX}{h}.{k}": t.detach().clone()
-            for h in heads for k, t in am.model.get_submodule(h).state_dict().items()}
+    return {f"{PROMPT_LEARNING_PREFIX}{path}.{k}": t.detach().clone()
+            for path in peft_wrapped_paths(am.model, heads)
+            for k, t in am.model.get_submodule(path).state_dict().items()}
+
+
+def peft_wrapped_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """The module paths peft wraps for modules_to_save `names`: it matches by plain string
+    suffix, so 'classifier' also takes DistilBERT's 'pre_classifier', whose tensors peft then
+    expects in the file and writes into it."""
+    paths = [p for p, _ in model.named_modules() if p and any(p.endswith(n) for n in names)]
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]   # outermost only
 
 
 def check_peft_header(cfg: dict[str, Any]) -> None:
@@ -134,7 +143,8 @@ def split_copies(tensors: dict[str, torch.Tensor], copy_paths: list[str]
 def copy_paths_of(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """The modules_to_save paths that the file actually carries (peft lists 'classifier' and
     'score' for SEQ_CLS whether they exist or not)."""
-    found = match_targets(am.model, cfg.get("modules_to_save") or [])
-    paths = sorted(set().union(set(), *found.values()))
+    names = cfg.get("modules_to_save") or []
+    found = match_targets(am.model, names)
+    paths = sorted(set().union(set(peft_wrapped_paths(am.model, names)), *found.values()))
     keys = [_module_key(k) for k in tensors]
     return [p for p in paths if any(k.startswith(p + ".") for k in keys)]
