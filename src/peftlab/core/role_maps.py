@@ -97,8 +97,8 @@ _GENERIC = {
     "attn.qkv": ["(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"],
     "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense)"],
     "ffn.gate": ["(gate_proj|w3)"],
-    "ffn.up": ["(up_proj|fc1|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
-    "ffn.down": ["(down_proj|fc2|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
+    "ffn.up": ["(up_proj|fc1|fc_in|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
+    "ffn.down": ["(down_proj|fc2|fc_out|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
     "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
     "head": ["(lm_head|classifier|score|embed_out|qa_outputs)"],
 }
