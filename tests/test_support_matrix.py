@@ -20,13 +20,9 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "support.md"
 # (family, column) -> a phrase the refusal's reason must contain: where the method does not
 # apply, and why
 ACCEPTED_REFUSALS = {
-    # images in, no token embedding to put a prompt in front of
-    ("vit", "prompt"): "target 'embed' matches no module",
-    ("conv2d-net", "prompt"): "target 'embed' matches no module",
-    # CLIP's text tower pools at the end token it finds in input_ids: no inputs_embeds path
-    ("clip", "prompt"): "target 'embed' matches no module",
-    # Whisper's encoder reads audio features; its forward takes no inputs_embeds
-    ("whisper", "prompt"): "takes no inputs_embeds",
+    # prompt tuning hands the prompted sequence over as inputs_embeds: ViT and the CNN read
+    # pixels, Whisper audio features, and CLIP pools at the end token it finds in input_ids
+    **{(family, "prompt"): "takes no inputs_embeds" for family in ("vit", "conv2d-net", "clip", "whisper")},
     # the CNN's only linear layer is its classifier head, which all-linear leaves out (as peft)
     ("conv2d-net", "lora all-linear"): "target 'all-linear' matches no module",
     ("conv2d-net", "ia3 all-linear"): "target 'all-linear' matches no module",

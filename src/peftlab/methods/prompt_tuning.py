@@ -217,9 +217,20 @@ def _embeds_input_ids(model: nn.Module) -> nn.Module | None:
     return unwrap(emb) if isinstance(emb, nn.Module) else None
 
 
+def _check_takes_embeds(model: nn.Module) -> None:
+    """CapabilityError when the model's forward takes no inputs_embeds: the hook hands the
+    prompted sequence over as inputs_embeds, which such a model (ViT and CNNs read pixels, Whisper
+    audio features; CLIP pools at the end token it finds in input_ids) cannot get."""
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        raise CapabilityError(f"prompt tuning passes the prompted input embeddings as inputs_embeds; "
+                              f"{type(model).__name__}.forward takes no inputs_embeds, so prompt "
+                              f"tuning does not apply to it")
+
+
 def _resolve(model: nn.Module, config: PromptTuningConfig, roles: dict[str, str]) -> list[Site]:
     """The sites config.targets name; where they name several embeddings (an encoder's and a
     decoder's), the one that embeds input_ids, which is where the prompt goes."""
+    _check_takes_embeds(model)
     sites = resolve_sites(model, config.targets, layers=config.layers, exclude=config.exclude,
                           roles=roles)
     feeding = [s for s in sites if s.module is _embeds_input_ids(model)]
@@ -236,12 +247,7 @@ def _build_hook(model: nn.Module, config: PromptTuningConfig, parts: dict[str, n
     if emb is None or (unwrap(emb) is not site_module and _embeds_input_ids(model) is not site_module):
         raise ConfigError(f"prompt tuning must attach to the model's input embedding "
                           f"(get_input_embeddings()), not {path!r}")
-    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
-        # the hook hands the prompted sequence over as inputs_embeds: a model that takes none
-        # (Whisper reads input_features, CLIP pools at the input_ids' end token) cannot get it
-        raise CapabilityError(f"prompt tuning passes the prompted input embeddings as inputs_embeds; "
-                              f"{type(model).__name__}.forward takes no inputs_embeds, so prompt "
-                              f"tuning does not apply to it")
+    _check_takes_embeds(model)
     return PromptHook(parts, config.num_virtual_tokens)
 
 
