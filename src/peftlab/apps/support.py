@@ -188,6 +188,25 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mamba2", _hf("Mamba2ForCausalLM", "Mamba2Config", vocab_size=VOCAB, hidden_size=32,
                          state_size=4, num_hidden_layers=2, expand=2, num_heads=8, head_dim=8, n_groups=1,
                          chunk_size=8), _text),
+    # beyond issue 22's list: more layouts seen in the wild (fused Linear qkv with multi-query
+    # attention, Wqkv / Wi / Wo naming, a shared expert beside the routed ones)
+    Family("gpt-bigcode", _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=VOCAB, n_embd=32,
+                              n_layer=2, n_head=4, n_positions=64, **_TOKENS), _text),
+    Family("starcoder2", _hf("Starcoder2ForCausalLM", "Starcoder2Config", **_LM, **_TOKENS), _text),
+    Family("stablelm", _hf("StableLmForCausalLM", "StableLmConfig", **_LM, **_TOKENS), _text),
+    Family("granite", _hf("GraniteForCausalLM", "GraniteConfig", **_LM, **_TOKENS), _text),
+    Family("cohere", _hf("CohereForCausalLM", "CohereConfig", **_LM, **_TOKENS), _text),
+    Family("qwen2-moe", _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_LM, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16), _text),
+    Family("mpt", _hf("MptForCausalLM", "MptConfig", vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2,
+                      max_seq_len=64), _text),
+    Family("codegen", _hf("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_embd=32, n_layer=2,
+                          n_head=4, n_positions=64, rotary_dim=4, **_TOKENS), _text),
+    Family("electra", _hf("ElectraForSequenceClassification", "ElectraConfig", **_ENCODER,
+                          embedding_size=32), _text),
+    Family("modernbert", _hf("ModernBertForSequenceClassification", "ModernBertConfig", **_ENCODER,
+                             **_TOKENS, cls_token_id=1, sep_token_id=2), _text),
     Family("conv2d-net", SmallConvNet, _pixels, targets=("conv1", "conv2")),
 )}
 

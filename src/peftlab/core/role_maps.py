@@ -95,10 +95,10 @@ _GENERIC = {
     "attn.k": ["(k_proj|key|wk|k_lin)"],
     "attn.v": ["(v_proj|value|wv|v_lin)"],
     "attn.qkv": ["(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"],
-    "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense)"],
+    "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense|attn.Wo)"],
     "ffn.gate": ["(gate_proj|w3)"],
     "ffn.up": ["(up_proj|fc1|fc_in|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
-    "ffn.down": ["(down_proj|fc2|fc_out|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
+    "ffn.down": ["(down_proj|fc2|fc_out|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense|mlp.Wo)"],
     "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
     "head": ["(lm_head|classifier|score|embed_out|qa_outputs)"],
 }
