@@ -228,3 +228,18 @@ def test_distilbert_seq_cls_prompt_round_trips_with_peft(tmp_path):
     d = peftlab.export_peft(am, "p", tmp_path / "e")
     torch.testing.assert_close(forward_logits(peft_load(build, d), ids), forward_logits(am, ids),
                                atol=ATOL, rtol=0)
+
+
+def test_distilbert_prompt_with_trained_classifier_exports_to_peft(tmp_path):
+    """A trained 'classifier' copy alone: peft still wraps 'pre_classifier' (suffix match) and
+    needs its tensors, which the export writes unchanged from the base."""
+    build = lambda: _family("distilbert")  # noqa: E731
+    am = peftlab.adapt(build())
+    am.add_adapter("p", PromptTuningConfig(num_virtual_tokens=N, modules_to_save=["classifier"]))
+    am.set_active("p")
+    with torch.no_grad():
+        am.model.classifier.copies["p"].weight.add_(0.5)
+    ids = _family_ids()
+    d = peftlab.export_peft(am, "p", tmp_path / "e")
+    torch.testing.assert_close(forward_logits(peft_load(build, d), ids), forward_logits(am, ids),
+                               atol=ATOL, rtol=0)

@@ -74,16 +74,18 @@ def peft_task(model: nn.Module) -> str:
 def head_tensors(am: AdaptedModel, adapter: Adapter, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
     """peft's SEQ_CLS prompt learning always trains and loads the head ('classifier' or
     'score'); without a trained copy we write the base head's tensors, unchanged (and list the
-    head in `fields["modules_to_save"]`)."""
-    if fields["task_type"] != "SEQ_CLS" or adapter.copies:
-        return {}
-    heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
-    if not heads:
-        raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
-                              f"head; {type(am.model).__name__} has neither")
-    fields["modules_to_save"] = heads
+    head in `fields["modules_to_save"]`). peft also wraps, and expects in the file, every other
+    module its suffix match takes (DistilBERT's 'pre_classifier' for 'classifier'): those get
+    their base tensors too."""
+    if fields["task_type"] == "SEQ_CLS" and not adapter.copies:
+        heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
+        if not heads:
+            raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
+                                  f"head; {type(am.model).__name__} has neither")
+        fields["modules_to_save"] = heads
     return {f"{PROMPT_LEARNING_PREFIX}{path}.{k}": t.detach().clone()
-            for path in peft_wrapped_paths(am.model, heads)
+            for path in peft_wrapped_paths(am.model, fields.get("modules_to_save") or [])
+            if path not in adapter.copies
             for k, t in am.model.get_submodule(path).state_dict().items()}
 
 
