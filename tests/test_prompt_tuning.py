@@ -243,3 +243,29 @@ def test_distilbert_prompt_with_trained_classifier_exports_to_peft(tmp_path):
     d = peftlab.export_peft(am, "p", tmp_path / "e")
     torch.testing.assert_close(forward_logits(peft_load(build, d), ids), forward_logits(am, ids),
                                atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_prompt_round_trips_with_peft(tmp_path, family):
+    """SEQ_2_SEQ_LM prompt tuning with the prompt before the encoder input only
+    (num_transformer_submodules 1): a peft-made adapter imports with peft's logits, ours exports
+    to peft with ours; peft's default two-submodule layout is refused by name."""
+    build = lambda: _family(family)  # noqa: E731
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(build(), peft.PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, num_transformer_submodules=1)).eval()
+    pm.save_pretrained(tmp_path / "s")
+    kw = {"decoder_input_ids": _family_ids(seed=2)}
+    ids = _family_ids()
+    am = peftlab.adapt(build())
+    peftlab.import_peft(am, tmp_path / "s", "p")
+    am.set_active("p")
+    torch.testing.assert_close(forward_logits(am, ids, **kw), forward_logits(pm, ids, **kw),
+                               atol=ATOL, rtol=0)
+    d = peftlab.export_peft(am, "p", tmp_path / "e")
+    torch.testing.assert_close(forward_logits(peft_load(build, d), ids, **kw),
+                               forward_logits(am, ids, **kw), atol=ATOL, rtol=0)
+    peft.get_peft_model(build(), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N)
+                        ).save_pretrained(tmp_path / "two")
+    with pytest.raises(CapabilityError, match="num_transformer_submodules=2"):
+        peftlab.import_peft(peftlab.adapt(build()), tmp_path / "two", "q")

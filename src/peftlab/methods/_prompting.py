@@ -18,7 +18,10 @@ from ..core.model import AdaptedModel, Adapter
 from ..core.sites import attention_heads, match_targets
 from ..interop.peft_names import PREFIX, PROMPT_LEARNING_PREFIX, task_type
 
-PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS")    # the task types peft's prompt learning needs
+# the task types of peft's prompt learning peftlab writes and reads; SEQ_2_SEQ_LM with the prompt
+# before the encoder input only (num_transformer_submodules 1; prefix tuning refuses
+# encoder-decoders before it gets here)
+PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
 
 
 # ---- forward arguments ------------------------------------------------------------------------
@@ -63,11 +66,12 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
 
 # ---- peft format ---------------------------------------------------------------------------------
 def peft_task(model: nn.Module) -> str:
-    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM or SEQ_CLS)."""
+    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM, SEQ_CLS or
+    SEQ_2_SEQ_LM)."""
     task = task_type(model, head_in_file=True)    # a SEQ_CLS file always carries the head
     if task not in PEFT_TASKS:
-        raise CapabilityError(f"peft's prompt learning needs a causal LM or a sequence classifier; "
-                              f"{type(model).__name__} is neither (peft task {task!r})")
+        raise CapabilityError(f"peft's prompt learning needs a causal LM, a sequence classifier or a "
+                              f"seq2seq LM; {type(model).__name__} is none of these (peft task {task!r})")
     return task
 
 
