@@ -206,7 +206,7 @@ def test_distilbert_seq_cls_prompt_round_trips_with_peft(tmp_path):
     """peft matches modules_to_save 'classifier' by string suffix, so it also trains and saves
     DistilBERT's 'pre_classifier': our export writes it (peft loads it), and a peft-saved
     adapter, pre_classifier trained, imports with peft's logits."""
-    build = lambda: _family("distilbert")  # noqa: E731
+    build = lambda: _family("distilbert")
     torch.manual_seed(7)
     # DistilBERT's config calls the width `dim`, which peft does not read: say it
     pm = peft.get_peft_model(build(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
@@ -233,7 +233,7 @@ def test_distilbert_seq_cls_prompt_round_trips_with_peft(tmp_path):
 def test_distilbert_prompt_with_trained_classifier_exports_to_peft(tmp_path):
     """A trained 'classifier' copy alone: peft still wraps 'pre_classifier' (suffix match) and
     needs its tensors, which the export writes unchanged from the base."""
-    build = lambda: _family("distilbert")  # noqa: E731
+    build = lambda: _family("distilbert")
     am = peftlab.adapt(build())
     am.add_adapter("p", PromptTuningConfig(num_virtual_tokens=N, modules_to_save=["classifier"]))
     am.set_active("p")
@@ -250,7 +250,7 @@ def test_seq2seq_prompt_round_trips_with_peft(tmp_path, family):
     """SEQ_2_SEQ_LM prompt tuning with the prompt before the encoder input only
     (num_transformer_submodules 1): a peft-made adapter imports with peft's logits, ours exports
     to peft with ours; peft's default two-submodule layout is refused by name."""
-    build = lambda: _family(family)  # noqa: E731
+    build = lambda: _family(family)
     torch.manual_seed(7)
     pm = peft.get_peft_model(build(), peft.PromptTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, num_transformer_submodules=1)).eval()

@@ -30,7 +30,8 @@ import json
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,12 @@ def _clip(g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 # shared config fields of the decoder LMs: 2 layers, hidden 32, 4 heads (2 key/value heads)
-_LM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_LM = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 # special tokens inside the tiny vocabulary (some configs default to ids of their real vocabulary)
-_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_ENCODER = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "num_labels": 3}
 
 
 def _hf(model_class: str, config_class: str, **config: Any) -> Callable[[], nn.Module]:
@@ -106,11 +107,11 @@ def _hf(model_class: str, config_class: str, **config: Any) -> Callable[[], nn.M
 
 def _clip_model() -> nn.Module:
     import transformers
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64, projection_dim=16,
-                eos_token_id=2, bos_token_id=1, pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=16, patch_size=8, projection_dim=16)
+    text = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "projection_dim": 16,
+            "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8, "projection_dim": 16}
     return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
                                                           projection_dim=16))
 
@@ -417,23 +418,39 @@ def check_cell(fm: FamilyModel, column: Column) -> Cell:
     return cell
 
 
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Any exception but a CheckFailed inside becomes one naming the check it broke."""
+    try:
+        yield
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other exception is the finding this cell reports
+        raise CheckFailed(f"{name} raised {type(e).__name__}: {_clean(e)}") from None
+
+
 def _run_checks(am: AdaptedModel, fm: FamilyModel, merges: bool, cell: Cell) -> None:
     am.set_active("a")
     lengthens = am.adapter("a").hook is not None      # prompt-style: a new sequence, not a no-op
-    if lengthens:
-        with am.disabled():
-            if not torch.equal(_forward(am, fm.inputs), fm.base):
-                raise CheckFailed("disabled() output differs from the base model's")
-    elif not torch.equal(_forward(am, fm.inputs), fm.base):
-        raise CheckFailed("a fresh adapter changes the output (not a no-op)")
+    with _stage("the forward"):
+        if lengthens:
+            with am.disabled():
+                if not torch.equal(_forward(am, fm.inputs), fm.base):
+                    raise CheckFailed("disabled() output differs from the base model's")
+        elif not torch.equal(_forward(am, fm.inputs), fm.base):
+            raise CheckFailed("a fresh adapter changes the output (not a no-op)")
     _noise(am, "a")
-    _check_gradients(am, fm)
+    with _stage("the backward"):
+        _check_gradients(am, fm)
     if merges:
-        _check_merge(am, fm)
+        with _stage("merge / unmerge"):
+            _check_merge(am, fm)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "a"
-        _check_save_load(am, fm, directory)
-        _check_peft(am, fm, directory, cell)
+        with _stage("save → load"):
+            _check_save_load(am, fm, directory)
+        with _stage("loading the saved adapter in peft"):
+            _check_peft(am, fm, directory, cell)
 
 
 def family_row(name: str) -> dict[str, Cell]:
