@@ -162,3 +162,110 @@ def test_generate_matches_peft(tmp_path):
 
 def test_left_padded_instruction_call_matches_unpadded():
     assert_left_padded_call_matches_unpadded(_prompted(tiny_llama))
+
+
+# ---- families beyond the decoder-only and BERT ones (issue 22) --------------------------------------
+def _family(name: str):
+    """A fresh tiny model of a support-matrix family, seeded."""
+    from peftlab.apps.support import FAMILIES
+    torch.manual_seed(0)
+    return FAMILIES[name].build().eval()
+
+
+def _family_ids(seed: int = 1) -> torch.Tensor:
+    """Token ids in the support-matrix families' 64-token vocabulary."""
+    from peftlab.apps.support import VOCAB
+    return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def test_bart_prompt_goes_in_front_of_the_encoder_input():
+    """BART's "embed" role names the encoder's and the decoder's embed_tokens (tied to `shared`):
+    the prompt attaches to the encoder's and is prepended to what it embeds."""
+    am = peftlab.adapt(_family("bart"))
+    am.add_adapter("p", PromptTuningConfig(num_virtual_tokens=N))
+    am.set_active("p")
+    assert [s.path for s in am.adapter("p").sites] == ["model.encoder.embed_tokens"]
+    ids, dec = _family_ids(), _family_ids(seed=2)
+    prompt = am.hooks["p"].prompt.detach()
+    with torch.no_grad(), am.disabled():
+        embeds = torch.cat([prompt.expand(2, -1, -1), am.model.model.encoder.embed_tokens(ids)], dim=1)
+        expected = am.model(inputs_embeds=embeds, decoder_input_ids=dec).logits
+    assert torch.equal(forward_logits(am, ids, decoder_input_ids=dec), expected)
+
+
+def test_whisper_prompt_is_refused_before_anything_changes():
+    """Whisper's forward takes input_features, no inputs_embeds: a CapabilityError at
+    add_adapter, not a ValueError at the first forward."""
+    am = peftlab.adapt(_family("whisper"))
+    with pytest.raises(CapabilityError, match="takes no inputs_embeds"):
+        am.add_adapter("p", PromptTuningConfig(num_virtual_tokens=N))
+    assert not am.adapters and not am.hooks
+
+
+def test_distilbert_seq_cls_prompt_round_trips_with_peft(tmp_path):
+    """peft matches modules_to_save 'classifier' by string suffix, so it also trains and saves
+    DistilBERT's 'pre_classifier': our export writes it (peft loads it), and a peft-saved
+    adapter, pre_classifier trained, imports with peft's logits."""
+    build = lambda: _family("distilbert")
+    torch.manual_seed(7)
+    # DistilBERT's config calls the width `dim`, which peft does not read: say it
+    pm = peft.get_peft_model(build(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
+                                                              token_dim=32, num_attention_heads=4,
+                                                              num_layers=2))
+    pm.eval()
+    with torch.no_grad():
+        for name in ("pre_classifier", "classifier"):
+            for p in getattr(pm.base_model, name).modules_to_save["default"].parameters():
+                p.add_(0.3)
+    pm.save_pretrained(tmp_path / "s")
+    ids = _family_ids()
+    am = peftlab.adapt(build())
+    peftlab.import_peft(am, tmp_path / "s", "p")
+    am.set_active("p")
+    assert sorted(am.adapter("p").copies) == ["classifier", "pre_classifier"]
+    torch.testing.assert_close(forward_logits(am, ids), forward_logits(pm, ids), atol=ATOL, rtol=0)
+    # and our export of it loads in peft with the same logits
+    d = peftlab.export_peft(am, "p", tmp_path / "e")
+    torch.testing.assert_close(forward_logits(peft_load(build, d), ids), forward_logits(am, ids),
+                               atol=ATOL, rtol=0)
+
+
+def test_distilbert_prompt_with_trained_classifier_exports_to_peft(tmp_path):
+    """A trained 'classifier' copy alone: peft still wraps 'pre_classifier' (suffix match) and
+    needs its tensors, which the export writes unchanged from the base."""
+    build = lambda: _family("distilbert")
+    am = peftlab.adapt(build())
+    am.add_adapter("p", PromptTuningConfig(num_virtual_tokens=N, modules_to_save=["classifier"]))
+    am.set_active("p")
+    with torch.no_grad():
+        am.model.classifier.copies["p"].weight.add_(0.5)
+    ids = _family_ids()
+    d = peftlab.export_peft(am, "p", tmp_path / "e")
+    torch.testing.assert_close(forward_logits(peft_load(build, d), ids), forward_logits(am, ids),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_prompt_round_trips_with_peft(tmp_path, family):
+    """SEQ_2_SEQ_LM prompt tuning with the prompt before the encoder input only
+    (num_transformer_submodules 1): a peft-made adapter imports with peft's logits, ours exports
+    to peft with ours; peft's default two-submodule layout is refused by name."""
+    build = lambda: _family(family)
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(build(), peft.PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, num_transformer_submodules=1)).eval()
+    pm.save_pretrained(tmp_path / "s")
+    kw = {"decoder_input_ids": _family_ids(seed=2)}
+    ids = _family_ids()
+    am = peftlab.adapt(build())
+    peftlab.import_peft(am, tmp_path / "s", "p")
+    am.set_active("p")
+    torch.testing.assert_close(forward_logits(am, ids, **kw), forward_logits(pm, ids, **kw),
+                               atol=ATOL, rtol=0)
+    d = peftlab.export_peft(am, "p", tmp_path / "e")
+    torch.testing.assert_close(forward_logits(peft_load(build, d), ids, **kw),
+                               forward_logits(am, ids, **kw), atol=ATOL, rtol=0)
+    peft.get_peft_model(build(), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N)
+                        ).save_pretrained(tmp_path / "two")
+    with pytest.raises(CapabilityError, match="num_transformer_submodules=2"):
+        peftlab.import_peft(peftlab.adapt(build()), tmp_path / "two", "q")

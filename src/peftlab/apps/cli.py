@@ -66,6 +66,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_support(args: argparse.Namespace) -> int:
+    import torch
+
+    from .support import FAMILIES, render_matrix, support_matrix
+    torch.set_num_threads(1)     # the tiny models run several times faster on one thread
+    names = [n for part in args.family or [] for n in part.split(",") if n] or None
+    unknown = sorted(set(names or []) - set(FAMILIES))
+    if unknown:
+        raise PeftlabError(f"--family {', '.join(unknown)}: unknown; known: {', '.join(FAMILIES)}")
+    print(render_matrix(support_matrix(names), args.format), end="")
+    return 0
+
+
 # ---- train / eval / generate ----------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from .train_command import run_train
@@ -366,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="the PEFT-Ref typology table of every registered method")
     p.add_argument("--format", choices=["text", "markdown", "json"], default="text")
     p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("support", help="the model-support matrix: families x LoRA / IA3 / prompt "
+                       "tuning, each checked by running it (docs/support.md)")
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.add_argument("--family", action="append", help="only these families (repeat or comma-separate)")
+    p.set_defaults(run=cmd_support)
 
     p = sub.add_parser("train", help="fine-tune a model with a PEFT method and save the adapter")
     _add_job_options(p)

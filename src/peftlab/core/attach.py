@@ -155,9 +155,11 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     config.validate()
     method = method_of(config)
     roles = am.site_roles()
-    if sites is None:
-        if slices is not None:
-            raise ConfigError("install got row slices without sites; give the sites they belong to")
+    if sites is None and slices is not None:
+        raise ConfigError("install got row slices without sites; give the sites they belong to")
+    if sites is None and method.resolve is not None:
+        found = method.resolve(am.model, config, roles)
+    elif sites is None:
         found = resolve_sites(am.model, config.targets, layers=config.layers,
                               exclude=config.exclude, roles=roles)
     else:

@@ -271,6 +271,10 @@ class Method:
     # When merging works only in some configurations (MERGE declared): which, in words, for the
     # typology card and table ("not into an RMSNorm"); the deltas' check_merge enforces it.
     merge_condition: str | None = None
+    # resolve(model, config, roles) -> [Site]: where a method finds its own sites instead of
+    # matching config.targets as every layer method does (prompt tuning: the one embedding that
+    # embeds input_ids, where the "embed" role names an encoder's and a decoder's); None: match.
+    resolve: Callable[[nn.Module, MethodConfig, dict[str, str]], list[Site]] | None = None
 
     def __post_init__(self) -> None:
         # frozen record: the derived fields are written once, here

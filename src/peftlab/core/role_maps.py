@@ -114,11 +114,11 @@ _GENERIC = {
     "attn.k": ["(k_proj|key|wk|k_lin)"],
     "attn.v": ["(v_proj|value|wv|v_lin)"],
     "attn.qkv": ["(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"],
-    "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense)"],
+    "attn.o": ["(o_proj|out_proj|out_lin|attention.output.dense|attn.c_proj|dense|attn.Wo)"],
     "ffn.gate": ["(gate_proj|w3)"],
     "ffn.gate_up": ["gate_up_proj"],
-    "ffn.up": ["(up_proj|fc1|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
-    "ffn.down": ["(down_proj|fc2|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense)"],
+    "ffn.up": ["(up_proj|fc1|fc_in|c_fc|w1|lin1|dense_h_to_4h|intermediate.dense)"],
+    "ffn.down": ["(down_proj|fc2|fc_out|w2|lin2|dense_4h_to_h|mlp.c_proj|output.dense|mlp.Wo)"],
     "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
     "head": ["(lm_head|classifier|score|embed_out|qa_outputs)"],
 }
@@ -292,8 +292,10 @@ def _blocks(groups: int, parts: list[tuple[str, int]]) -> tuple[tuple[str, RowRa
 def _qkv_parts(model_type: str | None, config: Any, d_out: int,
                heads: tuple[int, int, int] | None) -> tuple[int, list[tuple[str, int]]] | None:
     q, k, v = "attn.q", "attn.k", "attn.v"
-    if model_type == "gpt2":                     # c_attn(x).split(n_embd): [q | k | v]
+    if model_type in ("gpt2", "mpt", "modernbert"):   # split / chunk(3) / view(3, ...): [q | k | v]
         return 1, [(q, d_out // 3), (k, d_out // 3), (v, d_out // 3)]
+    if model_type == "codegen":      # view(..., mp_num=4, 3·E/4).split(E/4): per block [q | v | k]
+        return 4, [(q, d_out // 12), (v, d_out // 12), (k, d_out // 12)]
     if heads is None:
         return None
     h, kv, hd = heads

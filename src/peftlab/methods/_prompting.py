@@ -18,7 +18,10 @@ from ..core.model import AdaptedModel, Adapter
 from ..core.sites import attention_heads, match_targets
 from ..interop.peft_names import PREFIX, PROMPT_LEARNING_PREFIX, task_type
 
-PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS")    # the task types peft's prompt learning needs
+# the task types of peft's prompt learning peftlab writes and reads; SEQ_2_SEQ_LM with the prompt
+# before the encoder input only (num_transformer_submodules 1; prefix tuning refuses
+# encoder-decoders before it gets here)
+PEFT_TASKS = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
 
 
 # ---- forward arguments ------------------------------------------------------------------------
@@ -63,27 +66,39 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
 
 # ---- peft format ---------------------------------------------------------------------------------
 def peft_task(model: nn.Module) -> str:
-    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM or SEQ_CLS)."""
+    """peft's task type for prompt learning: it needs a task model (CAUSAL_LM, SEQ_CLS or
+    SEQ_2_SEQ_LM)."""
     task = task_type(model, head_in_file=True)    # a SEQ_CLS file always carries the head
     if task not in PEFT_TASKS:
-        raise CapabilityError(f"peft's prompt learning needs a causal LM or a sequence classifier; "
-                              f"{type(model).__name__} is neither (peft task {task!r})")
+        raise CapabilityError(f"peft's prompt learning needs a causal LM, a sequence classifier or a "
+                              f"seq2seq LM; {type(model).__name__} is none of these (peft task {task!r})")
     return task
 
 
 def head_tensors(am: AdaptedModel, adapter: Adapter, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
     """peft's SEQ_CLS prompt learning always trains and loads the head ('classifier' or
     'score'); without a trained copy we write the base head's tensors, unchanged (and list the
-    head in `fields["modules_to_save"]`)."""
-    if fields["task_type"] != "SEQ_CLS" or adapter.copies:
-        return {}
-    heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
-    if not heads:
-        raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
-                              f"head; {type(am.model).__name__} has neither")
-    fields["modules_to_save"] = heads
-    return {f"{PROMPT_LEARNING_PREFIX}{h}.{k}": t.detach().clone()
-            for h in heads for k, t in am.model.get_submodule(h).state_dict().items()}
+    head in `fields["modules_to_save"]`). peft also wraps, and expects in the file, every other
+    module its suffix match takes (DistilBERT's 'pre_classifier' for 'classifier'): those get
+    their base tensors too."""
+    if fields["task_type"] == "SEQ_CLS" and not adapter.copies:
+        heads = [name for name, _ in am.model.named_children() if name in ("classifier", "score")]
+        if not heads:
+            raise CapabilityError(f"peft's SEQ_CLS prompt learning needs a 'classifier' or 'score' "
+                                  f"head; {type(am.model).__name__} has neither")
+        fields["modules_to_save"] = heads
+    return {f"{PROMPT_LEARNING_PREFIX}{path}.{k}": t.detach().clone()
+            for path in peft_wrapped_paths(am.model, fields.get("modules_to_save") or [])
+            if path not in adapter.copies
+            for k, t in am.model.get_submodule(path).state_dict().items()}
+
+
+def peft_wrapped_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """The module paths peft wraps for modules_to_save `names`: it matches by plain string
+    suffix, so 'classifier' also takes DistilBERT's 'pre_classifier', whose tensors peft then
+    expects in the file and writes into it."""
+    paths = [p for p, _ in model.named_modules() if p and any(p.endswith(n) for n in names)]
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]   # outermost only
 
 
 def check_peft_header(cfg: dict[str, Any]) -> None:
@@ -134,7 +149,8 @@ def split_copies(tensors: dict[str, torch.Tensor], copy_paths: list[str]
 def copy_paths_of(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """The modules_to_save paths that the file actually carries (peft lists 'classifier' and
     'score' for SEQ_CLS whether they exist or not)."""
-    found = match_targets(am.model, cfg.get("modules_to_save") or [])
-    paths = sorted(set().union(set(), *found.values()))
+    names = cfg.get("modules_to_save") or []
+    found = match_targets(am.model, names)
+    paths = sorted(set().union(set(peft_wrapped_paths(am.model, names)), *found.values()))
     keys = [_module_key(k) for k in tensors]
     return [p for p in paths if any(k.startswith(p + ".") for k in keys)]

@@ -29,6 +29,7 @@ peft format: PROMPT_TUNING with the single tensor `prompt_embeddings` (n, d).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,8 @@ class PromptHook(InputHook):
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
-            embeds = model.get_input_embeddings()(ids)
+            # the site's embedding (the encoder's in an encoder-decoder), with its own adapters
+            embeds = model.get_submodule(self.part_paths[0])(ids)
         prompt = cast_one(self, self.prompt, embeds.dtype).unsqueeze(0).expand(batch, -1, -1)   # cached
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         mask = kwargs.get("attention_mask")
@@ -205,15 +207,47 @@ class PromptHook(InputHook):
         return out
 
 
+def _embeds_input_ids(model: nn.Module) -> nn.Module | None:
+    """The embedding that embeds `input_ids`: the encoder's of an encoder-decoder (BART's
+    `encoder.embed_tokens`, whose weight is tied to `get_input_embeddings()`'s `shared`), else
+    the model's input embedding."""
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    owner = encoder if callable(getattr(encoder, "get_input_embeddings", None)) else model
+    emb = owner.get_input_embeddings() if callable(getattr(owner, "get_input_embeddings", None)) else None
+    return unwrap(emb) if isinstance(emb, nn.Module) else None
+
+
+def _check_takes_embeds(model: nn.Module) -> None:
+    """CapabilityError when the model's forward takes no inputs_embeds: the hook hands the
+    prompted sequence over as inputs_embeds, which such a model (ViT and CNNs read pixels, Whisper
+    audio features; CLIP pools at the end token it finds in input_ids) cannot get."""
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        raise CapabilityError(f"prompt tuning passes the prompted input embeddings as inputs_embeds; "
+                              f"{type(model).__name__}.forward takes no inputs_embeds, so prompt "
+                              f"tuning does not apply to it")
+
+
+def _resolve(model: nn.Module, config: PromptTuningConfig, roles: dict[str, str]) -> list[Site]:
+    """The sites config.targets name; where they name several embeddings (an encoder's and a
+    decoder's), the one that embeds input_ids, which is where the prompt goes."""
+    _check_takes_embeds(model)
+    sites = resolve_sites(model, config.targets, layers=config.layers, exclude=config.exclude,
+                          roles=roles)
+    feeding = [s for s in sites if s.module is _embeds_input_ids(model)]
+    return feeding if len(sites) > 1 and len(feeding) == 1 else sites
+
+
 def _build_hook(model: nn.Module, config: PromptTuningConfig, parts: dict[str, nn.Module]) -> PromptHook:
     if len(parts) != 1:
         raise ConfigError(f"prompt tuning attaches to exactly one site, the input embedding; "
                           f"targets {config.targets!r} name {len(parts)}: {list(parts)}")
     path = next(iter(parts))
     emb = model.get_input_embeddings()
-    if emb is None or unwrap(emb) is not unwrap(model.get_submodule(path)):
+    site_module = unwrap(model.get_submodule(path))
+    if emb is None or (unwrap(emb) is not site_module and _embeds_input_ids(model) is not site_module):
         raise ConfigError(f"prompt tuning must attach to the model's input embedding "
                           f"(get_input_embeddings()), not {path!r}")
+    _check_takes_embeds(model)
     return PromptHook(parts, config.num_virtual_tokens)
 
 
@@ -245,7 +279,7 @@ def _to_peft(am: AdaptedModel, adapter: Adapter) -> tuple[dict[str, Any], dict[s
 def _from_peft(am: AdaptedModel, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
                ) -> tuple[PromptTuningConfig, list[Site], dict[tuple[str, str], torch.Tensor]]:
     check_peft_header(cfg)
-    sites = resolve_sites(am.model, ["embed"], roles=am.site_roles())
+    sites = _resolve(am.model, PromptTuningConfig(), am.site_roles())
     if len(sites) != 1:
         raise CheckpointError(f"this model has {len(sites)} input embeddings; expected one")
     n = int(cfg["num_virtual_tokens"])
@@ -286,4 +320,5 @@ METHOD = Method(
     to_peft=_to_peft,
     from_peft=_from_peft,
     train_lr=3e-2,
+    resolve=_resolve,
 )
