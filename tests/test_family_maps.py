@@ -64,6 +64,12 @@ def mamba2() -> tf.Mamba2ForCausalLM:
                                                 n_groups=1, chunk_size=4))
 
 
+def falcon_mamba() -> tf.FalconMambaForCausalLM:
+    torch.manual_seed(0)
+    return tf.FalconMambaForCausalLM(tf.FalconMambaConfig(vocab_size=VOCAB, hidden_size=32,
+                                                          num_hidden_layers=2, state_size=4, expand=2))
+
+
 def inputs_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (2, 6), generator=g)
@@ -75,7 +81,8 @@ def inputs_for(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
-    "whisper": whisper, "deberta-v2": deberta_v2, "t5": t5, "bart": bart, "mamba": mamba, "mamba2": mamba2}
+    "whisper": whisper, "deberta-v2": deberta_v2, "t5": t5, "bart": bart, "mamba": mamba, "mamba2": mamba2,
+    "falcon_mamba": falcon_mamba}
 CONFIGS = {"lora": lambda: peftlab.LoraConfig(r=4), "ia3": lambda: peftlab.IA3Config()}
 PERTURB = {"lora": dict(scale=0.2), "ia3": dict(scale=0.2, offset=1.0)}
 
@@ -123,7 +130,7 @@ def test_default_targets_work(family: str, method: str) -> None:
     assert am.adapter("a").sites
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba"])
 def test_ssm_defaults_are_the_families_own(family: str) -> None:
     am = peftlab.adapt(BUILDERS[family]())
     lora = am.add_adapter("l", peftlab.LoraConfig())
@@ -132,7 +139,7 @@ def test_ssm_defaults_are_the_families_own(family: str) -> None:
     assert lora.config.targets == ["ssm.in", "ssm.out"]       # the adapter records what it used
     assert {s.role for s in ia3.sites if ia3.config.scales_input(s)} == {"ssm.out"}
     # a user's own targets are kept as given (Mamba2 has no x_proj: its dt, B, C come from in_proj)
-    own = peftlab.LoraConfig(targets=["ssm.x"] if family == "mamba" else ["ssm.in"])
+    own = peftlab.LoraConfig(targets=["ssm.in"] if family == "mamba2" else ["ssm.x"])
     assert [s.role for s in am.add_adapter("x", own).sites] == own.targets * 2
     assert "ssm.in" in am.card("l") and "ssm.out" in am.card("l")
 
@@ -174,3 +181,14 @@ def test_all_linear_leaves_out_an_untied_output_embedding_too() -> None:
                                                tie_word_embeddings=False))
     am = peftlab.adapt(model)
     assert "lm_head" not in {s.path for s in am.add_adapter("a", peftlab.LoraConfig(targets="all-linear")).sites}
+
+
+def test_inspect_prints_the_ssm_roles(tmp_path, capsys) -> None:
+    from peftlab.apps.cli import main
+    mamba().save_pretrained(tmp_path / "mamba")
+    assert main(["inspect", "--model", str(tmp_path / "mamba")]) == 0
+    out = capsys.readouterr().out
+    assert "MambaForCausalLM" in out and "architecture map: mamba" in out
+    for role, leaf in {"ssm.in": "in_proj", "ssm.dt": "dt_proj", "ssm.conv": "conv1d"}.items():
+        assert f"backbone.layers.{{0-1}}.mixer.{leaf}" in out
+        assert any(line.split()[:2] == [role, "2"] for line in out.splitlines())

@@ -88,6 +88,14 @@ def test_a_named_dead_layer_is_refused_before_anything_changes(targets: list[str
         am.add_adapter("a", peftlab.LoraConfig(targets=["conv1d"]))
 
 
+def test_a_checkpoint_placing_an_adapter_on_a_dead_layer_is_refused() -> None:
+    am = peftlab.adapt(mamba())
+    with pytest.raises(CapabilityError, match="'backbone.layers.0.mixer.dt_proj'.*cannot be loaded"):
+        am.install("a", peftlab.LoraConfig(), sites=["backbone.layers.0.mixer.in_proj",
+                                                     "backbone.layers.0.mixer.dt_proj"])
+    assert not am.adapters
+
+
 def test_the_warning_lists_the_left_out_layers_and_exclude_silences_it() -> None:
     am = peftlab.adapt(mamba())
     with pytest.warns(DeadSiteWarning, match=r"left out 2 of the 8 sites.*backbone\.layers\.\{0-1\}\."

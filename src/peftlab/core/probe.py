@@ -139,9 +139,10 @@ class ForwardCheck:
         named = [s.path for s in dead] if targets is None else sorted(
             explicit_paths(am.model, targets, roles) & {s.path for s in dead})
         if named:
+            fix = ("this adapter cannot be loaded on it" if targets is None else
+                   f"Exclude it (exclude={exclude_hint(named)!r}) or target layers that run")
             raise CapabilityError(
-                f"{title} cannot attach to {named[0]!r}: {_WHY.format(model=model)}. Exclude it "
-                f"(exclude={exclude_hint(named)!r}) or target layers that run"
+                f"{title} cannot attach to {named[0]!r}: {_WHY.format(model=model)}. {fix}"
                 + (f" ({len(named)} such named sites)" if len(named) > 1 else ""))
         left = [s for s in sites if s.path in live]
         dead_paths = compress_paths([s.path for s in dead])
