@@ -181,6 +181,32 @@ def test_a_layer_read_directly_only_in_training_is_caught_at_the_first_training_
     assert not am.forward_check._hooks                              # both modes known: unhooked
 
 
+def test_layerdrop_is_not_a_dead_layer() -> None:
+    """BART with LayerDrop skips encoder layers at random while training: that is no dead layer
+    (its kind runs in other layers), so the first training forward passes even when it skipped
+    one, and adapters added later on that layer are not refused."""
+    from test_family_maps import bart
+    model = bart().train()
+    model.model.encoder.layerdrop = 0.5
+    ran: list[int] = []
+    for i, layer in enumerate(model.model.encoder.layers):
+        layer.register_forward_pre_hook(lambda module, args, kwargs, i=i: ran.append(i), with_kwargs=True)
+
+    def forward(m: nn.Module, seed: int) -> None:
+        ran.clear()
+        torch.manual_seed(seed)
+        m(input_ids=IDS, decoder_input_ids=IDS[:, :3])
+
+    seed = next(s for s in range(100) if forward(model, s) or len(ran) == 1)   # one layer skipped
+    am = peftlab.adapt(model.eval())
+    am.add_adapter("a", peftlab.LoraConfig(targets="all-linear"))
+    am.train()
+    forward(am, seed)
+    assert len(ran) == 1 and am.forward_check.ran[True] is not None
+    skipped = f"model.encoder.layers.{1 - ran[0]}.fc1"
+    assert [s.path for s in am.add_adapter("b", peftlab.LoraConfig(targets=[skipped])).sites] == [skipped]
+
+
 def test_the_probe_runs_once_and_leaves_the_model_as_it_was() -> None:
     model = mamba().train()
     model.backbone.layers[0].eval()

@@ -14,8 +14,9 @@ output. Which layers run is found by running the model, not by a list of names:
 * **The first forward of each mode**: a model the probe cannot build inputs for is checked at
   its first real forward, and every model at its first training-mode forward (a fused kernel
   path may run only while training): the same recording runs during that forward, and a site
-  of an installed adapter that did not run raises there, naming it. The paths that ran are
-  kept, so later adapters are checked when they are added.
+  of an installed adapter that did not run raises there, naming it (in training, a layer counts
+  as run when its kind ran in some transformer layer: LayerDrop skips layers at random). The
+  paths that ran are kept, so later adapters are checked when they are added.
 """
 
 from __future__ import annotations
@@ -176,15 +177,17 @@ class ForwardCheck:
         ran = frozenset(self._recording[0])
         self._stop()
         mode = am.model.training
+        if mode:   # LayerDrop skips whole layers at random while training: a layer counts as run
+            ran = _in_any_layer(am.model, ran)   # where its kind ran in some layer
         dead = _dead_sites(am.adapters.values(), ran)
         if dead:      # stays armed: every forward of this mode raises until the sites are gone
             raise CapabilityError(
                 f"adapters {sorted(dead)} sit on layers whose forward did not run in this "
                 f"{'training' if mode else 'eval'}-mode forward of {type(am.model).__name__}: "
                 f"{', '.join(compress_paths(sorted(set().union(*dead.values()))))}. The model reads "
-                "their weights directly (e.g. a fused kernel path) or does not call them (LayerDrop "
-                "skips layers at random: set it to 0), so those adapters would get no gradient. "
-                "Delete the adapters and add them again excluding these layers")
+                "their weights directly (e.g. a fused kernel path) or does not call them, so those "
+                "adapters would get no gradient. Delete the adapters and add them again excluding "
+                "these layers")
         self.ran[mode] = ran
         if None not in self.ran.values():
             for handle in self._hooks:
@@ -196,6 +199,20 @@ class ForwardCheck:
             for handle in self._recording[1]:
                 handle.remove()
             self._recording = None
+
+
+def _in_any_layer(model: nn.Module, ran: frozenset[str]) -> frozenset[str]:
+    """The paths of `model` whose form with the layer index left out ('encoder.layers.{}.fc1')
+    is the form of a path that ran."""
+    forms = {_layer_free(p) for p in ran}
+    return frozenset(p for p, _ in iter_modules(model) if _layer_free(p) in forms)
+
+
+def _layer_free(path: str) -> tuple[str, ...]:
+    """`path`'s components with its first all-digit one (the layer index) blanked."""
+    parts = path.split(".")
+    at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return tuple(parts) if at is None else (*parts[:at], "", *parts[at + 1:])
 
 
 def _dead_sites(adapters: Iterable[Any], ran: frozenset[str]) -> dict[str, set[str]]:
