@@ -142,6 +142,16 @@ def test_a_custom_module_reading_a_child_weight_directly() -> None:
     with pytest.warns(DeadSiteWarning, match=r"left out 1 of the 2 sites.*read"):
         adapter = am.add_adapter("a", peftlab.LoraConfig(targets="all-linear"))
     assert [s.path for s in adapter.sites] == ["used"]
+    # eval mode probed: no hook on the forward until training mode is entered (then checked once)
+    am.eval()
+    assert not am.forward_check._hooks
+    am.train()
+    assert am.forward_check._hooks
+    am.eval()
+    assert not am.forward_check._hooks
+    am.train()
+    am(torch.tensor([[1, 2]]))
+    assert not am.forward_check._hooks and am.forward_check.ran[True] is not None
 
 
 def test_without_probe_inputs_the_first_forward_checks() -> None:

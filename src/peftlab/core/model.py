@@ -227,6 +227,13 @@ class AdaptedModel(HFCompat, nn.Module):
         self.state.weights.pop(name, None)
         self.state.changed()
 
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """nn.Module.train; the first forward in a mode not yet seen checks which layers run
+        (core/probe.py)."""
+        super().train(mode)
+        self.forward_check.sync(self)
+        return self
+
     # ---- activation and training marks ----------------------------------------------------------
     @property
     def active(self) -> list[str]:

@@ -130,7 +130,7 @@ class ForwardCheck:
         or `all-linear` are left out with a DeadSiteWarning listing them; none left raises.
         Nothing changes on the model. Arms the first-forward check for modes not yet seen."""
         live = self.live(am.model)
-        self._arm(am)
+        self.sync(am)
         if live is None:
             return sites
         dead = [s for s in sites if s.path not in live]
@@ -157,10 +157,18 @@ class ForwardCheck:
         return left
 
     # ---- the first forward of each mode -----------------------------------------------------------
-    def _arm(self, am: AdaptedModel) -> None:
-        if not self._hooks and None in self.ran.values():
+    def sync(self, am: AdaptedModel) -> None:
+        """Hook `am`'s forward while its current mode (eval / training) is unchecked, once an
+        adapter wrapping layers was added; unhook it otherwise (`AdaptedModel.train` calls this,
+        so a model only used for inference carries no hook once probed)."""
+        wanted = self.probed and self.ran[am.model.training] is None
+        if wanted and not self._hooks:
             self._hooks = [am.register_forward_pre_hook(self._before, with_kwargs=True),
                            am.register_forward_hook(self._after, with_kwargs=True)]
+        elif not wanted and self._hooks:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
 
     def _before(self, am: AdaptedModel, args: tuple, kwargs: dict) -> None:
         self._stop()                 # a forward that raised left its recording behind
@@ -189,10 +197,7 @@ class ForwardCheck:
                 "adapters would get no gradient. Delete the adapters and add them again excluding "
                 "these layers")
         self.ran[mode] = ran
-        if None not in self.ran.values():
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks = []
+        self.sync(am)
 
     def _stop(self) -> None:
         if self._recording is not None:
