@@ -7,16 +7,19 @@ are never called: an adapter there gets no input, no gradient, and a merge that 
 output. Which layers run is found by running the model, not by a list of names:
 
 * **The probe forward**: once per AdaptedModel, at the first adapter that wraps layers, the
-  model runs one example of a couple of tokens (inputs from its config, `hf.probe_inputs`)
-  in eval mode under no_grad, with a forward pre-hook on every module recording its path.
-  A site whose forward did not run is refused when a target named it, and left out with a
-  warning when a role or `all-linear` found it.
+  model runs one example of one token (inputs from its config, `hf.probe_inputs`) in eval
+  mode under no_grad, with a forward pre-hook on every module recording its path (it draws
+  no random numbers; every module's mode is restored). A site whose forward did not run is
+  refused when a target named it, and left out with a warning when a role or `all-linear`
+  found it.
 * **The first forward of each mode**: a model the probe cannot build inputs for is checked at
   its first real forward, and every model at its first training-mode forward (a fused kernel
   path may run only while training): the same recording runs during that forward, and a site
   of an installed adapter that did not run raises there, naming it (in training, a layer counts
   as run when its kind ran in some transformer layer: LayerDrop skips layers at random). The
-  paths that ran are kept, so later adapters are checked when they are added.
+  paths that ran are kept, so later adapters are checked when they are added. The forward is
+  hooked only while its current mode is unchecked: at an install, and when `am.train()` /
+  `am.eval()` switch modes (switching the wrapped model's own mode goes unseen until then).
 """
 
 from __future__ import annotations
