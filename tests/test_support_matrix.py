@@ -36,12 +36,6 @@ def _lands(branch: str, what: str) -> pytest.MarkDecorator:
 # families that fail today on parts other branches of issue 22 build; the lead removes these
 # marks after merging them
 PENDING = {
-    "mixtral": _lands("params", "MoE experts as parameter sites: IA3's ffn.down"),
-    "qwen3-moe": _lands("params", "MoE experts as parameter sites: IA3's ffn.down"),
-    "whisper": _lands("probe", "all-linear leaves out the tied output projection"),
-    "deberta-v2": _lands("probe", "the DeBERTa-v2 role map"),
-    "mamba": _lands("probe", "the Mamba role map, dead-site refusal of dt_proj"),
-    "mamba2": _lands("probe", "the Mamba role map; out_proj, which peft refuses on Mamba"),
 }
 
 _ROWS: dict[str, dict[str, support.Cell]] = {}

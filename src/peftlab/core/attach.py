@@ -11,6 +11,7 @@ get one `InputHook` instead.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from .errors import (
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation
+from .role_maps import family_defaults
 from .sites import RowSlice, Site, iter_modules, resolve_sites, sites_at, unwrap
 
 if TYPE_CHECKING:
@@ -152,6 +154,8 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     # The adapter owns its config: a caller reusing (and changing) the object for the next
     # adapter must not rewrite this one's, which its tensors and checkpoint follow.
     config = copy.deepcopy(config)
+    if sites is None:
+        use_family_defaults(am.model, config)
     config.validate()
     method = method_of(config)
     roles = am.site_roles()
@@ -164,6 +168,9 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
                               exclude=config.exclude, roles=roles)
     else:
         found = sites_at(am.model, sites, roles, slices)
+    if method.layer_kinds:   # a layer whose forward never runs would hold a dead adapter (probe.py)
+        found = am.forward_check.keep_live(am, found, None if sites is not None else config.targets,
+                                           roles, method.title)
     if copies is None:
         copy_sites = (resolve_sites(am.model, config.modules_to_save, roles=roles)
                       if config.modules_to_save else [])
@@ -177,6 +184,18 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     adapter = _attach(am, name, config, method, found, copy_sites, tensors, copy_tensors, trainable)
     adapter.provenance = provenance
     return adapter
+
+
+def use_family_defaults(model: nn.Module, config: MethodConfig) -> None:
+    """Put the family's own defaults (role_maps.FAMILY_DEFAULTS: a Mamba's LoRA adapts its SSM
+    projections, having no attention) into `config` while every field they replace still holds
+    the method's default, so the adapter records what it was given."""
+    overrides = family_defaults(model, config.method)
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(config)}
+    if overrides and all(getattr(config, key) == defaults[key] for key in overrides):
+        for key, value in overrides.items():
+            setattr(config, key, list(value))
 
 
 def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, sites: list[Site],

@@ -17,6 +17,8 @@
 * **`restore_pretrained`**: the inverse of `save_pretrained` into a model that already holds the
   adapters, values copied in place (an optimizer's references stay valid): what resuming a
   `Trainer` checkpoint needs (interop/trainer.py).
+* **`probe_inputs`**: the smallest inputs a model's forward takes, built from its config, for
+  the probe forward that finds which layers run (core/probe.py).
 """
 
 from __future__ import annotations
@@ -354,3 +356,64 @@ def contiguous_head_input(model: nn.Module):
         return None
 
     return head.register_forward_pre_hook(contiguous_input)
+
+
+# ---- probe inputs ---------------------------------------------------------------------------------
+_PROBE_TOKENS = 1     # every layer runs on one token; more only costs time (core/probe.py)
+# Multimodal configs whose text must hold image placeholders for the vision tower to run: a
+# text-only probe would miss the tower, so they are checked at their first real forward instead.
+_PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "audio_token_id")
+
+
+def probe_inputs(model: nn.Module) -> dict[str, Any] | None:
+    """The smallest inputs a forward of `model` takes, from its config: one example of a couple
+    of tokens (`input_ids`; `decoder_input_ids` for encoder-decoders), Whisper-style log-mel
+    `input_features`, or `pixel_values` for vision models (CLIP gets both text and image).
+    None when it cannot tell what the forward needs (no config, a required argument it does not
+    know, image placeholders in the text): the caller then checks at the first real forward."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, k, None) is not None for k in _PLACEHOLDER_KEYS):
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return None
+    device, dtype = reference.device, reference.dtype
+    inputs: dict[str, Any] = {}
+    if "input_features" in params:
+        mel_bins = getattr(config, "num_mel_bins", None)
+        positions = getattr(config, "max_source_positions", None)
+        if not (mel_bins and positions):
+            return None
+        # Whisper's encoder takes exactly 2 frames per source position (its conv stride)
+        inputs["input_features"] = torch.zeros(1, mel_bins, 2 * positions, device=device, dtype=dtype)
+    if "pixel_values" in params:
+        vision = getattr(config, "vision_config", None) or config
+        size = getattr(vision, "image_size", None)
+        if not size:
+            return None
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = getattr(vision, "num_channels", 3)
+        inputs["pixel_values"] = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if "input_ids" in params and vocab and "input_features" not in inputs:
+        inputs["input_ids"] = torch.arange(_PROBE_TOKENS, device=device).remainder(vocab).unsqueeze(0)
+        if "attention_mask" in params:   # without one, some models warn about padding
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False) and vocab:
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) and 0 <= start < vocab else 0
+        inputs["decoder_input_ids"] = torch.full((1, 1), start, device=device)
+    if not inputs:
+        return None
+    required = [name for name, p in params.items()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(name not in inputs for name in required):
+        return None
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs

@@ -25,6 +25,7 @@ from .hf import HFCompat, contiguous_head_input, signed_forward
 from .layer import AdaptedLayer, InputHook, ModuleCopies, forwarding_getattr
 from .method import MethodConfig
 from .precision import dtype_named
+from .probe import ForwardCheck
 from .quantised import keep_layout, parameter_count
 from .report import LayerStatus
 from .routing import (
@@ -66,6 +67,7 @@ class AdaptedModel(HFCompat, nn.Module):
         self._router = Router(self.state)   # routed(): checks ids, stamps the routed tensors
         self.taps = ActivationTaps(model)   # intermediate tensors for loss terms and metrics
         self._roles: dict[str, str] | None = None
+        self.forward_check = ForwardCheck()   # which layers' forwards run (core/probe.py), once
         self._unloaded = False
         self._head_hook = None
         AdaptedModel.__dict__["forward"].sign(self, model.forward)   # the wrapped model's parameters
@@ -227,6 +229,13 @@ class AdaptedModel(HFCompat, nn.Module):
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.state.weights.pop(name, None)
         self.state.changed()
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """nn.Module.train; the first forward in a mode not yet seen checks which layers run
+        (core/probe.py)."""
+        super().train(mode)
+        self.forward_check.sync(self)
+        return self
 
     # ---- activation and training marks ----------------------------------------------------------
     @property

@@ -20,11 +20,14 @@ ROLES: tuple[str, ...] = (
     "embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
     "ffn.up", "ffn.gate", "ffn.gate_up", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
     "ffn.experts", "ssm.A", "ssm.D",
+    # state-space (Mamba) mixers: input, x (dt/B/C), time-step and output projections, the conv
+    "ssm.in", "ssm.x", "ssm.dt", "ssm.out", "ssm.conv",
 )
 # Role groups a user may name as one target.
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"),
     "ffn": ("ffn.up", "ffn.gate", "ffn.gate_up", "ffn.down"),
+    "ssm": ("ssm.in", "ssm.x", "ssm.dt", "ssm.out", "ssm.conv"),
 }
 # attn.kv names the same attention modules as attn.out, which claims them first.
 fused_fallback = {"attn.kv": "attn.out"}
@@ -107,6 +110,43 @@ _PHI3 = {
     "norm": ["layers.{L}.(input_layernorm|post_attention_layernorm)", "norm"],
     "head": ["lm_head", "score"],
 }
+# DeBERTa-v2 (and v3): BERT's layout with *_proj attention projections.
+_DEBERTA_V2 = {
+    "embed": ["embeddings.word_embeddings"],
+    "attn.q": ["layer.{L}.attention.self.query_proj"],
+    "attn.k": ["layer.{L}.attention.self.key_proj"],
+    "attn.v": ["layer.{L}.attention.self.value_proj"],
+    "attn.o": ["layer.{L}.attention.output.dense"],
+    "ffn.up": ["layer.{L}.intermediate.dense"],
+    "ffn.down": ["layer.{L}.output.dense"],
+    "norm": ["layer.{L}.attention.output.LayerNorm", "layer.{L}.output.LayerNorm", "embeddings.LayerNorm",
+             "encoder.LayerNorm"],
+    "head": ["classifier", "qa_outputs", "lm_predictions.lm_head.dense"],
+}
+# BART-style encoder-decoders (BART, mBART, Whisper): self_attn / encoder_attn, fc1 / fc2.
+_BART = {
+    "embed": ["(encoder|decoder).embed_tokens"],
+    "attn.q": ["layers.{L}.(self_attn|encoder_attn).q_proj"],
+    "attn.k": ["layers.{L}.(self_attn|encoder_attn).k_proj"],
+    "attn.v": ["layers.{L}.(self_attn|encoder_attn).v_proj"],
+    "attn.o": ["layers.{L}.(self_attn|encoder_attn).out_proj"],
+    "ffn.up": ["layers.{L}.fc1"],
+    "ffn.down": ["layers.{L}.fc2"],
+    "norm": ["layers.{L}.(self_attn_layer_norm|encoder_attn_layer_norm|final_layer_norm)",
+             "(encoder|decoder).(layer_norm|layernorm_embedding)"],
+    "head": ["lm_head", "proj_out", "classification_head.out_proj", "qa_outputs"],
+}
+# Mamba / Mamba2 / FalconMamba mixers (Mamba2 has no x_proj or dt_proj: its dt is a slice of in_proj).
+_MAMBA = {
+    "embed": ["embeddings"],
+    "ssm.in": ["layers.{L}.mixer.in_proj"],
+    "ssm.x": ["layers.{L}.mixer.x_proj"],
+    "ssm.dt": ["layers.{L}.mixer.dt_proj"],
+    "ssm.out": ["layers.{L}.mixer.out_proj"],
+    "ssm.conv": ["layers.{L}.mixer.conv1d"],
+    "norm": ["layers.{L}.norm", "layers.{L}.mixer.norm", "norm_f"],
+    "head": ["lm_head"],
+}
 # Fallback for unknown families: common leaf names. Norms are also found by class name.
 _GENERIC = {
     "embed": ["(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)"],
@@ -129,7 +169,36 @@ _FAMILIES: dict[str, dict[str, list[str]]] = {
     "phi3": _PHI3,
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
     **dict.fromkeys(["t5", "mt5"], _T5),
+    "deberta-v2": _DEBERTA_V2,
+    **dict.fromkeys(["bart", "mbart", "whisper"], _BART),
+    **dict.fromkeys(["mamba", "mamba2", "falcon_mamba"], _MAMBA),
 }
+
+# Default targets where a method's own defaults name roles the family lacks (a Mamba has no
+# attention): family -> method name -> the config fields to use instead. Applied only while
+# every listed field still holds the method's default (attach.install), so anything the user
+# set is kept. LoRA adapts the SSM's input and output projections; (IA)3 rescales in_proj's
+# output (the x / gate streams, as it rescales k and v) and out_proj's input (the gated SSM
+# output, as it rescales the FFN activation before ffn.down).
+_SSM_DEFAULTS: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(["lora", "balora", "kasa"], {"targets": ["ssm.in", "ssm.out"]}),
+    "ia3": {"targets": ["ssm.in", "ssm.out"], "feedforward": ["ssm.out"]},
+}
+# An MoE whose experts are stacked parameters (Mixtral, Qwen3-MoE under transformers 5) has no
+# ffn.down layer: (IA)3 rescales the attention keys and values only (its FFN activation lives
+# inside the experts' parameters, which only LoRA adapts: targets=["ffn.experts"]).
+_MOE_DEFAULTS: dict[str, dict[str, list[str]]] = {"ia3": {"targets": ["attn.k", "attn.v"], "feedforward": []}}
+FAMILY_DEFAULTS: dict[str, dict[str, dict[str, list[str]]]] = {
+    **dict.fromkeys(["mamba", "mamba2", "falcon_mamba"], _SSM_DEFAULTS),
+    **dict.fromkeys(["mixtral", "qwen3_moe"], _MOE_DEFAULTS),
+}
+
+
+def family_defaults(model: nn.Module, method: str) -> dict[str, list[str]]:
+    """Config field -> value replacing `method`'s defaults on `model`'s family ({} when the
+    method's own defaults apply); keyed by the config's model_type, mapped by hand or not."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return FAMILY_DEFAULTS.get(model_type, {}).get(method, {})
 
 
 # Parameter roles name nn.Parameters that a module's forward reads directly (they are sites of
@@ -150,7 +219,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 _COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items()}
-             for m in (_LLAMA, _GPT2, _PHI3, _BERT, _T5, _GENERIC)}
+             for m in (_LLAMA, _GPT2, _PHI3, _BERT, _T5, _DEBERTA_V2, _BART, _MAMBA, _GENERIC)}
 
 
 _COMPILED_PARAMETERS = {role: [_compile(p) for p in pats] for role, pats in PARAMETER_ROLES.items()}

@@ -139,6 +139,17 @@ def _matches(target: str, path: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The layer `model.get_output_embeddings()` names (Whisper's `proj_out`, a tied LM head),
+    unwrapped; None when it has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return unwrap(head) if isinstance(head, nn.Module) else None
+
+
 def _expand_roles(target: str, by_role: dict[str, list[str]]) -> list[str] | None:
     """Paths for a role or role-group target; None when `target` is not a role name."""
     if target in ROLE_GROUPS:
@@ -165,7 +176,10 @@ def match_targets(model: nn.Module, targets: str | Sequence[str],
     found: dict[str, set[str]] = {}
     for target in [targets] if isinstance(targets, str) else targets:
         if target == "all-linear":
-            paths = [p for p, m in modules.items() if is_linear_like(m) and roles.get(p) != "head"]
+            # as peft: no head, nor the output embedding (often tied to the input one)
+            output = output_embeddings(model)
+            paths = [p for p, m in modules.items() if is_linear_like(m) and roles.get(p) != "head"
+                     and (output is None or unwrap(m) is not output)]
         else:
             paths = _expand_roles(target, by_role)
             if paths is None:

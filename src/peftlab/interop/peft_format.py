@@ -41,6 +41,8 @@ from ..core.sites import site_paths
 from .peft_names import (
     AUTO_CLASSES,
     CONFIG_FILE,
+    PEFT_REFUSED_SSM_MODULES,
+    PEFT_SSM_MODEL_TYPES,
     PEFT_VERSION,
     PREFIX,
     PROMPT_LEARNING_PREFIX,
@@ -73,6 +75,7 @@ def peft_files(am: AdaptedModel, adapter: Adapter, base_model_name_or_path: str 
     if method.to_peft is None:
         exportable = ", ".join(m.title for m in METHODS.values() if m.to_peft)
         raise CapabilityError(f"{method.title} has no peft equivalent; peft export supports {exportable}")
+    _check_peft_accepts(am, adapter)
     fields, tensors = method.to_peft(am, adapter)
     peft_config: dict[str, Any] = {
         "peft_type": method.peft_type,
@@ -88,6 +91,21 @@ def peft_files(am: AdaptedModel, adapter: Adapter, base_model_name_or_path: str 
         for pname, t in wrapper.copies[adapter.name].state_dict().items():
             tensors[f"{copy_prefix}{path}.{pname}"] = t
     return peft_config, tensors
+
+
+def _check_peft_accepts(am: AdaptedModel, adapter: Adapter) -> None:
+    """CapabilityError when peft would refuse to load this adapter: LoRA-like adapters on the
+    modules peft bars in Mamba-type models (peft_names.PEFT_REFUSED_SSM_MODULES)."""
+    model_type = getattr(getattr(am.model, "config", None), "model_type", None)
+    if adapter.method.peft_type != "LORA" or model_type not in PEFT_SSM_MODEL_TYPES:
+        return
+    barred = [s.path for s in adapter.sites if s.path.rsplit(".", 1)[-1] in PEFT_REFUSED_SSM_MODULES]
+    if barred:
+        raise CapabilityError(
+            f"peft refuses LoRA on {', '.join(sorted(PEFT_REFUSED_SSM_MODULES))} of {model_type} models "
+            f"(its CUDA kernel reads their weights directly), and this adapter adapts {barred[0]!r}"
+            f"{f' and {len(barred) - 1} more' if len(barred) > 1 else ''}: it has no peft form (peftlab "
+            "runs it through the layer's forward); exclude those layers for a peft-loadable adapter")
 
 
 def _writers(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

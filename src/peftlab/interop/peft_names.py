@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 PREFIX = "base_model.model."   # peft's key of a module's tensor: PREFIX + module path + "." + name
 PROMPT_LEARNING_PREFIX = "base_model."   # the same for prompt learning, whose base_model is the model
 PEFT_VERSION = "0.21.2"        # the peft release whose format this writes and is tested against
+# peft refuses LoRA-like adapters on these modules of these state-space families (its CUDA kernel
+# path reads their weights directly; peft/tuners/tuners_utils.py _check_lora_target_modules_mamba),
+# so a directory holding one would fail to load in peft: such adapters are saved in peftlab's
+# format only. Ours run them through the module's forward, which the probe forward checks.
+PEFT_REFUSED_SSM_MODULES = frozenset({"out_proj", "conv1d"})
+PEFT_SSM_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
 
