@@ -11,7 +11,8 @@ from torch import nn
 
 import peftlab
 from peftlab.core.errors import CapabilityError, ConfigError
-from peftlab.core.sites import conv_geometry, dims, resolve_sites, weight_axes
+from peftlab.core.geometry import conv_geometry, dims, weight_axes
+from peftlab.core.sites import resolve_sites
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 

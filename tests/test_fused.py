@@ -22,8 +22,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import peftlab
 from peftlab.core.errors import CapabilityError, ConfigError
+from peftlab.core.geometry import weight_out_in
 from peftlab.core.role_maps import role_map
-from peftlab.core.sites import resolve_sites, weight_out_in
+from peftlab.core.sites import resolve_sites
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 SMALL = {"vocab_size": VOCAB, "num_hidden_layers": 2, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}

@@ -11,7 +11,8 @@ from torch import nn
 
 import peftlab
 from peftlab.core.errors import CapabilityError
-from peftlab.core.sites import attention_heads, dims, resolve_sites, weight_axes, weight_out_in
+from peftlab.core.geometry import attention_heads, dims, weight_axes, weight_out_in
+from peftlab.core.sites import resolve_sites
 
 
 # ---- layer geometry -------------------------------------------------------------------------------

@@ -23,15 +23,10 @@ from torch import nn
 import peftlab
 from peftlab.apps.cli import main
 from peftlab.core.errors import CapabilityError
+from peftlab.core.geometry import dims, is_linear_like, stored_shape, weight_out_in
 from peftlab.core.layer import AdaptedLayer, layer_kind
 from peftlab.core.quantised import keep_layout, quantisation
-from peftlab.core.sites import (
-    dims,
-    is_linear_like,
-    resolve_sites,
-    stored_shape,
-    weight_out_in,
-)
+from peftlab.core.sites import resolve_sites
 from peftlab.methods import METHODS
 from peftlab.training.pruning.slicing import check_sliceable
 

@@ -28,11 +28,12 @@ from .errors import (
     ConfigError,
     close_matches,
 )
+from .geometry import unwrap
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation
 from .role_maps import family_defaults
-from .sites import RowSlice, Site, iter_modules, resolve_sites, sites_at, unwrap
+from .sites import RowSlice, Site, iter_modules, resolve_sites, sites_at
 
 if TYPE_CHECKING:
     from .model import AdaptedModel

@@ -56,9 +56,10 @@ from .errors import (
     PeftlabError,
 )
 from .files import commit_files, write_json
+from .geometry import stored_shape
 from .method import describe_type, get_method, value_fits
 from .quantised import Quantization, model_quantization
-from .sites import RowSlice, Site, site_paths, sites_at, stored_shape
+from .sites import RowSlice, Site, site_paths, sites_at
 
 try:
     import fcntl

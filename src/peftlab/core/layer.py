@@ -30,8 +30,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import AdapterError, CapabilityError
+from .geometry import TORCH_CONVS, dims, weight_out_in
 from .quantised import quantisation
-from .sites import TORCH_CONVS, dims, weight_out_in
 
 if TYPE_CHECKING:
     # annotations only: the router (routing.py) looks up methods, whose records name this module's

@@ -29,6 +29,7 @@ from torch import nn
 
 from .attach import Adapter, lookup, replace_module
 from .errors import AdapterError, CapabilityError
+from .geometry import weight_axes
 from .layer import AdaptedLayer, Delta
 from .quantised import (
     Packed,
@@ -41,7 +42,7 @@ from .quantised import (
     requantised,
 )
 from .routing import RoutingState
-from .sites import iter_modules, weight_axes
+from .sites import iter_modules
 
 
 def commutes(a: Delta, b: Delta) -> bool:

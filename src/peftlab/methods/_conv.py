@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
+from ..core.geometry import ConvGeometry, conv_geometry, is_conv
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas
 from ..core.precision import adapter_dtype, cast_at_use, cast_one, compute_dtype
-from ..core.sites import ConvGeometry, Site, conv_geometry, is_conv
+from ..core.sites import Site
 
 _CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
+from ..core.geometry import unwrap
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import matches_path
 from ..core.precision import adapter_dtype
-from ..core.sites import Site, parameter_candidates, unwrap
+from ..core.sites import Site, parameter_candidates
 
 if TYPE_CHECKING:
     from .lora import LoraConfig

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError
+from ..core.geometry import attention_heads
 from ..core.model import AdaptedModel, Adapter
-from ..core.sites import attention_heads, match_targets
+from ..core.sites import match_targets
 from ..interop.peft_names import PREFIX, PROMPT_LEARNING_PREFIX, task_type
 
 # the task types of peft's prompt learning peftlab writes and reads; SEQ_2_SEQ_LM with the prompt

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.geometry import dims, is_linear_like, unwrap
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
-from ..core.sites import Site, dims, is_linear_like, layer_index, unwrap
+from ..core.sites import Site, layer_index
 from ..core.typology import Typology
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
+from ..core.geometry import dims
 from ..core.layer import AdaptedLayer, Delta, MixedDeltas, layer_kind, per_example
 from ..core.method import (
     Capability,
@@ -30,7 +31,7 @@ from ..core.method import (
 )
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_one
-from ..core.sites import Site, dims, sites_at
+from ..core.sites import Site, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import PREFIX, split_copies
 from ._conv import build_conv_ia3, ia3_peft_shape

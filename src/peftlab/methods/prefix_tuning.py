@@ -45,12 +45,13 @@ import torch
 from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
+from ..core.geometry import attention_heads, text_config
 from ..core.hf import cache_keeping_layers
 from ..core.layer import InputHook
 from ..core.method import Capability, Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_at_use
-from ..core.sites import Site, attention_heads, layer_index, resolve_sites, text_config
+from ..core.sites import Site, layer_index, resolve_sites
 from ..core.typology import Typology
 from . import _prompting as prompting  # what prompt and prefix tuning share
 

@@ -39,11 +39,12 @@ import torch
 from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
+from ..core.geometry import unwrap
 from ..core.layer import InputHook, layer_kind
 from ..core.method import Capability, Method, MethodConfig
 from ..core.model import AdaptedModel, Adapter
 from ..core.precision import adapter_dtype, cast_one
-from ..core.sites import Site, resolve_sites, unwrap
+from ..core.sites import Site, resolve_sites
 from ..core.typology import Typology
 from ._prompting import (
     batch_and_length,

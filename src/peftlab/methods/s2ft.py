@@ -64,19 +64,12 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterError, CapabilityError, ConfigError
+from ..core.geometry import attention_heads, dims, unwrap, weight_axes, weight_out_in
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import Capability, Method, MethodConfig, check_number
 from ..core.precision import adapter_dtype, cast_one, compute_dtype
 from ..core.quantised import quantisation
-from ..core.sites import (
-    Site,
-    attention_heads,
-    dims,
-    resolve_sites,
-    unwrap,
-    weight_axes,
-    weight_out_in,
-)
+from ..core.sites import Site, resolve_sites
 from ..core.typology import Typology
 from .lora import LoraConfig
 

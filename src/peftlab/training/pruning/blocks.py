@@ -9,15 +9,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...core.errors import CapabilityError
+from ...core.geometry import attention_heads, dims
 from ...core.model import AdaptedModel
 from ...core.role_maps import model_family, model_layout
-from ...core.sites import (
-    attention_heads,
-    dims,
-    iter_modules,
-    layer_index,
-    site_roles,
-)
+from ...core.sites import iter_modules, layer_index, site_roles
 
 SUPPORTED_LAYOUTS = ("bert", "llama", "gpt2")
 _NEEDED_ROLES = ("attn.out", "attn.o", "ffn.up", "ffn.down")

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ...core.errors import AdapterError, CapabilityError
+from ...core.geometry import dims, is_linear_like, unwrap, weight_axes
 from ...core.layer import AdaptedLayer, ModuleCopies
 from ...core.quantised import quantisation
-from ...core.sites import dims, is_linear_like, iter_modules, unwrap, weight_axes
+from ...core.sites import iter_modules
 from ...methods.lora import LowRankDelta
 from .blocks import Block
 
