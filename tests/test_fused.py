@@ -8,6 +8,7 @@ against the base model, merging, checkpoints, mixed batches and the real peft.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -473,3 +474,25 @@ def test_a_served_sliced_adapter_is_replaced_in_place(ids, tmp_path):
     assert [s.slices for s in served.adapter("x").sites] == [s.slices for s in am.adapter("two").sites]
     served.set_active("x")
     assert torch.equal(logits(served, ids), expected)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+@pytest.mark.parametrize("make", [lambda: peftlab.KasaConfig(r=2), lambda: peftlab.ContextConfig(r=2)],
+                         ids=["kasa", "context-peft"])
+def test_whole_layer_methods_take_the_whole_projection_for_their_default_sub_roles(family, make, ids, tmp_path):
+    """A method without the fused-slice capability, left at its default targets (attn.q, attn.v),
+    adapts the whole fused projection (as peft's defaults do: c_attn, qkv_proj), records that,
+    and its checkpoint reloads onto the same sites; a sub-role the user names stays refused."""
+    am = peftlab.adapt(BUILD[family]())
+    adapter = am.add_adapter("a", make())
+    assert adapter.config.targets == ["attn.qkv"]
+    assert {s.role for s in adapter.sites} == {"attn.qkv"} and not any(s.slices for s in adapter.sites)
+    am.set_active("a")
+    before = logits(am, ids)
+    am.save_adapter(tmp_path / "a", "a")
+    again = peftlab.adapt(BUILD[family]())
+    again.load_adapter(tmp_path / "a", "a")
+    again.set_active("a")
+    assert torch.equal(logits(again, ids), before)
+    with pytest.raises(CapabilityError, match="fused projection"):
+        am.add_adapter("b", dataclasses.replace(make(), targets=["attn.q"]))

@@ -32,7 +32,7 @@ from .geometry import unwrap
 from .layer import AdaptedLayer, Delta, InputHook, ModuleCopies, layer_kind
 from .method import METHODS, Capability, Method, MethodConfig, method_of
 from .quantised import check_supported, quantisation
-from .role_maps import family_defaults
+from .role_maps import FUSED_PARTS, family_defaults
 from .sites import RowSlice, Site, iter_modules, resolve_sites, sites_at
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     # adapter must not rewrite this one's, which its tensors and checkpoint follow.
     config = copy.deepcopy(config)
     if sites is None:
-        use_family_defaults(am.model, config)
+        use_family_defaults(am.model, config, am.site_roles())
     config.validate()
     method = method_of(config)
     roles = am.site_roles()
@@ -187,16 +187,30 @@ def install(am: AdaptedModel, name: str, config: MethodConfig, *, sites: Sequenc
     return adapter
 
 
-def use_family_defaults(model: nn.Module, config: MethodConfig) -> None:
-    """Put the family's own defaults (role_maps.FAMILY_DEFAULTS: a Mamba's LoRA adapts its SSM
-    projections, having no attention) into `config` while every field they replace still holds
-    the method's default, so the adapter records what it was given."""
-    overrides = family_defaults(model, config.method)
+def use_family_defaults(model: nn.Module, config: MethodConfig, roles: Mapping[str, str]) -> None:
+    """Put the family's own defaults into `config` while every field they replace still holds the
+    method's default, so the adapter records what it was given: role_maps.FAMILY_DEFAULTS (a
+    Mamba's LoRA adapts its SSM projections, having no attention), and, for a method that acts on
+    whole layers only (no FUSED_SLICE), the whole fused projection where its default sub-roles are
+    slices of one (KaSA's attn.q, attn.v on GPT-2: attn.qkv, as peft's default targets c_attn).
+    A sub-role the user names is never widened: that is refused (core/sites.py)."""
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 for f in dataclasses.fields(config)}
+    overrides = family_defaults(model, config.method)
     if overrides and all(getattr(config, key) == defaults[key] for key in overrides):
         for key, value in overrides.items():
             setattr(config, key, list(value))
+    if Capability.FUSED_SLICE in method_of(config).capabilities or "targets" not in defaults:
+        return
+    # a config may fill its default targets on construction (Context-PEFT: per form)
+    if config.targets != dataclasses.replace(config, targets=defaults["targets"]).targets:
+        return
+    targets = [config.targets] if isinstance(config.targets, str) else list(config.targets)
+    present = set(roles.values())
+    whole = list(dict.fromkeys(FUSED_PARTS[t] if t in FUSED_PARTS and t not in present and FUSED_PARTS[t] in present
+                               else t for t in targets))
+    if whole != targets:
+        config.targets = whole
 
 
 def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, sites: list[Site],
