@@ -311,41 +311,42 @@ def _attach(am: AdaptedModel, name: str, config: MethodConfig, method: Method, s
     return adapter
 
 
+def require_capability(method: Method, capability: Capability, where: str, because: str, fix: str) -> None:
+    """CapabilityError, before anything changes, unless `method` declares `capability`: the
+    message says what `where` is, why the method cannot act there (`because`), the `fix`, and
+    which methods declare the capability."""
+    if capability not in method.capabilities:
+        able = [m.title for m in METHODS.values() if capability in m.capabilities]
+        raise CapabilityError(f"{where}, and {method.title} does not declare the {capability.value!r} "
+                              f"capability ({because}). {fix}, or use a method that declares it: "
+                              f"{', '.join(able) or 'none'}")
+
+
 def check_parameter_site(method: Method, site: Site) -> None:
-    """CapabilityError, before anything changes, when `method` does not declare PARAMETER_SITE
-    (it attaches to layers, and `site` is parameters a module's forward reads directly)."""
-    if Capability.PARAMETER_SITE not in method.capabilities:
-        able = [m.title for m in METHODS.values() if Capability.PARAMETER_SITE in m.capabilities]
-        params = ", ".join(f"{site.path}.{n}" for n in site.params)
-        raise CapabilityError(
-            f"{params} (role {site.role}) {'is an nn.Parameter' if len(site.params) == 1 else 'are nn.Parameters'} "
-            f"of {site.type_name}, read directly by its forward, and {method.title} does not declare the "
-            f"{Capability.PARAMETER_SITE.value!r} capability (it attaches to layers). Exclude them, or use "
-            f"a method that declares it: {', '.join(able) or 'none'}")
+    """Refuse a method without PARAMETER_SITE at `site`: parameters a module's forward reads
+    directly (it attaches to layers)."""
+    params = ", ".join(f"{site.path}.{n}" for n in site.params)
+    require_capability(method, Capability.PARAMETER_SITE,
+                       f"{params} (role {site.role}) {'is an nn.Parameter' if len(site.params) == 1 else 'are nn.Parameters'} "
+                       f"of {site.type_name}, read directly by its forward", "it attaches to layers", "Exclude them")
+
+
 def check_fused_slice(method: Method, site: Site) -> None:
-    """CapabilityError, before anything changes, when `method` cannot act on the slice of a fused
-    projection `site` names (it does not declare FUSED_SLICE)."""
-    if Capability.FUSED_SLICE not in method.capabilities:
-        able = [m.title for m in METHODS.values() if Capability.FUSED_SLICE in m.capabilities]
-        raise CapabilityError(
-            f"{site.label} of this model {'is' if len(site.slices) == 1 else 'are'} part of the fused "
-            f"projection {site.path!r} ({site.type_name}), and {method.title} does not declare the "
-            f"{Capability.FUSED_SLICE.value!r} capability (it acts on whole layers). Target the whole "
-            f"projection ({site.role!r} or {site.path.rsplit('.', 1)[-1]!r}), or use a method that "
-            f"declares it: {', '.join(able)}")
+    """Refuse a method without FUSED_SLICE on the slice of a fused projection `site` names (it
+    acts on whole layers)."""
+    require_capability(method, Capability.FUSED_SLICE,
+                       f"{site.label} of this model {'is' if len(site.slices) == 1 else 'are'} part of the fused "
+                       f"projection {site.path!r} ({site.type_name})", "it acts on whole layers",
+                       f"Target the whole projection ({site.role!r} or {site.path.rsplit('.', 1)[-1]!r})")
 
 
 def check_quantised(method: Method, site: Site) -> None:
-    """CapabilityError, before anything changes, when `method` cannot work on the quantised
-    layer at `site` (it does not declare QUANTISED_BASE: it rewrites the base weight) or the
-    layer holds no quantised weight yet."""
-    if Capability.QUANTISED_BASE not in method.capabilities:
-        able = [m.title for m in METHODS.values() if Capability.QUANTISED_BASE in m.capabilities]
-        raise CapabilityError(
-            f"{site.path!r} is a bitsandbytes-quantised {site.type_name} ({quantisation(site.module)}), "
-            f"and {method.title} does not declare the {Capability.QUANTISED_BASE.value!r} capability "
-            f"(it rewrites the base weight, which is stored packed). Exclude the quantised layers, "
-            f"load the model unquantised, or use a method that declares it: {', '.join(able)}")
+    """Refuse a method without QUANTISED_BASE on the quantised layer at `site` (it rewrites the
+    base weight, which is stored packed), and a layer that holds no quantised weight yet."""
+    require_capability(method, Capability.QUANTISED_BASE,
+                       f"{site.path!r} is a bitsandbytes-quantised {site.type_name} ({quantisation(site.module)})",
+                       "it rewrites the base weight, which is stored packed",
+                       "Exclude the quantised layers, load the model unquantised")
     check_supported(site.module, site.path)
 
 
