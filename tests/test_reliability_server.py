@@ -178,7 +178,7 @@ def test_item_14_lru_eviction_keeps_working_after_a_failed_replace(adapters, ids
 
 
 def test_item_14_server_keeps_serving_after_a_failed_replace(tok, lm_adapters, reference, clients, tmp_path):
-    client = lm_client(clients, tok, lm_adapters, max_adapters=2)
+    client = lm_client(clients, tok, lm_adapters, max_adapters=2, allow_load_from=[tmp_path])
     shutil.copytree(lm_adapters / "alpha", tmp_path / "old")
     assert client.post("/v1/adapters", json={"name": "extra", "path": str(tmp_path / "old")}).status_code == 200
     shutil.rmtree(tmp_path / "old")
@@ -256,7 +256,7 @@ def test_item_15_the_body_limit_is_configurable(tok, lm_adapters, clients, capsy
 
 # ---- item 16: loading by path ---------------------------------------------------------------------
 def test_item_16_a_huge_tensors_file_is_refused_unread(tok, lm_adapters, clients, tmp_path, caplog):
-    client = lm_client(clients, tok, lm_adapters)
+    client = lm_client(clients, tok, lm_adapters, allow_load_from=[tmp_path])
     huge = tmp_path / "huge"
     shutil.copytree(lm_adapters / "alpha", huge)
     with open(huge / TENSORS_FILE, "r+b") as f:   # sparse: costs no disk
@@ -285,7 +285,7 @@ def test_item_16_the_adapter_size_limit_is_configurable(adapters, tmp_path, caps
 
 
 def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, clients, tmp_path, caplog):
-    client = lm_client(clients, tok, lm_adapters)
+    client = lm_client(clients, tok, lm_adapters, allow_load_from=[tmp_path])
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "no_tensors").mkdir()
@@ -294,15 +294,18 @@ def test_item_16_one_message_for_every_path_it_will_not_load(tok, lm_adapters, c
     save_random_lora(peftlab.adapt(tiny_gpt2()), tmp_path / "foreign", "g", 0)
     shutil.copytree(tmp_path / "no_tensors", tmp_path / "pipe")
     os.mkfifo(tmp_path / "pipe" / TENSORS_FILE)   # reading it would wait for a writer forever
-    refused = ["/nonexistent/adapter", tmp_path / "missing", tmp_path / "file.txt", tmp_path / "empty",
-               tmp_path / "no_tensors", tmp_path / "pipe", tmp_path / "broken", tmp_path / "foreign",
-               "/etc/passwd", "/etc"]
+    refused = [tmp_path / "missing", tmp_path / "file.txt", tmp_path / "empty",
+               tmp_path / "no_tensors", tmp_path / "pipe", tmp_path / "broken", tmp_path / "foreign"]
     details = set()
     for path in refused:
         r = client.post("/v1/adapters", json={"name": "x", "path": str(path)})
         assert r.status_code == 400, (path, r.text)
         details.add(r.json()["detail"])
     assert len(details) == 1, details
+    # paths outside the adapter roots (issue 23): one 403, whether they exist or not
+    outside = {client.post("/v1/adapters", json={"name": "x", "path": p}).json()["detail"]
+               for p in ("/nonexistent/adapter", "/etc/passwd", "/etc")}
+    assert len(outside) == 1 and "only from under its adapter folders" in outside.pop()
     detail = details.pop()
     assert "peftlab.json" in detail and "peft adapter" in detail and "server log" in detail
     # the server's log keeps the reason for each refusal

@@ -120,13 +120,14 @@ def clients():
 
 
 def lm_client(clients: ExitStack, tok, root: Path, *, mixed: bool | None = None, max_adapters: int = 2,
-              max_wait_ms: float = 5, wrap_run=None) -> TestClient:
+              max_wait_ms: float = 5, wrap_run=None, **app_options) -> TestClient:
     am = peftlab.adapt(tiny_lm(tok))
     engine = Engine(am, tok, AdapterBank(am, root, max_adapters=max_adapters), model_name="tiny",
                     max_new_tokens=LIMIT, max_input_tokens=60, mixed=mixed)
     if wrap_run is not None:
         engine.run = wrap_run(engine.run)
-    return clients.enter_context(TestClient(create_app(engine, max_batch_size=16, max_wait_ms=max_wait_ms)))
+    return clients.enter_context(TestClient(create_app(engine, max_batch_size=16, max_wait_ms=max_wait_ms,
+                                                       **app_options)))
 
 
 def post_all(client: TestClient, bodies: list[dict], route: str = "/v1/generate") -> list:
@@ -335,12 +336,13 @@ def test_malformed_requests_are_4xx_with_the_reason(tok, lm_adapters, reference,
     assert r.json()["close"] == ["alpha"]
     assert client.post("/v1/classify", json={"text": "hi"}).status_code == 400
     # loading: a path that is not an adapter is a 400 that says what the server loads (one
-    # message for every such path: tests/test_reliability_server.py), a bad name one naming it
-    for body, reason in [({"name": "x", "path": str(lm_adapters / "nope")}, "cannot load an adapter"),
-                         ({"name": "x", "path": str(lm_adapters)}, "cannot load an adapter"),
-                         ({"name": "a/b", "path": str(lm_adapters / "alpha")}, "is not usable")]:
+    # message for every such path: tests/test_reliability_server.py), a bad name a 422 naming it
+    # (issue 23: a malformed request; tests/test_serve_guard.py)
+    for body, status, reason in [({"name": "x", "path": str(lm_adapters / "nope")}, 400, "cannot load an adapter"),
+                                 ({"name": "x", "path": str(lm_adapters)}, 400, "cannot load an adapter"),
+                                 ({"name": "a/b", "path": str(lm_adapters / "alpha")}, 422, "is not usable")]:
         r = client.post("/v1/adapters", json=body)
-        assert r.status_code == 400 and reason in r.json()["detail"], r.text
+        assert r.status_code == status and reason in r.json()["detail"], r.text
     assert client.post("/v1/adapters", json={"name": "x"}).status_code == 422
     # ... and the server still answers
     assert client.get("/health").json()["status"] == "ok"

@@ -331,8 +331,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import transformers
 
     from .serve import load_engine, serve
+    from .serve.guard import LoadRoots, api_key_from, check_bind
 
     transformers.logging.set_verbosity_error()
+    # Who may connect and what may be loaded: judged before the model loads (seconds to minutes).
+    api_key = api_key_from(args.api_key)
+    check_bind(args.host, api_key=api_key, insecure=args.insecure)
+    roots = LoadRoots([*([args.adapters] if args.adapters else []), *args.allow_load_from])
     for name in ("max_adapters", "max_batch_size", "max_new_tokens_limit", "max_input_tokens", "num_labels",
                  "max_body_bytes", "max_adapter_bytes"):
         value = getattr(args, name)
@@ -341,19 +346,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0:
         raise PeftlabError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if args.model is None and args.adapters is None:
+        raise PeftlabError("peftlab serve needs --model (smollm2, minilm or a local model directory); "
+                           "without --adapters there are no adapters to take the base model from")
     args.model = args.model or serve_model(Path(args.adapters))
     engine = load_engine(args.model, args.adapters, causal=is_causal(args.model),
                          max_adapters=args.max_adapters, labels=labels, num_labels=args.num_labels,
                          max_input_tokens=args.max_input_tokens,
                          max_new_tokens=args.max_new_tokens_limit,
                          max_adapter_bytes=args.max_adapter_bytes,
-                         quantization=serve_quantization(Path(args.adapters)))
+                         quantization=serve_quantization(Path(args.adapters)) if args.adapters else None)
     found = engine.bank.available()
-    print(f"serving {args.model} ({engine.kind}) with {len(found)} adapters from {args.adapters} "
+    source = f"from {args.adapters}" if args.adapters else "(base only)"
+    loads = (f"POST /v1/adapters loads from under {', '.join(map(str, roots.roots))}" if roots
+             else "POST /v1/adapters is off (no --adapters or --allow-load-from)")
+    print(f"serving {args.model} ({engine.kind}) with {len(found)} adapters {source} "
           f"({', '.join(list(found)[:10]) or 'none yet'}{' ...' if len(found) > 10 else ''}) on "
-          f"http://{args.host}:{args.port}", flush=True)
+          f"http://{args.host}:{args.port}; {'API key required' if api_key else 'no API key'}; "
+          f"{loads}", flush=True)
     serve(engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes)
+          max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes, api_key=api_key,
+          insecure=args.insecure, allow_load_from=args.allow_load_from)
     return 0
 
 
@@ -519,10 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve saved adapters over HTTP, batching requests across adapters")
     p.add_argument("--model", default=None, help="smollm2, minilm or a local model directory "
                                                   "(default: the base the adapters record)")
-    p.add_argument("--adapters", required=True, metavar="DIR",
-                   help="folder of adapters: DIR/NAME/ (am.save_adapter) or DIR/NAME/last (peftlab train --out)")
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="folder of adapters: DIR/NAME/ (am.save_adapter) or DIR/NAME/last (peftlab train "
+                        "--out); without it the server starts with the base model alone")
+    p.add_argument("--allow-load-from", action="append", default=[], metavar="DIR",
+                   help="another folder POST /v1/adapters may load from (repeatable); it loads only "
+                        "from under --adapters and these (real paths, symlinks resolved)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="every request but /health needs 'Authorization: Bearer KEY' (default: the "
+                        "PEFTLAB_API_KEY environment variable, which other users cannot read in ps)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (e.g. behind an authenticating proxy)")
     p.add_argument("--max-adapters", type=int, default=8, help="adapters held in memory (LRU eviction)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; other than loopback it needs --api-key (or --insecure)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="requests run together at most")
     p.add_argument("--max-wait-ms", type=float, default=10.0,

@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,9 @@ def _installed(adapter: Adapter) -> dict[str, Any]:
 
 def valid_name(name: object) -> bool:
     """Whether `name` can name an adapter (AdaptedModel's rule). Such a name holds no '/' or
-    '.', so DIR/<name> never leaves DIR."""
+    '.', so DIR/<name> never leaves DIR, and no control characters (it is logged and listed)."""
     return (isinstance(name, str) and bool(name) and not any(c in name for c in ".:/\\ ")
+            and name.isprintable()
             and not hasattr(nn.ModuleDict(), name))
 
 
@@ -162,15 +163,20 @@ class AdapterBank:
         raise UnknownAdapterError(name, self.available())
 
     # ---- changing what is loaded ------------------------------------------------------------------
-    def load(self, name: str, path: str | Path | None = None, *, replace: bool = False) -> Path:
+    def load(self, name: str, path: str | Path | None = None, *, replace: bool = False,
+             check_path: Callable[[Path], None] | None = None) -> Path:
         """Load adapter `name` now, from `path` (which registers it under that name) or from
         where the bank finds it; returns its directory. A loaded `name` is an error unless
         `replace`, which swaps in the adapter at `path`; when that fails, the old one serves on
         and the error says why the new one failed. Files above the size limits are refused
-        before they are read (`max_adapter_bytes`)."""
+        before they are read (`max_adapter_bytes`). `check_path` (a server's confinement) is
+        called on the adapter directory and on every file the load reads, before the file is
+        read; what it raises refuses the load before anything changes."""
         self._check_name(name)
         with self._lock:
             source = adapter_directory(path) if path is not None else self.path_of(name)
+            if check_path is not None:
+                self._check_files(source, check_path)
             if self._held(name):
                 if not replace:
                     raise AdapterError(f"adapter {name!r} is already loaded (from "
@@ -299,16 +305,22 @@ class AdapterBank:
             spare, n = f"{name}_replacing{n}", n + 1
         return spare
 
-    def _check_files(self, directory: Path) -> None:
+    def _check_files(self, directory: Path, check_path: Callable[[Path], None] | None = None) -> None:
         """CheckpointError unless the files a load of `directory` reads are regular files within
         the size limits: its record first (peftlab.json, or a peft adapter's adapter_config.json),
         then the files the record names. Checked with stat before a byte of a file is read, so
         that a huge file (or a device, or a pipe) is refused at once instead of being read whole
-        first."""
+        first. `check_path`, when given, judges the directory and each file before that."""
+        if check_path is not None:
+            check_path(directory)
         for name in (RECORD_FILE, CONFIG_FILE):
             if os.path.lexists(directory / name):
+                if check_path is not None:
+                    check_path(directory / name)
                 self._check_file(directory / name)
         for path in files_read(directory):
+            if check_path is not None:
+                check_path(path)
             self._check_file(path)
 
     def _check_file(self, path: Path) -> None:
@@ -346,5 +358,5 @@ class AdapterBank:
     def _check_name(name: object) -> None:
         if not valid_name(name):
             raise AdapterError(f"adapter name {name!r} is not usable: give a non-empty string "
-                               "without '.', ':', '/', '\\' or spaces that is no torch module "
-                               "attribute (e.g. 'sentiment_v2')")
+                               "without '.', ':', '/', '\\', spaces or control characters that "
+                               "is no torch module attribute (e.g. 'sentiment_v2')")

@@ -4,8 +4,10 @@ Every error answer is JSON with a `detail` string that names the problem and the
 an unknown adapter (with `close` look-alike names), 422 for a malformed body (with `errors`,
 one per field) or a parameter above a limit, 413 for a body above `max_body_bytes` or an input
 above the token limits, 400 for other requests peftlab refuses (e.g. loading a path that is not
-an adapter: one message for every such path, the reason in the server log), 503 while the
-server starts or shuts down, and 500 with the reason when the server itself failed.
+an adapter: one message for every such path, the reason in the server log), 403 for a path
+outside the adapter roots (one message), 401 without the API key when the server has one
+(guard.py), 503 while the server starts or shuts down, and 500 with the reason when the server
+itself failed.
 
 Nothing a request sends can stall the others: the body is refused past its size limit before
 it is read (`BodyLimit`), and tokenizing, like all other blocking work, runs in a worker thread,
@@ -16,21 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...core.bank import UnknownAdapterError
 from ...core.errors import CapabilityError, CheckpointError, PeftlabError
 from .batcher import Batcher, ServerClosing
 from .engine import Engine, Job, RequestError, Sampling
+from .guard import ApiKeyAuth, LoadRoots, check_adapter_name, check_api_key, check_bind
 
 DEFAULT_MAX_TOKENS = 16
 # The largest request body read, in bytes: a prompt of ~1M characters, whose tokenizing takes
@@ -72,6 +76,9 @@ class LoadRequest(_Body):
     name: str
     path: str = Field(min_length=1)
     replace: bool = False
+
+    # A bad name is a malformed request (422), refused before the path is looked at.
+    _name_is_usable = field_validator("name")(check_adapter_name)
 
 
 class BodyLimit:
@@ -164,12 +171,18 @@ async def _answer(future: Future) -> Any:
 
 
 def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: str | None = None,
+               allow_load_from: Sequence[str | Path] = ()) -> FastAPI:
     """The FastAPI app serving `engine`; its batcher's worker runs while the app does (use
     `with TestClient(app)` in tests, so that start-up and shut-down run). Request bodies over
-    `max_body_bytes` are answered 413 unread."""
+    `max_body_bytes` are answered 413 unread. With `api_key`, every route but /health needs
+    `Authorization: Bearer <api_key>` (guard.ApiKeyAuth). `POST /v1/adapters` loads only from
+    under the bank's folder and the `allow_load_from` folders (guard.LoadRoots)."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise PeftlabError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    api_key = check_api_key(api_key)
+    roots = LoadRoots([*([engine.bank.directory] if engine.bank.directory is not None else []),
+                       *allow_load_from])
     batcher = Batcher(engine.run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_adapters=engine.bank.max_adapters)
     bank = engine.bank
@@ -186,6 +199,8 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
                   lifespan=lifespan)
     app.state.engine, app.state.batcher = engine, batcher
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_key is not None:   # added last, so outermost: a request without the key is never read
+        app.add_middleware(ApiKeyAuth, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -239,9 +254,11 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
     @app.post("/v1/adapters")
     def load(req: LoadRequest) -> Any:
         """Load (or with `replace`, swap) adapter `name` from `path`; waits for the running batch.
-        Every path it will not load gets the same answer (NOT_LOADABLE); the log says why."""
+        A path (or a file in it) outside the adapter roots gets one 403 (guard.OUTSIDE_ROOTS);
+        every other path it will not load the same 400 (NOT_LOADABLE); the log says why."""
         try:
-            path = bank.load(req.name, req.path, replace=req.replace)
+            path = bank.load(req.name, roots.confine(req.path), replace=req.replace,
+                             check_path=roots.check)
         except (CheckpointError, CapabilityError, OSError) as e:
             log.warning("POST /v1/adapters refused %r for adapter %r: %s", req.path, req.name, e)
             return _error(400, NOT_LOADABLE)
@@ -291,10 +308,14 @@ def _sync(action: Callable[[], dict[str, Any]]) -> Any:
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           max_wait_ms: float = 10.0, max_body_bytes: int | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", api_key: str | None = None, insecure: bool = False,
+          allow_load_from: Sequence[str | Path] = ()) -> None:
     """Serve `engine` over HTTP with uvicorn until interrupted (`max_body_bytes` None:
-    DEFAULT_MAX_BODY_BYTES)."""
+    DEFAULT_MAX_BODY_BYTES). Without `api_key` only on a loopback `host`, unless `insecure`
+    (ConfigError otherwise, before the server starts)."""
     import uvicorn
+    check_bind(host, api_key=check_api_key(api_key), insecure=insecure)
     uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES),
+                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                           api_key=api_key, allow_load_from=allow_load_from),
                 host=host, port=port, log_level=log_level)
