@@ -95,8 +95,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, adapters: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(model: str, adapters: Path, port: int, args: argparse.Namespace,
+                 load_from: Path | None = None) -> subprocess.Popen:
     command = ["peftlab", "serve", "--model", model, "--adapters", str(adapters), "--port", str(port),
+               *(["--allow-load-from", str(load_from)] if load_from else []),   # POST /v1/adapters
                "--max-adapters", str(args.max_adapters), "--max-batch-size",
                str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                "--max-new-tokens-limit", str(args.max_tokens)]
@@ -283,7 +285,7 @@ def main() -> int:
         save_adapters(model, list(extra), work / "extra")
         del model
         port = free_port()
-        server = start_server(model_arg, work / "adapters", port, args)
+        server = start_server(model_arg, work / "adapters", port, args, load_from=work / "extra")
         try:
             result = asyncio.run(measure(port, args, extra))
         finally:
