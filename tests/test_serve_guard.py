@@ -194,6 +194,8 @@ def test_loading_is_confined_to_the_roots(tok, lm_adapters, reference, clients, 
         details.add(r.json()["detail"])
     # one message, whether the path exists or not: nothing about the server's files leaks
     assert details == {OUTSIDE_ROOTS}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"refused '{root / 'escape'}'" in logged and "refused '/etc/passwd'" in logged
     assert "--allow-load-from" in OUTSIDE_ROOTS
     assert {p: p.stat().st_atime_ns for p in (outside / "beta").iterdir()} == read_before
     # bad names: 422 naming the rule, before the path is looked at

@@ -262,6 +262,9 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
         except (CheckpointError, CapabilityError, OSError) as e:
             log.warning("POST /v1/adapters refused %r for adapter %r: %s", req.path, req.name, e)
             return _error(400, NOT_LOADABLE)
+        except RequestError as e:   # outside the adapter roots (403): the operator sees the attempt
+            log.warning("POST /v1/adapters refused %r for adapter %r: %s", req.path, req.name, e)
+            raise
         except PeftlabError:
             raise
         except Exception as e:
