@@ -106,7 +106,7 @@ def vllm_check(directory: Path, model: nn.Module) -> VllmVerdict:
     modules = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(tensors_file), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():   # noqa: SIM118 (a safetensors handle, not a dict)
             parts = key.split(".")
             if not key.startswith(PREFIX) or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
                 problems.append(f"{key}: not a LoRA weight vLLM reads")
@@ -203,7 +203,7 @@ def test_a_phi3_lora_on_q_k_v_slices_exports_the_fused_projection_vllm_loads(tmp
 
 
 def test_a_dora_adapter_is_not_servable_by_vllm(tmp_path):
-    am, peft_dir = exported(tiny_llama(), peftlab.LoraConfig(r=8, dora=True, init="random"), tmp_path)
+    _, peft_dir = exported(tiny_llama(), peftlab.LoraConfig(r=8, dora=True, init="random"), tmp_path)
     verdict = vllm_check(peft_dir, tiny_llama())
     assert not verdict.servable
     assert "use_dora: vLLM does not yet support DoRA" in verdict.problems
