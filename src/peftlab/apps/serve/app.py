@@ -31,6 +31,7 @@ from ...core.bank import UnknownAdapterError
 from ...core.errors import CapabilityError, CheckpointError, PeftlabError
 from .batcher import Batcher, ServerClosing
 from .engine import Engine, Job, RequestError, Sampling
+from .openai_api import OPENAI_PATHS, OpenAIError
 
 DEFAULT_MAX_TOKENS = 16
 # The largest request body read, in bytes: a prompt of ~1M characters, whose tokenizing takes
@@ -118,8 +119,11 @@ class BodyLimit:
         # stores none of it), and the client, which reads the answer once it has sent its
         # body, gets the 413. Closing instead resets a connection still sending, and the
         # client sees a connection error in place of the answer.
-        await _error(413, f"the request body is {size}; this server takes at most "
-                          f"{self.limit:,} bytes (--max-body-bytes)")(scope, receive, send)
+        message = (f"the request body is {size}; this server takes at most {self.limit:,} bytes "
+                   "(--max-body-bytes)")
+        answer = OpenAIError(413, message).response() if scope["path"] in OPENAI_PATHS \
+            else _error(413, message)   # the OpenAI routes answer in OpenAI's error shape
+        await answer(scope, receive, send)
 
 
 def _error(status: int, detail: str, **extra: Any) -> JSONResponse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from ...core.bank import AdapterBank
 from ...core.errors import CapabilityError, PeftlabError
 from ...core.model import AdaptedModel
 from ...core.quantised import Quantization
-from ...training.chat import prompt_ids
+from ...training.chat import conversation_prompt_ids, prompt_ids
 
 KINDS = ("causal-lm", "classification")
 DEFAULT_MAX_INPUT_TOKENS = 2048   # when neither the caller nor the model's config sets one
@@ -128,6 +128,12 @@ class Engine:
         """Token ids of a text to classify."""
         with self._tok_lock:
             return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat conversation followed by the assistant header, formatted as
+        training formats it (`peftlab.training.chat.conversation_prompt_ids`)."""
+        with self._tok_lock:
+            return conversation_prompt_ids(self.tokenizer, messages)
 
     def check_input(self, n_tokens: int, max_tokens: int = 0) -> None:
         """RequestError 413 when the input (plus the new tokens) does not fit the limits."""
