@@ -320,10 +320,13 @@ def _sync(action: Callable[[], dict[str, Any]]) -> Any:
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           max_wait_ms: float = 10.0, max_body_bytes: int | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", continuous: bool = True, max_running: int = DEFAULT_MAX_RUNNING,
+          max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
     """Serve `engine` over HTTP with uvicorn until interrupted (`max_body_bytes` None:
-    DEFAULT_MAX_BODY_BYTES)."""
+    DEFAULT_MAX_BODY_BYTES; the other settings: `create_app`)."""
     import uvicorn
     uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES),
+                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                           continuous=continuous, max_running=max_running,
+                           max_prefill_tokens=max_prefill_tokens),
                 host=host, port=port, log_level=log_level)

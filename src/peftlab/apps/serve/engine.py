@@ -119,7 +119,10 @@ class Engine:
         self._decode_lock = threading.Lock()
         # Only the last position's logits are needed per step: models that can skip the rest
         # (the vocabulary projection of every prompt token) are asked to.
-        self._last_logits_only = "logits_to_keep" in inspect.signature(am.model.forward).parameters
+        parameters = inspect.signature(am.model.forward).parameters
+        self._last_logits_only = "logits_to_keep" in parameters
+        # transformers 5 renames the forward's `past_key_values` to `cache`
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     # ---- tokenising (request handlers) ------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -156,8 +159,9 @@ class Engine:
         (a DynamicCache, updated in place) by `input_ids`, row i under adapter `adapter_ids[i]`.
         Call with those adapters in use (`bank.using`) and gradients off."""
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._last_logits_only else {}
+        kwargs[self._cache_argument] = cache
         out = self.am(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True, adapter_ids=adapter_ids, **kwargs)
+                      use_cache=True, adapter_ids=adapter_ids, **kwargs)
         return out.logits[:, -1]
 
     # ---- running a batch (the worker) -------------------------------------------------------------
