@@ -30,8 +30,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ...core.bank import UnknownAdapterError
 from ...core.errors import CapabilityError, CheckpointError, PeftlabError
 from .batcher import Batcher, ServerClosing
-from .engine import Engine, Job, RequestError, Sampling
-from .openai_api import OPENAI_PATHS, OpenAIError
+from .engine import Engine, Job, RequestError
+from .openai_api import OPENAI_PATHS, OpenAIError, add_openai_routes
+from .scheduler import (
+    DEFAULT_MAX_PREFILL_TOKENS,
+    DEFAULT_MAX_RUNNING,
+    GenerationRequest,
+    Scheduler,
+)
 
 DEFAULT_MAX_TOKENS = 16
 # The largest request body read, in bytes: a prompt of ~1M characters, whose tokenizing takes
@@ -168,27 +174,38 @@ async def _answer(future: Future) -> Any:
 
 
 def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving `engine`; its batcher's worker runs while the app does (use
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, continuous: bool = True,
+               max_running: int = DEFAULT_MAX_RUNNING,
+               max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> FastAPI:
+    """The FastAPI app serving `engine`; its workers run while the app does (use
     `with TestClient(app)` in tests, so that start-up and shut-down run). Request bodies over
-    `max_body_bytes` are answered 413 unread."""
+    `max_body_bytes` are answered 413 unread.
+
+    Generation runs on the Scheduler's decode loop (continuous batching: at most `max_running`
+    requests decoded together, at most `max_prefill_tokens` prompt tokens joining per step);
+    classification, and generation with `continuous=False` or with adapters the loop cannot
+    route, on the Batcher's static batches (`max_batch_size`, `max_wait_ms`)."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise PeftlabError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
     batcher = Batcher(engine.run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_adapters=engine.bank.max_adapters)
+    scheduler = Scheduler(engine, max_running=max_running, max_prefill_tokens=max_prefill_tokens,
+                          static=batcher.submit, continuous=continuous)
     bank = engine.bank
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        scheduler.start()
         try:
             yield
-        finally:
+        finally:   # the scheduler first: it may still hand requests to the batcher
+            await asyncio.to_thread(scheduler.stop)
             await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="peftlab", summary="PEFT adapters served from one base model",
                   lifespan=lifespan)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.scheduler = engine, batcher, scheduler
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -227,12 +244,16 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and load: the model, loaded adapters, queue depth and batch sizes run."""
-        return {"status": "ok" if batcher.running else "stopping", "model": engine.model_name,
-                "kind": engine.kind, "mixed_batches": engine.mixed, "loaded": bank.loaded(),
+        """Liveness and load: the model, loaded adapters, queue depth, requests decoding and
+        batch sizes run (`batch_sizes`: requests per static batch or per group that joined the
+        decode loop together -> how many times)."""
+        sizes = batcher.batch_sizes + scheduler.admitted
+        return {"status": "ok" if batcher.running and scheduler.running else "stopping",
+                "model": engine.model_name, "kind": engine.kind, "mixed_batches": engine.mixed,
+                "continuous_batching": scheduler.continuous, "loaded": bank.loaded(),
                 "max_adapters": bank.max_adapters, "loads": bank.loads, "evictions": bank.evictions,
-                "pending": batcher.pending(),
-                "batch_sizes": dict(sorted(batcher.batch_sizes.items()))}
+                "pending": batcher.pending() + scheduler.pending(), "decoding": scheduler.decoding(),
+                "decode_steps": scheduler.steps, "batch_sizes": dict(sorted(sizes.items()))}
 
     @app.get("/v1/adapters")
     def adapters() -> dict[str, Any]:
@@ -270,8 +291,16 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
             raise RequestError(422, f"max_tokens {max_tokens} is above this server's limit of "
                                     f"{engine.max_new_tokens} (--max-new-tokens-limit)")
         ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_prompt, req.prompt, max_tokens)
-        sampling = Sampling(req.temperature, req.top_p, req.seed)
-        return await _answer(submit(Job("generate", ids, req.adapter, max_tokens, sampling)))
+        stream = scheduler.submit(GenerationRequest(ids, req.adapter, max_tokens, req.temperature,
+                                                    req.top_p, req.seed))
+        try:
+            tokens, finished = await stream.collect()
+        except Exception as e:   # the worker's error for this request: answered, never re-raised
+            return error_response(e)
+        finally:   # the client went away (the handler was cancelled): its row is freed
+            stream.cancel()
+        return {"text": engine.decode(tokens), "adapter": req.adapter,
+                "tokens": finished.completion_tokens}
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest) -> Any:
@@ -280,6 +309,7 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
         ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_text, req.text)
         return await _answer(submit(Job("classify", ids, req.adapter)))
 
+    add_openai_routes(app, engine, scheduler)   # /v1/models, /v1/completions, /v1/chat/completions
     return app
 
 
@@ -295,10 +325,13 @@ def _sync(action: Callable[[], dict[str, Any]]) -> Any:
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           max_wait_ms: float = 10.0, max_body_bytes: int | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", continuous: bool = True, max_running: int = DEFAULT_MAX_RUNNING,
+          max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
     """Serve `engine` over HTTP with uvicorn until interrupted (`max_body_bytes` None:
-    DEFAULT_MAX_BODY_BYTES)."""
+    DEFAULT_MAX_BODY_BYTES; the other settings: `create_app`)."""
     import uvicorn
     uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES),
+                           max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                           continuous=continuous, max_running=max_running,
+                           max_prefill_tokens=max_prefill_tokens),
                 host=host, port=port, log_level=log_level)
