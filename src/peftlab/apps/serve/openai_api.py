@@ -163,63 +163,53 @@ def parse(model: type[_Body], raw: bytes) -> _Body:
 
 # ---- text from token ids, as they come --------------------------------------------------------------
 class IncrementalText:
-    """The text of a growing list of token ids, handed out only once it is stable: never half of
-    a multi-byte character (a decode ending in U+FFFD waits for the next token), never a part
-    that a later token rewrites, never part of a stop string (text that could be the start of
-    one waits). The text handed out, joined, is the decode of all ids cut before the first stop
-    string: what the non-streamed answer is."""
+    """The text of a growing list of token ids, handed out as it becomes stable: never half of
+    a multi-byte character, never part of a stop string (text that could be the start of one
+    waits for the next token). The text handed out, joined, is `text`: the non-streamed answer.
+
+    Each new piece is the decode of a short window of the last ids minus the decode of the same
+    window without the new ones (as vLLM and TGI detokenize), so the work per token stays
+    constant and word-start spaces (SentencePiece's "▁", byte-level BPE's "Ġ") come out as the
+    whole decode has them; a window ending in U+FFFD (an unfinished UTF-8 character) waits."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]) -> None:
         self.decode, self.stops = decode, list(stops)
         self.ids: list[int] = []
-        self.sent = ""             # the text handed out so far
-        self.text = ""             # the whole answer, once a stop string or finish() ends it
-        self.stopped = False       # a stop string was found: the text is complete
+        self._prefix = self._read = 0   # ids[_prefix:_read]: the window's already decoded part
+        self.text = ""                  # the text decoded so far, cut before a stop string
+        self.sent = 0                   # characters of `text` handed out
+        self.stopped = False            # a stop string was found: the text is complete
 
     def add(self, ids: list[int]) -> str:
         """Take new token ids; the text that can be handed out now."""
         self.ids += ids
-        text = self.decode(self.ids)
-        hit = self._first_stop(text)
-        if hit is not None:
-            self.stopped = True
-            return self._extend(text[:hit], final=True)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._extend(text[: len(text) - self._held(text)], final=False)
+        return self._advance(final=False)
 
     def finish(self) -> str:
         """The rest of the text once no more ids come."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
         if self.stopped:
             return ""
-        text = self.decode(self.ids)
-        hit = self._first_stop(text)
-        return self._extend(text if hit is None else text[:hit], final=True)
+        before = self.decode(self.ids[self._prefix:self._read])
+        window = self.decode(self.ids[self._prefix:])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            searched = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+            self.text += window[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+            hits = [i for i in (self.text.find(s, searched) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[:min(hits)], True
+        ready = len(self.text) if final or self.stopped else len(self.text) - self._held()
+        piece = self.text[self.sent:ready]
+        self.sent = max(self.sent, ready)
+        return piece
 
-    def _extend(self, text: str, *, final: bool) -> str:
-        if final:
-            self.text = text
-        if text.startswith(self.sent):
-            new = text[len(self.sent):]
-            self.sent = text
-            return new
-        # A later token rewrote text already handed out (a tokenizer's clean-up of spaces):
-        # nothing more until the text agrees again; at the end, what follows the text handed out
-        # (a stream then differs from `text`, the non-streamed answer, where the rewrite was).
-        if not final or len(text) <= len(self.sent):
-            return ""
-        new = text[len(self.sent):]
-        self.sent += new
-        return new
-
-    def _first_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held(self, text: str) -> int:
+    def _held(self) -> int:
         """Length of the longest end of `text` that is the start of a stop string."""
-        return max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
+        return max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
 
 
 # ---- the routes -------------------------------------------------------------------------------------
