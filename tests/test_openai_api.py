@@ -23,6 +23,7 @@ import peftlab
 from peftlab.apps.serve import Engine, create_app
 from peftlab.apps.serve.openai_api import IncrementalText
 from peftlab.core.bank import AdapterBank
+from peftlab.training.chat import prompt_ids
 
 openai = pytest.importorskip("openai")
 
@@ -192,8 +193,15 @@ def test_errors_have_openais_shape_and_status(client, url):
         client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=LIMIT + 1)
     assert e.value.body["param"] == "max_tokens" and str(LIMIT) in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="alpha", prompt=PROMPT, n=0)
-    assert e.value.body["param"] == "n"
+        client.completions.create(model="alpha", prompt=PROMPT, logprobs=0)
+    assert e.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="alpha", messages=CHAT, frequency_penalty=0.5)
+    assert e.value.body["param"] == "frequency_penalty"
+    for field, value in (("n", 0), ("prompt", []), ("prompt", [10**9])):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{"model": "alpha", "prompt": PROMPT, field: value})
+        assert e.value.body["param"] == field
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="alpha", prompt="word " * 80)
     assert e.value.status_code == 413 and "60" in e.value.body["message"]
@@ -261,13 +269,19 @@ def test_an_adapter_added_by_post_is_listed_and_served(chat_tok, lm_adapters, al
         assert out.choices[0].text == text_of(chat_tok, alone("alpha", chat_tok(PROMPT).input_ids))
 
 
-def test_a_base_only_server_lists_the_base(chat_tok):
-    with server_uvicorn(create_app(engine_for(chat_tok, None))) as url, \
+def test_a_base_only_server_lists_the_base_and_formats_chats_without_a_template(tok, alone):
+    with server_uvicorn(create_app(engine_for(tok, None))) as url, \
             openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         [model] = client.models.list().data
         assert model.id == BASE and model.parent is None
-        out = client.chat.completions.create(model=BASE, messages=CHAT[1:], max_tokens=2, temperature=0)
-        assert out.usage.completion_tokens >= 1
+        # no chat template: one user message is formatted as training formats it (prompt + newline)
+        out = client.chat.completions.create(model=BASE, messages=CHAT[1:], max_tokens=LIMIT, temperature=0)
+        ids = prompt_ids(tok, CHAT[1]["content"])
+        assert out.choices[0].message.content == text_of(tok, alone(None, ids))
+        assert out.usage.prompt_tokens == len(ids)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2)
+        assert "chat template" in e.value.body["message"]
 
 
 # ---- incremental text ---------------------------------------------------------------------------------

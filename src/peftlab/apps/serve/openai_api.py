@@ -40,7 +40,7 @@ OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions
 # value that means "not used": any other value is refused rather than silently ignored.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
                "suffix": (None,), "best_of": (None, 1), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                "function_call": (None, "none"), "response_format": (None, {"type": "text"})}
 
@@ -101,7 +101,8 @@ class _Body(BaseModel):
     def refuse_unsupported(self) -> None:
         for field, unused in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(field)
-            if value not in unused:
+            # compared with their types: logprobs 0 (log-probabilities asked for) is not False
+            if not any(type(value) is type(u) and value == u for u in unused):
                 raise OpenAIError(400, f"{field} is not supported by this server (got "
                                        f"{json.dumps(value)[:60]}); leave it out", param=field)
 
@@ -223,7 +224,9 @@ def add_openai_routes(app: FastAPI, engine: Engine, scheduler: Any) -> None:
     # The event loop decodes with its own copy: a fast tokenizer refuses use from two threads
     # at once, and the handlers' copy is busy encoding in worker threads.
     decoder = copy.deepcopy(engine.tokenizer)
-    vocab = len(engine.tokenizer)
+    # the ids the model can read (its embedding may have more rows than the tokenizer has ids)
+    embedding = engine.am.model.get_input_embeddings()
+    vocab = getattr(embedding, "num_embeddings", None) or len(engine.tokenizer)
 
     def decode(ids: list[int]) -> str:
         return decoder.decode(ids, skip_special_tokens=True)
@@ -283,6 +286,9 @@ def add_openai_routes(app: FastAPI, engine: Engine, scheduler: Any) -> None:
         else:
             texts, token_lists = [], [list(x) for x in p]
         out = [engine.encode_text(t) for t in texts] + token_lists
+        if not out:
+            raise OpenAIError(400, "prompt is an empty list; send a string, a list of strings or "
+                                   "token ids", param="prompt")
         for ids in out:
             if not ids:
                 raise OpenAIError(400, "a prompt is empty (no tokens); send some text", param="prompt")
