@@ -174,6 +174,12 @@ def test_n_choices_and_prompt_lists(client, chat_tok, alone):
     assert out.usage.completion_tokens == 2 * sum(map(len, answers))
     by_ids = client.completions.create(model="alpha", prompt=ids[1], max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == text_of(chat_tok, answers[1])
+    chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, n=2, max_tokens=4,
+                                                 temperature=0, stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+                for i in (0, 1)]
+    whole = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=4, temperature=0)
+    assert streamed == [whole.choices[0].message.content] * 2
     sampled = [client.completions.create(model="beta", prompt=PROMPT, max_tokens=LIMIT, temperature=1.0,
                                          seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]                   # a seed repeats its sample
@@ -198,7 +204,7 @@ def test_errors_have_openais_shape_and_status(client, url):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="alpha", messages=CHAT, frequency_penalty=0.5)
     assert e.value.body["param"] == "frequency_penalty"
-    for field, value in (("n", 0), ("prompt", []), ("prompt", [10**9])):
+    for field, value in (("n", 0), ("prompt", []), ("prompt", [10**9]), ("stop", list("abcde"))):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**{"model": "alpha", "prompt": PROMPT, field: value})
         assert e.value.body["param"] == field

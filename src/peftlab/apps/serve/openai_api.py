@@ -353,8 +353,8 @@ def add_openai_routes(app: FastAPI, engine: Engine, scheduler: Any) -> None:
 
     async def answer(body: _Body, prompts: list[list[int]], adapter: str | None, chat: bool,
                      default: int | None) -> Any:
+        stops = body.stops()   # refused before anything is submitted
         streams = choices_for(body, prompts, adapter, default)
-        stops = body.stops()
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
                 "created": int(time.time()), "model": body.model}
