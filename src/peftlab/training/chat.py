@@ -56,6 +56,21 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer.encode(prompt + PLAIN_SEPARATOR, add_special_tokens=False)
 
 
+def conversation_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """The token ids a model reads before its next assistant turn in `messages`: the chat
+    template's rendering with the assistant header (`add_generation_prompt`), or without a
+    template the plain format of a lone user turn (`prompt_ids`); other conversations have no
+    plain format and are refused, as in training."""
+    if has_chat_template(tokenizer):
+        return _render(tokenizer, messages, True)
+    if [m["role"] for m in messages] != ["user"]:
+        roles = ", ".join(m["role"] for m in messages)
+        raise DataError(f"the conversation [{roles}] needs a tokenizer with a chat template, and this "
+                        "one has none: send one user message (formatted as prompt + newline), or "
+                        "set the tokenizer's chat_template")
+    return prompt_ids(tokenizer, messages[0]["content"])
+
+
 def row_messages(row: Mapping[str, Any]) -> list[Message]:
     """A chat row's conversation: `messages` as given, or a prompt → response row as one user
     turn and one assistant turn."""

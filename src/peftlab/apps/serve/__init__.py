@@ -9,6 +9,7 @@ Needs the `serve` extra (FastAPI and uvicorn): pip install 'peftlab[serve]'.
 from .app import create_app, serve
 from .batcher import Batcher, ServerClosing
 from .engine import Engine, Job, RequestError, Sampling, load_engine
+from .scheduler import Finished, GenerationRequest, RequestStream, Scheduler
 
-__all__ = ["Batcher", "Engine", "Job", "RequestError", "Sampling", "ServerClosing", "create_app",
-           "load_engine", "serve"]
+__all__ = ["Batcher", "Engine", "Finished", "GenerationRequest", "Job", "RequestError", "RequestStream",
+           "Sampling", "Scheduler", "ServerClosing", "create_app", "load_engine", "serve"]

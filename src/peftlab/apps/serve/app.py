@@ -33,8 +33,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ...core.bank import UnknownAdapterError
 from ...core.errors import CapabilityError, CheckpointError, PeftlabError
 from .batcher import Batcher, ServerClosing
-from .engine import Engine, Job, RequestError, Sampling
+from .engine import Engine, Job, RequestError
 from .guard import ApiKeyAuth, LoadRoots, check_adapter_name, check_api_key, check_bind
+from .openai_api import OPENAI_PATHS, OpenAIError, add_openai_routes
+from .scheduler import (
+    DEFAULT_MAX_PREFILL_TOKENS,
+    DEFAULT_MAX_RUNNING,
+    GenerationRequest,
+    Scheduler,
+)
 
 DEFAULT_MAX_TOKENS = 16
 # The largest request body read, in bytes: a prompt of ~1M characters, whose tokenizing takes
@@ -125,8 +132,11 @@ class BodyLimit:
         # stores none of it), and the client, which reads the answer once it has sent its
         # body, gets the 413. Closing instead resets a connection still sending, and the
         # client sees a connection error in place of the answer.
-        await _error(413, f"the request body is {size}; this server takes at most "
-                          f"{self.limit:,} bytes (--max-body-bytes)")(scope, receive, send)
+        message = (f"the request body is {size}; this server takes at most {self.limit:,} bytes "
+                   "(--max-body-bytes)")
+        answer = OpenAIError(413, message).response() if scope["path"] in OPENAI_PATHS \
+            else _error(413, message)   # the OpenAI routes answer in OpenAI's error shape
+        await answer(scope, receive, send)
 
 
 def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -172,12 +182,19 @@ async def _answer(future: Future) -> Any:
 
 def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float = 10.0,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: str | None = None,
-               allow_load_from: Sequence[str | Path] = ()) -> FastAPI:
-    """The FastAPI app serving `engine`; its batcher's worker runs while the app does (use
+               allow_load_from: Sequence[str | Path] = (), continuous: bool = True,
+               max_running: int = DEFAULT_MAX_RUNNING,
+               max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> FastAPI:
+    """The FastAPI app serving `engine`; its workers run while the app does (use
     `with TestClient(app)` in tests, so that start-up and shut-down run). Request bodies over
     `max_body_bytes` are answered 413 unread. With `api_key`, every route but /health needs
     `Authorization: Bearer <api_key>` (guard.ApiKeyAuth). `POST /v1/adapters` loads only from
-    under the bank's folder and the `allow_load_from` folders (guard.LoadRoots)."""
+    under the bank's folder and the `allow_load_from` folders (guard.LoadRoots).
+
+    Generation runs on the Scheduler's decode loop (continuous batching: at most `max_running`
+    requests decoded together, at most `max_prefill_tokens` prompt tokens joining per step);
+    classification, and generation with `continuous=False` or with adapters the loop cannot
+    route, on the Batcher's static batches (`max_batch_size`, `max_wait_ms`)."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise PeftlabError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
     api_key = check_api_key(api_key)
@@ -185,19 +202,23 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
                        *allow_load_from])
     batcher = Batcher(engine.run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       max_adapters=engine.bank.max_adapters)
+    scheduler = Scheduler(engine, max_running=max_running, max_prefill_tokens=max_prefill_tokens,
+                          static=batcher.submit, continuous=continuous)
     bank = engine.bank
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        scheduler.start()
         try:
             yield
-        finally:
+        finally:   # the scheduler first: it may still hand requests to the batcher
+            await asyncio.to_thread(scheduler.stop)
             await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="peftlab", summary="PEFT adapters served from one base model",
                   lifespan=lifespan)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.scheduler = engine, batcher, scheduler
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if api_key is not None:   # added last, so outermost: a request without the key is never read
         app.add_middleware(ApiKeyAuth, api_key=api_key)
@@ -238,12 +259,16 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness and load: the model, loaded adapters, queue depth and batch sizes run."""
-        return {"status": "ok" if batcher.running else "stopping", "model": engine.model_name,
-                "kind": engine.kind, "mixed_batches": engine.mixed, "loaded": bank.loaded(),
+        """Liveness and load: the model, loaded adapters, queue depth, requests decoding and
+        batch sizes run (`batch_sizes`: requests per static batch or per group that joined the
+        decode loop together -> how many times)."""
+        sizes = batcher.batch_sizes + scheduler.admitted
+        return {"status": "ok" if batcher.running and scheduler.running else "stopping",
+                "model": engine.model_name, "kind": engine.kind, "mixed_batches": engine.mixed,
+                "continuous_batching": scheduler.continuous, "loaded": bank.loaded(),
                 "max_adapters": bank.max_adapters, "loads": bank.loads, "evictions": bank.evictions,
-                "pending": batcher.pending(),
-                "batch_sizes": dict(sorted(batcher.batch_sizes.items()))}
+                "pending": batcher.pending() + scheduler.pending(), "decoding": scheduler.decoding(),
+                "decode_steps": scheduler.steps, "batch_sizes": dict(sorted(sizes.items()))}
 
     @app.get("/v1/adapters")
     def adapters() -> dict[str, Any]:
@@ -286,8 +311,16 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
             raise RequestError(422, f"max_tokens {max_tokens} is above this server's limit of "
                                     f"{engine.max_new_tokens} (--max-new-tokens-limit)")
         ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_prompt, req.prompt, max_tokens)
-        sampling = Sampling(req.temperature, req.top_p, req.seed)
-        return await _answer(submit(Job("generate", ids, req.adapter, max_tokens, sampling)))
+        stream = scheduler.submit(GenerationRequest(ids, req.adapter, max_tokens, req.temperature,
+                                                    req.top_p, req.seed))
+        try:
+            tokens, finished = await stream.collect()
+        except Exception as e:   # the worker's error for this request: answered, never re-raised
+            return error_response(e)
+        finally:   # the client went away (the handler was cancelled): its row is freed
+            stream.cancel()
+        return {"text": engine.decode(tokens), "adapter": req.adapter,
+                "tokens": finished.completion_tokens}
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest) -> Any:
@@ -296,6 +329,7 @@ def create_app(engine: Engine, *, max_batch_size: int = 16, max_wait_ms: float =
         ids = await asyncio.to_thread(prepare, req.adapter, engine.encode_text, req.text)
         return await _answer(submit(Job("classify", ids, req.adapter)))
 
+    add_openai_routes(app, engine, scheduler)   # /v1/models, /v1/completions, /v1/chat/completions
     return app
 
 
@@ -312,13 +346,16 @@ def _sync(action: Callable[[], dict[str, Any]]) -> Any:
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           max_wait_ms: float = 10.0, max_body_bytes: int | None = None,
           log_level: str = "info", api_key: str | None = None, insecure: bool = False,
-          allow_load_from: Sequence[str | Path] = ()) -> None:
+          allow_load_from: Sequence[str | Path] = (), continuous: bool = True,
+          max_running: int = DEFAULT_MAX_RUNNING, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
     """Serve `engine` over HTTP with uvicorn until interrupted (`max_body_bytes` None:
-    DEFAULT_MAX_BODY_BYTES). Without `api_key` only on a loopback `host`, unless `insecure`
-    (ConfigError otherwise, before the server starts)."""
+    DEFAULT_MAX_BODY_BYTES; the other settings: `create_app`). Without `api_key` only on a
+    loopback `host`, unless `insecure` (ConfigError otherwise, before the server starts)."""
     import uvicorn
     check_bind(host, api_key=check_api_key(api_key), insecure=insecure)
     uvicorn.run(create_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                            max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                           api_key=api_key, allow_load_from=allow_load_from),
+                           api_key=api_key, allow_load_from=allow_load_from,
+                           continuous=continuous, max_running=max_running,
+                           max_prefill_tokens=max_prefill_tokens),
                 host=host, port=port, log_level=log_level)

@@ -4,9 +4,10 @@ in which every example uses its own adapter."""
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from ...core.bank import AdapterBank
 from ...core.errors import CapabilityError, PeftlabError
 from ...core.model import AdaptedModel
 from ...core.quantised import Quantization
-from ...training.chat import prompt_ids
+from ...training.chat import conversation_prompt_ids, prompt_ids
 
 KINDS = ("causal-lm", "classification")
 DEFAULT_MAX_INPUT_TOKENS = 2048   # when neither the caller nor the model's config sets one
@@ -115,6 +116,13 @@ class Engine:
         # prompt being tokenized never holds up a batch's answers.
         self._tok_lock = threading.Lock()
         self._decoder = copy.deepcopy(tokenizer)
+        self._decode_lock = threading.Lock()
+        # Only the last position's logits are needed per step: models that can skip the rest
+        # (the vocabulary projection of every prompt token) are asked to.
+        parameters = inspect.signature(am.model.forward).parameters
+        self._last_logits_only = "logits_to_keep" in parameters
+        # transformers 5 renames the forward's `past_key_values` to `cache`
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     # ---- tokenising (request handlers) ------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -129,6 +137,12 @@ class Engine:
         with self._tok_lock:
             return list(self.tokenizer.encode(text, add_special_tokens=True))
 
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat conversation followed by the assistant header, formatted as
+        training formats it (`peftlab.training.chat.conversation_prompt_ids`)."""
+        with self._tok_lock:
+            return conversation_prompt_ids(self.tokenizer, messages)
+
     def check_input(self, n_tokens: int, max_tokens: int = 0) -> None:
         """RequestError 413 when the input (plus the new tokens) does not fit the limits."""
         if n_tokens > self.max_input_tokens:
@@ -138,6 +152,23 @@ class Engine:
             raise RequestError(413, f"the prompt ({n_tokens} tokens) plus max_tokens ({max_tokens}) "
                                     f"exceeds the model's context of {self.max_positions} tokens; "
                                     "shorten the prompt or lower max_tokens")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated token ids (special tokens left out). Thread-safe."""
+        with self._decode_lock:
+            return self._decoder.decode(list(ids), skip_special_tokens=True)
+
+    # ---- one step of the decode loop (scheduler.py) ---------------------------------------------------
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any, adapter_ids: list[str | None]) -> torch.Tensor:
+        """The last position's logits (rows, vocabulary) of one forward that extends `cache`
+        (a DynamicCache, updated in place) by `input_ids`, row i under adapter `adapter_ids[i]`.
+        Call with those adapters in use (`bank.using`) and gradients off."""
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._last_logits_only else {}
+        kwargs[self._cache_argument] = cache
+        out = self.am(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True, adapter_ids=adapter_ids, **kwargs)
+        return out.logits[:, -1]
 
     # ---- running a batch (the worker) -------------------------------------------------------------
     def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
@@ -166,8 +197,7 @@ class Engine:
         stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
         if stop is not None:
             new = new[: stop + 1]   # the end-of-sequence token counts, as in a lone generate
-        text = self._decoder.decode(new, skip_special_tokens=True)
-        return {"text": text, "adapter": job.adapter, "tokens": len(new)}
+        return {"text": self.decode(new), "adapter": job.adapter, "tokens": len(new), "ids": new}
 
     def _classify(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         ids, mask = self._pad([j.ids for j in jobs], left=False)
