@@ -33,7 +33,7 @@ import queue
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -331,14 +331,11 @@ class Scheduler:
     def _check_adapters(self, streams: list[RequestStream]) -> list[RequestStream]:
         """The newcomers whose adapter loads and routes per example; the others are failed
         with their adapter's error or handed to the static batches."""
-        verdict: dict[str | None, Exception | None] = {None: None}
-        for name in {s.request.adapter for s in streams} - {None}:
-            try:
-                with self.bank.using([name]):
-                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
-                verdict[name] = None
-            except Exception as e:
-                verdict[name] = e
+        running = self._running_adapters()
+        # the running rows' adapters pinned, so that loading a newcomer's evicts none of them
+        verdict = {name: self._adapter_error(name, running)
+                   for name in {s.request.adapter for s in streams} - {None}}
+        verdict[None] = None
         kept = []
         for stream in streams:
             error = verdict[stream.request.adapter]
@@ -350,6 +347,19 @@ class Scheduler:
                 stream._push(end=error)
         return kept
 
+    def _adapter_error(self, name: str, keep: Sequence[str | None] = ()) -> Exception | None:
+        """Why adapter `name` cannot join a routed batch (with `keep` loaded too), or None: it
+        does not load, or has no per-example form (CapabilityError). Tried alone before it is
+        blamed, so that an error of one of `keep` is not taken for its own."""
+        for pinned in ([*keep, name], [name]) if keep else ([name],):
+            try:
+                with self.bank.using(pinned):
+                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
+                return None
+            except Exception as e:
+                error = e
+        return error
+
     def _prefill_batch(self, streams: list[RequestStream]) -> None:
         prompts = [s.request.prompt_ids for s in streams]
         width = max(map(len, prompts))
@@ -360,12 +370,15 @@ class Scheduler:
             mask[i, width - len(p):] = 1
         cache = DynamicCache(config=self.engine.am.model.config)
         adapters = [s.request.adapter for s in streams]
-        with self.bank.using(adapters):
+        with self.bank.using([*self._running_adapters(), *adapters]):
             logits = self.engine.step(ids, mask, _positions(mask), cache, adapters)
         rows = [_Row(s, _generator(s.request), length=len(s.request.prompt_ids),
                      stops=s.request.stop_token_ids | self.engine.eos_ids) for s in streams]
         self._join(rows, cache, mask)
         self._advance(rows, logits)
+
+    def _running_adapters(self) -> list[str | None]:
+        return list(dict.fromkeys(r.request.adapter for r in self._rows))
 
     # ---- decode -------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -393,13 +406,8 @@ class Scheduler:
     def _fail_step(self, error: Exception) -> None:
         """A decode step failed: the requests whose adapter fails on its own get their
         adapter's error; when no adapter is to blame, every running request gets the error."""
-        blamed: dict[str | None, Exception] = {}
-        for name in {r.request.adapter for r in self._rows} - {None}:
-            try:
-                with self.bank.using([name]):
-                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
-            except Exception as e:
-                blamed[name] = e
+        blamed = {name: error for name in {r.request.adapter for r in self._rows} - {None}
+                  if (error := self._adapter_error(name)) is not None}
         failed = [r for r in self._rows if not blamed or r.request.adapter in blamed]
         for row in failed:
             row.stream._push(end=blamed.get(row.request.adapter, error))
