@@ -174,8 +174,9 @@ class Scheduler:
     `max_running`: requests decoded together at most; `max_prefill_tokens`: the padded prompt
     tokens one admission forward takes at most (a longer prompt still goes, alone);
     `static(job)`: where requests the loop cannot take go (a Batcher's `submit`), None: they
-    fail with the reason; `continuous=False` sends every request there (static batches only). The running requests need at most `engine.bank.max_adapters`
-    adapters at a time; a newcomer whose adapter does not fit waits.
+    fail with the reason; `continuous=False` sends every request there (static batches only).
+    The running requests need at most `engine.bank.max_adapters` adapters at a time; a
+    newcomer whose adapter does not fit waits.
     """
 
     def __init__(self, engine: Engine, *, max_running: int = DEFAULT_MAX_RUNNING,
@@ -256,12 +257,24 @@ class Scheduler:
                 if block and closing:
                     return
                 closing = self._drain(block) or closing
-                self._drop_cancelled()
-                newcomers = self._admit()
-                if newcomers:
-                    self._prefill(newcomers)
-                if self._rows:
-                    self._step()
+                try:
+                    self._turn()
+                except Exception as e:   # a fault of the loop itself: the running requests
+                    self._abandon(e)     # get it, and the loop goes on with a fresh batch
+
+    def _turn(self) -> None:
+        """One turn of the loop: drop the cancelled, admit newcomers, one decode step."""
+        self._drop_cancelled()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._rows:
+            self._step()
+
+    def _abandon(self, error: Exception) -> None:
+        for row in self._rows:
+            row.stream._push(end=error)
+        self._rows, self._cache, self._mask = [], None, None
 
     def _drain(self, block: bool) -> bool:
         """Move queued requests to the waiting ones (waiting for the first when `block`);
@@ -406,8 +419,8 @@ class Scheduler:
     def _fail_step(self, error: Exception) -> None:
         """A decode step failed: the requests whose adapter fails on its own get their
         adapter's error; when no adapter is to blame, every running request gets the error."""
-        blamed = {name: error for name in {r.request.adapter for r in self._rows} - {None}
-                  if (error := self._adapter_error(name)) is not None}
+        found = {name: self._adapter_error(name) for name in {r.request.adapter for r in self._rows} - {None}}
+        blamed = {name: e for name, e in found.items() if e is not None}
         failed = [r for r in self._rows if not blamed or r.request.adapter in blamed]
         for row in failed:
             row.stream._push(end=blamed.get(row.request.adapter, error))
@@ -529,12 +542,20 @@ def _pick(scores: torch.Tensor, request: GenerationRequest, generator: torch.Gen
     request's temperature from its top-p nucleus (as `generate`'s warpers shape it)."""
     if generator is None:
         return int(scores.argmax())
-    scores = scores.float() / request.temperature
-    if request.top_p < 1.0:
+    scores = warp(scores, request.temperature, request.top_p)
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def warp(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One row's logits divided by `temperature`, -inf outside the smallest set of most likely
+    tokens whose probabilities sum to more than `top_p` (transformers' temperature and top-p
+    warpers, as `generate` applies them)."""
+    scores = scores.float() / temperature
+    if top_p < 1.0:
         ordered, order = scores.sort()
-        tail = ordered.softmax(-1).cumsum(-1) <= 1 - request.top_p
+        tail = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
         tail[-1] = False   # the most likely token always stays
         scores = scores.masked_fill(torch.zeros_like(tail).scatter(0, order, tail), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    return scores
 
 
