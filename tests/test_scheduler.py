@@ -329,3 +329,10 @@ def test_a_failed_step_no_adapter_explains_fails_the_running_requests_and_the_lo
             collect(stream)
     after = GenerationRequest(prompt(7, 9), "mlp", 10)
     assert collect(s.submit(after))[0] == alone("mlp", after.prompt_ids, 10)
+
+
+def test_cli_serve_refuses_bad_scheduler_options(capsys):
+    from peftlab.apps.cli import main
+    for option in ("--max-running", "--max-prefill-tokens"):
+        assert main(["serve", "--model", "smollm2", "--adapters", ".", option, "0"]) == 2
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
