@@ -1,29 +1,34 @@
 #!/usr/bin/env python
-"""Load test of `peftlab serve`: many adapters, concurrent requests, adapters loaded and
-unloaded while serving; every answer checked against the same request served alone.
+"""Load test of `peftlab serve`: static batches against continuous batching, many adapters,
+mixed answer lengths, adapters loaded and unloaded while serving; every answer checked against
+the same request served alone.
 
   1. Saves ADAPTERS LoRA adapters (r 8 on attn.q, attn.v, random non-zero factors, so each one
      answers differently) into a temporary DIR, and EXTRA more outside it.
   2. Starts the real server as a subprocess (`peftlab serve --model M --adapters DIR` on
-     127.0.0.1 and a free port, a bank of MAX_ADAPTERS < ADAPTERS + EXTRA so that the least
-     recently used adapters are evicted under load): SmolLM2-135M-Instruct (fp32), or with
+     127.0.0.1 and a free port, a bank of MAX_ADAPTERS): SmolLM2-135M-Instruct (fp32), or with
      --tiny a 2-layer random Llama with MiniLM's tokenizer (a smoke run: its numbers mean nothing).
-  3. One at a time: every prompt under every adapter and the base model (greedy, MAX_TOKENS new
-     tokens): the reference answers, and the one-request-at-a-time throughput.
-  4. Concurrently: REQUESTS requests spread evenly over the adapters + base and the prompts, all
-     sent at once (httpx, asyncio), while another task loads each extra adapter by path,
-     generates with it and unloads it again, in a loop.
-  5. Checks: no 5xx, every answer names its adapter and equals that adapter's reference answer.
-     Reports p50 / p99 latency, requests/s and generated tokens/s for both phases.
+     First with `--static-batches` (the server before continuous batching: requests gathered
+     into batches of at most MAX_BATCH_SIZE, each run by one `generate` call to its longest
+     answer), then as it serves by default (continuous batching: requests join and leave the
+     running decode between steps).
+  3. Static server: REQUESTS requests sent at once (httpx, asyncio), spread evenly over the
+     adapters + base and the prompts, each asking for one of LENGTHS new tokens (8 to 64).
+  4. Continuous server: the same requests one at a time (the reference answers, and the
+     one-request-at-a-time throughput), then all at once, then all at once again while another
+     task loads each extra adapter by path, generates with it and unloads it again, in a loop.
+  5. Checks: no 5xx, every answer names its adapter and equals its reference answer; p99
+     latency of the short requests (<= 16 new tokens) at least 2x lower continuous than static.
+     Reports p50 / p99 latency (all, short, long), requests/s and generated tokens/s per phase.
   6. Hostile prompts: FLOOD prompts of FLOOD_MB MB each sent at once while /health is polled:
      every /health must answer within 0.5 s and every big request get 413 (the server's body
      limit, answered before the body is read).
 
-Usage: python bench/serve_load.py [--tiny] [--requests 72] [--max-tokens 8] [--adapters 8]
-                                  [--extra 2] [--max-adapters 6]
-                                  [--max-batch-size 16] [--max-wait-ms 10] [--threads 1]
-                                  [--flood 3] [--flood-mb 10] [--out PATH]
-About 3 minutes on a 2-core CPU with SmolLM2. Writes docs/results/serve_load.md (not with --tiny
+Usage: python bench/serve_load.py [--tiny] [--requests 72] [--adapters 8] [--extra 2]
+                                  [--max-adapters 8] [--max-batch-size 16] [--max-wait-ms 10]
+                                  [--max-running 72] [--threads 1] [--flood 3] [--flood-mb 10]
+                                  [--out PATH]
+About 6 minutes on a 2-core CPU with SmolLM2. Writes docs/results/serve_load.md (not with --tiny
 unless --out is given). Exits 1 when a check fails.
 """
 
@@ -55,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("Write one sentence about the sea.", "What is the capital of France?",
            "Name three colours.", "Describe a cat in five words.")
 HEALTH_WITHIN_S = 0.5   # the longest /health may take while hostile prompts arrive
+LENGTHS = (8, 64, 16, 40, 12, 56, 24, 32)   # max_tokens of the requests, in turn
+SHORT = 16                                  # requests of at most this many new tokens are "short"
 
 
 def build_model(tiny: bool, workdir: Path) -> tuple[str, torch.nn.Module]:
@@ -95,13 +102,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, adapters: Path, port: int, args: argparse.Namespace,
-                 load_from: Path | None = None) -> subprocess.Popen:
+def start_server(model: str, adapters: Path, port: int, args: argparse.Namespace, *,
+                 static: bool, load_from: Path | None = None) -> subprocess.Popen:
     command = ["peftlab", "serve", "--model", model, "--adapters", str(adapters), "--port", str(port),
                *(["--allow-load-from", str(load_from)] if load_from else []),   # POST /v1/adapters
                "--max-adapters", str(args.max_adapters), "--max-batch-size",
                str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-               "--max-new-tokens-limit", str(args.max_tokens)]
+               "--max-new-tokens-limit", str(max(LENGTHS)), "--max-running", str(args.max_running),
+               *(["--static-batches"] if static else [])]
     # torch's intra-op threads spin-wait: on a small shared CPU two threads contending with other
     # work ran SmolLM2 ~30x slower than one thread here.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -166,108 +174,177 @@ def flood_failed(result: dict, args: argparse.Namespace) -> bool:
                                or result["flood"]["statuses"] != {413: args.flood})
 
 
-def summary(latencies: list[float], tokens: int, wall: float) -> dict[str, float]:
-    cut = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"requests": len(latencies), "wall_s": wall, "rps": len(latencies) / wall,
-            "tps": tokens / wall, "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * cut[98]}
+def summary(results: list[tuple[float, httpx.Response]], plan: list[tuple], wall: float) -> dict[str, float]:
+    """Latency quantiles (all, short and long requests) and throughput of the answered requests."""
+    ok = [(s, r, m) for (s, r), (_, _, m) in zip(results, plan, strict=True) if r.status_code == 200]
+
+    def quantiles(latencies: list[float]) -> tuple[float, float]:
+        if len(latencies) < 2:
+            return (1000 * latencies[0],) * 2 if latencies else (float("nan"),) * 2
+        cut = statistics.quantiles(latencies, n=100, method="inclusive")
+        return 1000 * statistics.median(latencies), 1000 * cut[98]
+
+    p50, p99 = quantiles([s for s, _, _ in ok])
+    short50, short99 = quantiles([s for s, _, m in ok if m <= SHORT])
+    long50, long99 = quantiles([s for s, _, m in ok if m > SHORT])
+    tokens = sum(r.json()["tokens"] for _, r, _ in ok)
+    return {"requests": len(results), "wall_s": wall, "rps": len(ok) / wall, "tps": tokens / wall,
+            "p50_ms": p50, "p99_ms": p99, "short_p50_ms": short50, "short_p99_ms": short99,
+            "long_p50_ms": long50, "long_p99_ms": long99}
 
 
-async def measure(port: int, args: argparse.Namespace, extra: dict[str, Path]) -> dict:
+def make_plan(args: argparse.Namespace) -> list[tuple[str | None, str, int]]:
+    """(adapter, prompt, max_tokens) of each concurrent request: adapters, prompts and lengths
+    in turn, so that short and long requests of every adapter are spread over the arrival order."""
     targets = [None, *(f"a{i}" for i in range(args.adapters))]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                                 limits=httpx.Limits(max_connections=None)) as client:
-        # one at a time: the reference answers
-        reference, latencies, tokens = {}, [], 0
-        started = time.perf_counter()
-        for adapter in targets:
-            for prompt in PROMPTS:
-                seconds, r = await generate(client, adapter, prompt, args.max_tokens)
-                r.raise_for_status()
-                reference[adapter, prompt] = r.json()["text"]
-                latencies.append(seconds)
-                tokens += r.json()["tokens"]
-        alone = summary(latencies, tokens, time.perf_counter() - started)
+    return [(targets[i % len(targets)], PROMPTS[(i // len(targets)) % len(PROMPTS)], LENGTHS[i % len(LENGTHS)])
+            for i in range(args.requests)]
 
-        # all at once, while the extra adapters come and go
-        plan = [(targets[i % len(targets)], PROMPTS[(i // len(targets)) % len(PROMPTS)])
-                for i in range(args.requests)]
-        stop = asyncio.Event()
-        admin = asyncio.create_task(churn(client, extra, stop, args.max_tokens))
-        started = time.perf_counter()
-        results = await asyncio.gather(*(generate(client, a, p, args.max_tokens) for a, p in plan))
-        wall = time.perf_counter() - started
-        stop.set()
-        admin_counts = await admin
-        health = (await client.get("/health")).json()
 
-    statuses = Counter(r.status_code for _, r in results)
+async def at_once(client: httpx.AsyncClient, plan: list[tuple]) -> tuple[list, float]:
+    started = time.perf_counter()
+    results = await asyncio.gather(*(generate(client, a, p, m) for a, p, m in plan))
+    return results, time.perf_counter() - started
+
+
+def mismatches(plan: list[tuple], results: list, reference: dict) -> list[dict]:
     wrong = []
-    for (adapter, prompt), (_, r) in zip(plan, results, strict=True):
+    for (adapter, prompt, max_tokens), (_, r) in zip(plan, results, strict=True):
         if r.status_code == 200:
             got = r.json()
-            if got["adapter"] != adapter or got["text"] != reference[adapter, prompt]:
-                owner = [a for a in targets if reference[a, prompt] == got["text"]]
-                wrong.append({"adapter": adapter, "prompt": prompt, "got": got, "matches": owner})
-    ok = [(s, r) for s, r in results if r.status_code == 200]
-    together = summary([s for s, _ in ok], sum(r.json()["tokens"] for _, r in ok), wall)
-    return {"alone": alone, "together": together, "statuses": dict(statuses), "wrong": wrong,
-            "admin": dict(admin_counts), "health": health,
-            "distinct_answers": len(set(reference.values())), "references": len(reference),
+            if got["adapter"] != adapter or got["text"] != reference[adapter, prompt, max_tokens]:
+                wrong.append({"adapter": adapter, "prompt": prompt, "max_tokens": max_tokens, "got": got})
+    return wrong
+
+
+def client_for(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1200,
+                             limits=httpx.Limits(max_connections=None))
+
+
+async def measure_static(port: int, plan: list[tuple]) -> dict:
+    async with client_for(port) as client:
+        results, wall = await at_once(client, plan)
+        health = (await client.get("/health")).json()
+    return {"results": results, "summary": summary(results, plan, wall), "health": health}
+
+
+async def measure_continuous(port: int, args: argparse.Namespace, plan: list[tuple],
+                             extra: dict[str, Path]) -> dict:
+    async with client_for(port) as client:
+        # one at a time: the reference answers
+        reference, alone_results, alone_plan = {}, [], []
+        started = time.perf_counter()
+        for key in dict.fromkeys(plan):
+            seconds, r = await generate(client, *key)
+            r.raise_for_status()
+            reference[key] = r.json()["text"]
+            alone_results.append((seconds, r))
+            alone_plan.append(key)
+        alone = summary(alone_results, alone_plan, time.perf_counter() - started)
+        results, wall = await at_once(client, plan)
+        together = summary(results, plan, wall)
+        health = (await client.get("/health")).json()
+
+        # all at once again, while the extra adapters come and go
+        stop = asyncio.Event()
+        admin = asyncio.create_task(churn(client, extra, stop, LENGTHS[0]))
+        churned, _ = await at_once(client, plan)
+        stop.set()
+        admin_counts = await admin
+        churn_health = (await client.get("/health")).json()
+    return {"reference": reference, "alone": alone, "results": results, "summary": together,
+            "health": health, "churned": churned, "admin": dict(admin_counts),
+            "churn_health": churn_health,
             "flood": await flood(port, args) if args.flood > 0 else None}
 
 
-def report(result: dict, args: argparse.Namespace, model: str) -> str:
-    a, t = result["alone"], result["together"]
+def report(static: dict, cont: dict, plan: list[tuple], args: argparse.Namespace, model: str) -> tuple[str, dict]:
+    a, s, c = cont["alone"], static["summary"], cont["summary"]
+    reference = cont["reference"]
+    checks = {"static": mismatches(plan, static["results"], reference),
+              "continuous": mismatches(plan, cont["results"], reference),
+              "continuous + churn": mismatches(plan, cont["churned"], reference)}
+    statuses = {name: dict(Counter(r.status_code for _, r in results)) for name, results in
+                (("static", static["results"]), ("continuous", cont["results"]),
+                 ("continuous + churn", cont["churned"]))}
     rows = [
-        ("requests", f"{a['requests']}", f"{t['requests']}"),
-        ("wall time (s)", f"{a['wall_s']:.1f}", f"{t['wall_s']:.1f}"),
-        ("throughput (requests/s)", f"{a['rps']:.2f}", f"{t['rps']:.2f}"),
-        ("throughput (generated tokens/s)", f"{a['tps']:.1f}", f"{t['tps']:.1f}"),
-        ("latency p50 (ms)", f"{a['p50_ms']:.0f}", f"{t['p50_ms']:.0f}"),
-        ("latency p99 (ms)", f"{a['p99_ms']:.0f}", f"{t['p99_ms']:.0f}"),
+        ("requests", f"{a['requests']}", f"{s['requests']}", f"{c['requests']}"),
+        ("wall time (s)", f"{a['wall_s']:.1f}", f"{s['wall_s']:.1f}", f"{c['wall_s']:.1f}"),
+        ("throughput (requests/s)", f"{a['rps']:.2f}", f"{s['rps']:.2f}", f"{c['rps']:.2f}"),
+        ("throughput (generated tokens/s)", f"{a['tps']:.1f}", f"{s['tps']:.1f}", f"{c['tps']:.1f}"),
     ]
-    head = ("", "one at a time", f"{t['requests']} at once")
+    for label, key in (("latency p50 (ms)", "p50_ms"), ("latency p99 (ms)", "p99_ms"),
+                       (f"short (<= {SHORT} tokens) p50 (ms)", "short_p50_ms"),
+                       (f"short (<= {SHORT} tokens) p99 (ms)", "short_p99_ms"),
+                       (f"long (> {SHORT} tokens) p50 (ms)", "long_p50_ms"),
+                       (f"long (> {SHORT} tokens) p99 (ms)", "long_p99_ms")):
+        rows.append((label, f"{a[key]:.0f}", f"{s[key]:.0f}", f"{c[key]:.0f}"))
+    head = ("", "one at a time (continuous)", f"static batches, {s['requests']} at once",
+            f"continuous, {c['requests']} at once")
     print_columns(head, rows)
-    fivexx = sum(n for s, n in result["statuses"].items() if s >= 500)
-    h = result["health"]
+    ratio = s["short_p99_ms"] / c["short_p99_ms"]
+    sh, ch, h2 = static["health"], cont["health"], cont["churn_health"]
+    n_short = sum(1 for *_, m in plan if m <= SHORT)
     facts = [
         f"* model `{model}` (fp32), {args.adapters} LoRA adapters (r 8, alpha 64, attn.q/v, random "
-        f"factors) + the base model, {len(PROMPTS)} prompts, greedy, {args.max_tokens} new tokens; "
-        f"`--max-adapters {args.max_adapters} --max-batch-size {args.max_batch_size} --max-wait-ms "
-        f"{args.max_wait_ms:g}`, "
-        f"mixed batches: {h['mixed_batches']}",
-        f"* statuses of the concurrent requests: {result['statuses']}; 5xx: {fivexx}",
-        f"* answers that differ from the same request served alone: {len(result['wrong'])} "
-        f"(the {result['references']} reference answers hold {result['distinct_answers']} distinct texts)",
-        f"* meanwhile {args.extra} extra adapters were loaded, used and unloaded: {result['admin']}",
-        f"* batches run (size: count): {h['batch_sizes']}; adapter loads {h['loads']}, "
-        f"evictions {h['evictions']}",
+        f"factors) + the base model, {len(PROMPTS)} prompts, greedy; the {args.requests} requests ask "
+        f"for {', '.join(map(str, LENGTHS))} new tokens in turn ({n_short} short ones, <= {SHORT}); "
+        f"`--max-adapters {args.max_adapters}`; static: `--static-batches --max-batch-size "
+        f"{args.max_batch_size} --max-wait-ms {args.max_wait_ms:g}`; continuous: `--max-running "
+        f"{args.max_running}` (default `--max-prefill-tokens 512`)",
+        f"* **p99 latency of the short requests: {s['short_p99_ms'] / 1000:.1f} s static, "
+        f"{c['short_p99_ms'] / 1000:.1f} s continuous ({ratio:.1f}x lower)**; generated tokens/s "
+        f"{s['tps']:.1f} static, {c['tps']:.1f} continuous",
+        f"* statuses: {statuses}",
+        "* answers that differ from the same request served alone (one at a time, continuous "
+        f"server): static {len(checks['static'])}, continuous {len(checks['continuous'])}, "
+        f"continuous while adapters come and go {len(checks['continuous + churn'])} (the "
+        f"{len(reference)} reference answers hold {len(set(reference.values()))} distinct texts)",
+        f"* static batches run (size: count): {sh['batch_sizes']}",
+        f"* continuous: requests joining together (size: count): {ch['batch_sizes']}; "
+        f"{ch['decode_steps']} decode steps over the reference and concurrent phases",
+        f"* then the {args.requests} requests again while {args.extra} extra adapters were loaded, "
+        f"used and unloaded: {cont['admin']}; adapter loads {h2['loads']}, evictions {h2['evictions']}",
         *([f"* {args.flood} prompts of {args.flood_mb} MB sent at once: statuses "
-            f"{result['flood']['statuses']}; /health answered {result['flood']['health_polls']} "
-            f"times meanwhile, the slowest in {result['flood']['health_max_ms']:.0f} ms (limit "
-            f"{1000 * HEALTH_WITHIN_S:.0f})"] if result["flood"] else []),
+            f"{cont['flood']['statuses']}; /health answered {cont['flood']['health_polls']} "
+            f"times meanwhile, the slowest in {cont['flood']['health_max_ms']:.0f} ms (limit "
+            f"{1000 * HEALTH_WITHIN_S:.0f})"] if cont["flood"] else []),
         f"* {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other "
-        f"work), torch {torch.__version__}, server with {args.threads} torch thread(s)",
+        f"work), torch {torch.__version__}, server with {args.threads} torch thread(s); both servers "
+        "in the same run, one after the other",
     ]
-    table = ["| | " + " | ".join(head[1:]) + " |", "|---|---:|---:|"]
-    table += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
-    for w in result["wrong"][:5]:
-        print(f"mismatch: {w}")
+    table = ["| | " + " | ".join(head[1:]) + " |", "|---|---:|---:|---:|"]
+    table += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    for name, wrong in checks.items():
+        for w in wrong[:3]:
+            print(f"mismatch ({name}): {w}")
     print("\n".join(facts))
-    return "\n".join(table + [""] + facts) + "\n"
+    verdict = {"ratio": ratio, "wrong": checks, "statuses": statuses}
+    return "\n".join(table + [""] + facts) + "\n", verdict
+
+
+def run_server(model_arg: str, adapters: Path, args: argparse.Namespace, static: bool, work,
+               load_from: Path) -> dict:
+    port = free_port()
+    server = start_server(model_arg, adapters, port, args, static=static, load_from=load_from)
+    try:
+        return asyncio.run(work(port))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny random model: a smoke run")
     p.add_argument("--requests", type=int, default=72)
-    p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--extra", type=int, default=2, help="adapters loaded and unloaded during the run")
-    p.add_argument("--max-adapters", type=int, default=6,
-                   help="the server's bank size: below --adapters + --extra, so LRU eviction runs")
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-adapters", type=int, default=8, help="the server's bank size")
+    p.add_argument("--max-batch-size", type=int, default=16, help="static batches: requests per batch")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-running", type=int, default=72, help="continuous: requests decoded together")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--flood", type=int, default=3, help="hostile prompts sent at once at the end (0: none)")
     p.add_argument("--flood-mb", type=int, default=10, help="size of each hostile prompt in MB")
@@ -284,20 +361,22 @@ def main() -> int:
         save_adapters(model, names, work / "adapters")
         save_adapters(model, list(extra), work / "extra")
         del model
-        port = free_port()
-        server = start_server(model_arg, work / "adapters", port, args, load_from=work / "extra")
-        try:
-            result = asyncio.run(measure(port, args, extra))
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-    text = report(result, args, "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct")
+        plan = make_plan(args)
+        extra_root = work / "extra"
+        static = run_server(model_arg, work / "adapters", args, True, lambda port: measure_static(port, plan),
+                            extra_root)
+        cont = run_server(model_arg, work / "adapters", args, False,
+                          lambda port: measure_continuous(port, args, plan, extra), extra_root)
+    text, verdict = report(static, cont, plan, args, "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct")
     if out is not None:
-        out.write_text("# `peftlab serve` under load\n\n`python bench/serve_load.py"
-                       f"{' --tiny' if args.tiny else ''}`\n\n" + text)
+        out.write_text("# `peftlab serve` under load: static against continuous batching\n\n"
+                       f"`python bench/serve_load.py{' --tiny' if args.tiny else ''}`\n\n" + text)
         print(f"written: {out}")
-    failed = result["wrong"] or any(s >= 500 for s in result["statuses"]) or \
-        result["statuses"].get(200) != args.requests or flood_failed(result, args)
+    statuses = verdict["statuses"]
+    failed = (verdict["wrong"]["continuous"] or verdict["wrong"]["continuous + churn"]
+              or any(code >= 500 for st in statuses.values() for code in st)
+              or any(st.get(200) != args.requests for st in statuses.values())
+              or verdict["ratio"] < 2 or (cont["flood"] and flood_failed(cont, args)))
     return 1 if failed else 0
 
 

@@ -256,3 +256,83 @@ def test_submitters_on_many_threads_and_tasks(scheduler, alone):
     for i, request in plan.items():
         assert results[i] == alone(request.adapter, request.prompt_ids, request.max_tokens), i
     assert s.step_rows / s.steps > 2
+
+
+def test_sampling_warps_logits_as_generate_does():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from peftlab.apps.serve.scheduler import warp
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((0.7, 0.9), (1.3, 0.5), (1.0, 1.0), (0.5, 0.05)):
+        scores = 3 * torch.randn(1, 50, generator=g)
+        expected = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores.clone()))
+        got = warp(scores[0], temperature, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected[0]))
+        assert torch.allclose(got[~torch.isinf(got)], expected[0][~torch.isinf(got)])
+
+
+def test_requests_the_loop_cannot_take_run_in_static_batches(tok, adapter_dir, tmp_path, alone):
+    from peftlab.apps.serve import Batcher
+    root = tmp_path / "adapters"
+    shutil.copytree(adapter_dir, root)
+    am = peftlab.adapt(tiny_lm(tok))
+    save_random_adapter(am, root / "soft", "soft", 3, peftlab.PromptTuningConfig(num_virtual_tokens=4))
+    for continuous in (True, False):
+        engine = engine_for(tok, root)
+        batcher = Batcher(engine.run, max_wait_ms=50)
+        s = Scheduler(engine, static=batcher.submit, continuous=continuous)
+        batcher.start()
+        s.start()
+        try:
+            soft = GenerationRequest(prompt(6, 1), "soft", 12)
+            plain = GenerationRequest(prompt(9, 2), "attn", 12)
+            first, second = s.submit(soft), s.submit(plain)
+            soft_tokens, finished = collect(first)
+            assert collect(second)[0] == alone("attn", plain.prompt_ids, 12)
+            assert finished == Finished("length", 6, 12) and s.decoding() == 0
+            # the soft prompt's answer is the lone generate with that adapter active
+            engine.am.set_active(["soft"])
+            x = torch.tensor([soft.prompt_ids])
+            with torch.no_grad():
+                out = engine.am.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)
+            engine.am.set_active([])
+            assert soft_tokens == out[0, x.shape[1]:].tolist()
+            # a stop token cuts the static answer too, and counts
+            stopped, finished = collect(s.submit(GenerationRequest(soft.prompt_ids, "soft", 12,
+                                                                   stop_token_ids=frozenset({soft_tokens[3]}))))
+            cut = soft_tokens.index(soft_tokens[3]) + 1
+            assert stopped == soft_tokens[:cut] and finished == Finished("stop", 6, cut)
+            assert s.steps > 0 if continuous else s.steps == 0
+        finally:
+            s.stop()
+            batcher.stop()
+
+
+def test_a_failed_step_no_adapter_explains_fails_the_running_requests_and_the_loop_goes_on(scheduler, alone):
+    s = scheduler()
+    real, fail = s.engine.step, threading.Event()
+
+    def flaky(ids, *args, **kwargs):
+        if fail.is_set() and ids.shape[1] == 1:   # a decode step
+            fail.clear()
+            raise RuntimeError("out of memory, say")
+        return real(ids, *args, **kwargs)
+
+    s.engine.step = flaky
+    streams = [s.submit(GenerationRequest(prompt(5 + i, i), ADAPTERS[i], 30)) for i in range(3)]
+    while s.decoding() < 3:
+        steps_seen(s, s.steps + 1)
+    fail.set()
+    for stream in streams:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            collect(stream)
+    after = GenerationRequest(prompt(7, 9), "mlp", 10)
+    assert collect(s.submit(after))[0] == alone("mlp", after.prompt_ids, 10)
+
+
+def test_cli_serve_refuses_bad_scheduler_options(capsys):
+    from peftlab.apps.cli import main
+    for option in ("--max-running", "--max-prefill-tokens"):
+        assert main(["serve", "--model", "smollm2", "--adapters", ".", option, "0"]) == 2
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err

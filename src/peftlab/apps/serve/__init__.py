@@ -1,4 +1,5 @@
-"""Serving adapters over HTTP: one base model, many adapters, requests batched across adapters.
+"""Serving adapters over HTTP: one base model, many adapters, requests batched across adapters
+(generation continuously: requests join and leave the running decode between steps).
 
     engine = load_engine("smollm2", "adapters/", causal=True, max_adapters=8)
     serve(engine, port=8000)                   # or create_app(engine) for TestClient / uvicorn

@@ -33,7 +33,7 @@ import queue
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -174,8 +174,9 @@ class Scheduler:
     `max_running`: requests decoded together at most; `max_prefill_tokens`: the padded prompt
     tokens one admission forward takes at most (a longer prompt still goes, alone);
     `static(job)`: where requests the loop cannot take go (a Batcher's `submit`), None: they
-    fail with the reason; `continuous=False` sends every request there (static batches only). The running requests need at most `engine.bank.max_adapters`
-    adapters at a time; a newcomer whose adapter does not fit waits.
+    fail with the reason; `continuous=False` sends every request there (static batches only).
+    The running requests need at most `engine.bank.max_adapters` adapters at a time; a
+    newcomer whose adapter does not fit waits.
     """
 
     def __init__(self, engine: Engine, *, max_running: int = DEFAULT_MAX_RUNNING,
@@ -256,12 +257,24 @@ class Scheduler:
                 if block and closing:
                     return
                 closing = self._drain(block) or closing
-                self._drop_cancelled()
-                newcomers = self._admit()
-                if newcomers:
-                    self._prefill(newcomers)
-                if self._rows:
-                    self._step()
+                try:
+                    self._turn()
+                except Exception as e:   # a fault of the loop itself: the running requests
+                    self._abandon(e)     # get it, and the loop goes on with a fresh batch
+
+    def _turn(self) -> None:
+        """One turn of the loop: drop the cancelled, admit newcomers, one decode step."""
+        self._drop_cancelled()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._rows:
+            self._step()
+
+    def _abandon(self, error: Exception) -> None:
+        for row in self._rows:
+            row.stream._push(end=error)
+        self._rows, self._cache, self._mask = [], None, None
 
     def _drain(self, block: bool) -> bool:
         """Move queued requests to the waiting ones (waiting for the first when `block`);
@@ -331,14 +344,11 @@ class Scheduler:
     def _check_adapters(self, streams: list[RequestStream]) -> list[RequestStream]:
         """The newcomers whose adapter loads and routes per example; the others are failed
         with their adapter's error or handed to the static batches."""
-        verdict: dict[str | None, Exception | None] = {None: None}
-        for name in {s.request.adapter for s in streams} - {None}:
-            try:
-                with self.bank.using([name]):
-                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
-                verdict[name] = None
-            except Exception as e:
-                verdict[name] = e
+        running = self._running_adapters()
+        # the running rows' adapters pinned, so that loading a newcomer's evicts none of them
+        verdict = {name: self._adapter_error(name, running)
+                   for name in {s.request.adapter for s in streams} - {None}}
+        verdict[None] = None
         kept = []
         for stream in streams:
             error = verdict[stream.request.adapter]
@@ -350,6 +360,19 @@ class Scheduler:
                 stream._push(end=error)
         return kept
 
+    def _adapter_error(self, name: str, keep: Sequence[str | None] = ()) -> Exception | None:
+        """Why adapter `name` cannot join a routed batch (with `keep` loaded too), or None: it
+        does not load, or has no per-example form (CapabilityError). Tried alone before it is
+        blamed, so that an error of one of `keep` is not taken for its own."""
+        for pinned in ([*keep, name], [name]) if keep else ([name],):
+            try:
+                with self.bank.using(pinned):
+                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
+                return None
+            except Exception as e:
+                error = e
+        return error
+
     def _prefill_batch(self, streams: list[RequestStream]) -> None:
         prompts = [s.request.prompt_ids for s in streams]
         width = max(map(len, prompts))
@@ -360,12 +383,15 @@ class Scheduler:
             mask[i, width - len(p):] = 1
         cache = DynamicCache(config=self.engine.am.model.config)
         adapters = [s.request.adapter for s in streams]
-        with self.bank.using(adapters):
+        with self.bank.using([*self._running_adapters(), *adapters]):
             logits = self.engine.step(ids, mask, _positions(mask), cache, adapters)
         rows = [_Row(s, _generator(s.request), length=len(s.request.prompt_ids),
                      stops=s.request.stop_token_ids | self.engine.eos_ids) for s in streams]
         self._join(rows, cache, mask)
         self._advance(rows, logits)
+
+    def _running_adapters(self) -> list[str | None]:
+        return list(dict.fromkeys(r.request.adapter for r in self._rows))
 
     # ---- decode -------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -393,13 +419,8 @@ class Scheduler:
     def _fail_step(self, error: Exception) -> None:
         """A decode step failed: the requests whose adapter fails on its own get their
         adapter's error; when no adapter is to blame, every running request gets the error."""
-        blamed: dict[str | None, Exception] = {}
-        for name in {r.request.adapter for r in self._rows} - {None}:
-            try:
-                with self.bank.using([name]):
-                    Router.slots(self.engine.am.adapters, [name], torch.device("cpu"))
-            except Exception as e:
-                blamed[name] = e
+        found = {name: self._adapter_error(name) for name in {r.request.adapter for r in self._rows} - {None}}
+        blamed = {name: e for name, e in found.items() if e is not None}
         failed = [r for r in self._rows if not blamed or r.request.adapter in blamed]
         for row in failed:
             row.stream._push(end=blamed.get(row.request.adapter, error))
@@ -521,12 +542,20 @@ def _pick(scores: torch.Tensor, request: GenerationRequest, generator: torch.Gen
     request's temperature from its top-p nucleus (as `generate`'s warpers shape it)."""
     if generator is None:
         return int(scores.argmax())
-    scores = scores.float() / request.temperature
-    if request.top_p < 1.0:
+    scores = warp(scores, request.temperature, request.top_p)
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def warp(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One row's logits divided by `temperature`, -inf outside the smallest set of most likely
+    tokens whose probabilities sum to more than `top_p` (transformers' temperature and top-p
+    warpers, as `generate` applies them)."""
+    scores = scores.float() / temperature
+    if top_p < 1.0:
         ordered, order = scores.sort()
-        tail = ordered.softmax(-1).cumsum(-1) <= 1 - request.top_p
+        tail = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
         tail[-1] = False   # the most likely token always stays
         scores = scores.masked_fill(torch.zeros_like(tail).scatter(0, order, tail), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    return scores
 
 
