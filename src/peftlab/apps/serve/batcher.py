@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -11,13 +10,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from .engine import Job
+from .worker import QueueWorker
 
 
 class ServerClosing(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
 
-class Batcher:
+class Batcher(QueueWorker):
     """Runs queued jobs in batches on one worker thread.
 
     A batch starts with the oldest waiting job and takes the later jobs of its group (same
@@ -28,40 +28,19 @@ class Batcher:
     raises, each job of the batch runs alone, so an error reaches only the requests that cause it.
     """
 
+    thread_name = "peftlab-batcher"
+
     def __init__(self, run: Callable[[Sequence[Job]], list[Any]], *, max_batch_size: int = 16,
                  max_wait_ms: float = 10.0, max_adapters: int = 8) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_adapters < 1:
             raise ValueError("max_batch_size and max_adapters must be >= 1 and max_wait_ms >= 0, got "
                              f"{max_batch_size}, {max_adapters} and {max_wait_ms}")
+        super().__init__()
         self._run = run
         self.max_batch_size, self.max_adapters = max_batch_size, max_adapters
         self.max_wait = max_wait_ms / 1000
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()   # None: stop
         self._waiting: deque[Job] = deque()     # taken from the queue, not yet batched (worker only)
-        self._state = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.batch_sizes: Counter[int] = Counter()   # batch size -> batches run at that size
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and not self._stopping
-
-    def start(self) -> None:
-        """Start the worker thread."""
-        with self._state:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="peftlab-batcher", daemon=True)
-                self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Answer the jobs already queued, then end the worker thread."""
-        with self._state:
-            if self._thread is None or self._stopping:
-                return
-            self._stopping = True
-            self._queue.put(None)
-        self._thread.join(timeout)
 
     def submit(self, job: Job) -> Future:
         """Queue a job; its future gets the answer (or the exception that stopped it)."""

@@ -45,6 +45,7 @@ from transformers.cache_utils import DynamicLayer
 from ...core.errors import CapabilityError
 from ...core.routing import Router
 from .engine import Engine, Job, RequestError, Sampling
+from .worker import QueueWorker
 
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_PREFILL_TOKENS = 512
@@ -168,7 +169,7 @@ class _Row:
         return self.stream.request
 
 
-class Scheduler:
+class Scheduler(QueueWorker):
     """The decode loop of a causal-LM Engine (see the module docstring).
 
     `max_running`: requests decoded together at most; `max_prefill_tokens`: the padded prompt
@@ -179,12 +180,15 @@ class Scheduler:
     newcomer whose adapter does not fit waits.
     """
 
+    thread_name = "peftlab-scheduler"
+
     def __init__(self, engine: Engine, *, max_running: int = DEFAULT_MAX_RUNNING,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
                  static: Callable[[Job], Future] | None = None, continuous: bool = True) -> None:
         if max_running < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_running and max_prefill_tokens must be >= 1, got {max_running} "
                              f"and {max_prefill_tokens}")
+        super().__init__()
         self.engine, self.bank = engine, engine.bank
         self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self._static = static
@@ -193,38 +197,18 @@ class Scheduler:
         self.continuous = (continuous and engine.kind == "causal-lm" and engine.mixed and
                            all(type(layer) is DynamicLayer
                                for layer in DynamicCache(config=engine.am.model.config).layers))
-        self._queue: queue.SimpleQueue[RequestStream | None] = queue.SimpleQueue()   # None: stop
         self._waiting: deque[RequestStream] = deque()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None   # (rows, cache width): 1 where a row has a token
-        self._state = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.admitted: Counter[int] = Counter()   # requests prefilled together -> times
         self.steps = 0                            # decode steps run
         self.step_rows = 0                        # rows decoded over all steps
 
     # ---- the API ------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and not self._stopping
-
-    def start(self) -> None:
-        """Start the worker thread."""
-        with self._state:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="peftlab-scheduler", daemon=True)
-                self._thread.start()
-
     def stop(self, timeout: float = 60.0) -> None:
         """Finish every request already submitted, then end the worker thread."""
-        with self._state:
-            if self._thread is None or self._stopping:
-                return
-            self._stopping = True
-            self._queue.put(None)
-        self._thread.join(timeout)
+        super().stop(timeout)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request (thread-safe); RequestError 503 when the scheduler is not running."""
