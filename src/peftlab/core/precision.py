@@ -91,7 +91,10 @@ def cast_at_use(owner: nn.Module, raw: Sequence[torch.Tensor], dtype: torch.dtyp
     kept in `owner.__dict__[slot]`, keyed on the tensors' versions and storage, so a load or a
     device move rebuilds it and inference pays the cast once. `cached` tells `prepare` that its
     result is kept (worth making contiguous copies)."""
-    if any(t.requires_grad for t in raw):
+    if any(t.requires_grad for t in raw) or torch.compiler.is_compiling():
+        # compiled (torch.compile): the cast is part of the graph, which reads the tensors
+        # themselves, so an in-place update (`peftlab.hotswap`) reaches it without a recompile;
+        # a data-pointer key would break the graph
         return prepare(raw, dtype, False)
     key = (dtype, tuple((t._version, t.data_ptr()) for t in raw))
     held = owner.__dict__.get(slot)
