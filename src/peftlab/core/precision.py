@@ -11,7 +11,7 @@ Use (`compute_dtype`, `cast_at_use`): a delta reads its tensors in the activatio
 on x86 CPUs without native half GEMMs, where the products run in fp32. Its output keeps the
 activations' dtype. The cast of a stored tensor is part of the graph while it trains (gradients
 land in the fp32 tensor) and cached otherwise, keyed on the tensors' versions, so inference casts
-once per weight update.
+once per weight update. Under torch.compile it is part of the compiled graph, never cached.
 """
 
 from __future__ import annotations
