@@ -126,12 +126,14 @@ def test_hotswap_keeps_the_graph_and_equals_a_fresh_load(am, tmp_path, peft):
     with torch.no_grad():
         before = compiled(input_ids=IDS, use_cache=False).logits
         compiled(input_ids=IDS, use_cache=False, adapter_ids=["a", "b"])
+        logits(am), logits(am, adapter_ids=["a", "b"])     # the eager caches filled
         frames = counter.frame_count
         params = {id(p) for p in am.adapter_parameters("a")}
         peftlab.hotswap(am, "a", new)
         after = compiled(input_ids=IDS, use_cache=False).logits
         mixed = compiled(input_ids=IDS, use_cache=False, adapter_ids=["a", "b"]).logits
         eager = logits(am)
+        eager_mixed = logits(am, adapter_ids=["a", "b"])
     assert counter.frame_count == frames                   # no recompilation
     assert {id(p) for p in am.adapter_parameters("a")} == params   # the same tensors, in place
     expected = fresh_with(new, "c")
@@ -139,6 +141,7 @@ def test_hotswap_keeps_the_graph_and_equals_a_fresh_load(am, tmp_path, peft):
     torch.testing.assert_close(after, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(eager, expected, atol=1e-6, rtol=0)      # the eager caches follow
     torch.testing.assert_close(mixed[0], expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(eager_mixed, mixed, atol=1e-6, rtol=0)
     assert am.adapter("a").layers["model.layers.0.self_attn.q_proj"].deltas["a"].lora_A.shape[0] == 4
 
 
