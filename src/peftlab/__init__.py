@@ -44,6 +44,7 @@ from .core.errors import (
     TargetNotFoundError,
     TrainingError,
 )
+from .core.hotswap import hotswap
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
 from .core.pretrained import from_pretrained
@@ -194,6 +195,7 @@ __all__ = [
     "export_peft",
     "from_pretrained",
     "get_method",
+    "hotswap",
     "import_peft",
     "load_dataset",
     "load_model",

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -55,6 +56,8 @@ class signed_forward:   # lower case: a decorator, like `property`
     def __get__(self, obj: Any, cls: type | None = None) -> Callable:
         if obj is None:
             return self.fn
+        if torch.compiler.is_compiling():   # dynamo cannot trace types.MethodType; same function
+            return functools.partial(self.fn, obj)
         return types.MethodType(obj.__dict__.get("_signed_forward", self.fn), obj)
 
     def sign(self, obj: Any, wrapped: Callable) -> None:

@@ -293,6 +293,8 @@ class Interchange:
     load: Callable[..., Adapter]
     # base(directory) -> what such a directory says of its base model (see `base_record`)
     base: Callable[[Path], dict[str, Any]]
+    # read(am, directory, *, strict) -> ReadAdapter: what `load` installs, checked, nothing installed
+    read: Callable[..., ReadAdapter] | None = None
 
 
 INTERCHANGES: dict[str, Interchange] = {}
@@ -485,17 +487,38 @@ def read_slices(recorded: Mapping[str, Any], record_file: Path) -> dict[str, tup
     return out
 
 
-def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
-                 trainable: bool = False, strict: bool = False) -> Adapter:
-    """Load an adapter directory into `am` as `name` (inactive): peftlab's (format 2 or 1) or
-    another registered library's alone (a peft adapter: imported). Every check runs before the
-    model changes, so a failed load leaves it as it was. A checkpoint saved from another base
-    model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
-    with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
+@dataclass
+class ReadAdapter:
+    """An adapter directory read and checked as `load_adapter` reads it, before anything is
+    installed: its method's config, site paths (and slices), the sites' tensors ((site path,
+    tensor name) -> tensor), the modules_to_save copies' state (module path -> state dict), and
+    the problems (another base model, NaN/inf) that load with a warning unless strict."""
+
+    method: Any
+    config: Any
+    sites: list[str]
+    slices: dict[str, tuple[RowSlice, ...]]
+    tensors: dict[tuple[str, str], torch.Tensor]
+    copies: dict[str, dict[str, torch.Tensor]]
+    problems: list[str]
+    provenance: dict[str, Any] | None = None
+
+
+def read_adapter(am: AdaptedModel, directory: str | Path, *, strict: bool = False) -> ReadAdapter:
+    """What `load_adapter` would install from `directory` (peftlab's format or another registered
+    library's), checked as it checks it; nothing changes. CheckpointError for a misfit."""
     directory = Path(directory)
     record_file, meta = read_record(directory)
     if meta is None:
-        return record_file.load(am, directory, name, trainable=trainable, strict=strict)
+        if record_file.read is None:
+            raise CapabilityError(f"{directory}: {record_file.name} directories can only be loaded")
+        return record_file.read(am, directory, strict=strict)
+    return _read_peftlab(am, directory, record_file, meta, strict)
+
+
+def _read_peftlab(am: AdaptedModel, directory: Path, record_file: Path, meta: dict[str, Any],
+                  strict: bool) -> ReadAdapter:
+    """`read_adapter` of a peftlab directory whose record `read_record` gave."""
     try:
         method = get_method(meta["method"])
     except PeftlabError as e:
@@ -529,9 +552,27 @@ def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
             copies[path][tname] = t
         else:
             site_tensors[(path, tname)] = t
+    return ReadAdapter(method, config, sites, slices, site_tensors, copies, problems,
+                       meta.get("provenance"))
+
+
+def load_adapter(am: AdaptedModel, directory: str | Path, name: str, *,
+                 trainable: bool = False, strict: bool = False) -> Adapter:
+    """Load an adapter directory into `am` as `name` (inactive): peftlab's (format 2 or 1) or
+    another registered library's alone (a peft adapter: imported). Every check runs before the
+    model changes, so a failed load leaves it as it was. A checkpoint saved from another base
+    model (class, parameter count, shapes of the targeted weights), or holding NaN/inf, loads
+    with a CheckpointWarning saying so; `strict=True` refuses it (CheckpointError) instead."""
+    directory = Path(directory)
+    record_file, meta = read_record(directory)
+    if meta is None:
+        return record_file.load(am, directory, name, trainable=trainable, strict=strict)
+    read = _read_peftlab(am, directory, record_file, meta, strict)
+    config, sites, slices, problems = read.config, read.sites, read.slices, read.problems
+    site_tensors, copies = read.tensors, read.copies
     try:
         adapter = am.install(name, config, sites=sites, tensors=site_tensors, copies=copies,
-                             trainable=trainable, provenance=meta.get("provenance"), slices=slices)
+                             trainable=trainable, provenance=read.provenance, slices=slices)
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint
     except CheckpointError as e:

@@ -166,7 +166,9 @@ class MixedDeltas:
         return stacked if stacked.shape[0] == index.shape[0] else stacked.index_select(0, index)
 
     def stacks(self, layer: AdaptedLayer, *key: Any) -> Any:
-        if self.grad and torch.is_grad_enabled():
+        if (self.grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            # compiled: the stacking is part of the graph, which reads the deltas' tensors
+            # themselves (an in-place `peftlab.hotswap` reaches it without a recompile)
             return self.stack(layer, *key)
         cached = self._stacks.get(key)
         if cached is None:
@@ -269,17 +271,57 @@ class AdaptedLayer(nn.Module):
         state = self.state
         stamp, mixed = self._mixed_memo
         if stamp is not state.stamp:
-            slots: dict[type[MixedDeltas], list[Delta | None]] = {}
-            for s, name in enumerate(state.routed):
-                delta = deltas.get(name) if name is not None else None
-                if delta is not None:
-                    slots.setdefault(delta.mixed, [None] * len(state.routed))[s] = delta
-            groups = [cls(self, members) for cls, members in slots.items()]
-            mixed = tuple(tuple(g for g in groups if g.stage == stage) for stage in ("input", "params", "output"))
+            mixed = self._routed_groups(deltas)
         self.__dict__.update(_mixed=mixed, _mixed_memo=(state.stamp, mixed), _weighted={},
                              _seen_version=state.version)
 
+    def _routed_groups(self, deltas: dict[str, Delta]) -> tuple[tuple[MixedDeltas, ...], ...]:
+        """This layer's deltas of the routed adapters as batched groups, one slot per routed
+        adapter: (input-stage, params-stage, output-stage) groups."""
+        routed = self.state.routed
+        slots: dict[type[MixedDeltas], list[Delta | None]] = {}
+        for s, name in enumerate(routed):
+            delta = deltas.get(name) if name is not None else None
+            if delta is not None:
+                slots.setdefault(delta.mixed, [None] * len(routed))[s] = delta
+        groups = [cls(self, members) for cls, members in slots.items()]
+        return tuple(tuple(g for g in groups if g.stage == stage) for stage in ("input", "params", "output"))
+
+    def _forward_compiled(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The forward as torch.compile traces it: which deltas apply is read from the routing
+        state's contents (active names, weights, routed ids: dynamo guards on those, so switching
+        adapters recompiles once per setting and switching back reuses its graph), never from
+        its version counter, and nothing is cached on the layer (no side effects for dynamo to
+        replay after every call). The deltas' own forwards trace their tensors without caches
+        (core/precision.py `cast_at_use`, MixedDeltas.stacks)."""
+        state = self.state
+        deltas = self._modules["deltas"]._modules
+        if state.routed is not None:
+            return self._forward_mixed(x, args, kwargs, self._routed_groups(deltas))
+        names = state.active if state.enabled else ()
+        live = [deltas[n] for n in names if n in deltas and n not in self.merged]
+        weighted = {deltas[n]: state.weights[n] for n in names
+                    if n in state.weights and n in deltas and n not in self.merged}
+        before = [d for d in live if d.stage == "input"]
+        params = tuple(d for d in live if d.stage == "params")
+        for delta in before:
+            w = weighted.get(delta, 1.0)
+            x = delta.transform_input(self, x) if w == 1.0 else torch.lerp(x, delta.transform_input(self, x), w)
+        if params:
+            base_out = self._call_with_param_deltas(x, args, kwargs, params, weighted)
+        else:
+            base_out = self._modules["base_layer"](x, *args, **kwargs)
+        out = base_out
+        for delta in live:
+            if delta.stage == "output":
+                w = weighted.get(delta, 1.0)
+                new = delta.contribute(self, x, base_out, out)
+                out = new if w == 1.0 else torch.lerp(out, new, w)
+        return out
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(x, args, kwargs)
         if self._seen_version != self.state.version:
             self._refresh()
         if self._mixed is not None:
@@ -297,11 +339,15 @@ class AdaptedLayer(nn.Module):
             out = delta.contribute(self, x, base_out, out)
         return out
 
-    def _call_with_param_deltas(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _call_with_param_deltas(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any],
+                                live: tuple[Delta, ...] | None = None,
+                                weighted: dict[Delta, float] | None = None) -> torch.Tensor:
+        """The base layer's forward with the "params"-stage deltas `live` (default: the kept
+        ones) added to its parameters, each scaled by its weight in `weighted`."""
         base = self._modules["base_layer"]
-        weighted = self._weighted
+        weighted = self._weighted if weighted is None else weighted
         params: dict[str, torch.Tensor] = {}
-        for delta in self._params:
+        for delta in self._params if live is None else live:
             w = weighted.get(delta, 1.0)
             for name, d in delta.param_deltas(self).items():
                 params[name] = params.get(name, base.get_parameter(name)) + (d if w == 1.0 else w * d)
@@ -328,11 +374,12 @@ class AdaptedLayer(nn.Module):
             out = new if w == 1.0 else torch.lerp(out, new, w)
         return out
 
-    def _forward_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _forward_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any],
+                       mixed: tuple[tuple[MixedDeltas, ...], ...] | None = None) -> torch.Tensor:
         """The forward of a routed batch: every example as if its own adapter alone were active.
         Each group applies its stage to all rows at once; a row whose adapter has no delta of that
-        kind here gets the identity (adds 0, scales by 1)."""
-        before, params, after = self._mixed
+        kind here gets the identity (adds 0, scales by 1). `mixed`: the groups (default: kept)."""
+        before, params, after = self._mixed if mixed is None else mixed
         if not (before or params or after):
             # no routed adapter has a delta here: the base layer alone, whatever its input's shape
             # (an MoE experts module gets the batch's tokens flattened)

@@ -135,6 +135,10 @@ class AdaptedModel(HFCompat, nn.Module):
         return hooks[0].generate(self.model, self._as_kwargs(args, kwargs, "generate"))
 
     def _active_hooks(self) -> tuple[InputHook, ...]:
+        if torch.compiler.is_compiling():   # from the state's contents, not its version (a guard)
+            state = self.state
+            names = state.active if state.enabled and state.routed is None else ()
+            return tuple(self.hooks[n] for n in names if n in self.hooks)
         version, hooks = self._hooks_seen
         if version != self.state.version:
             state = self.state

@@ -11,7 +11,7 @@ Use (`compute_dtype`, `cast_at_use`): a delta reads its tensors in the activatio
 on x86 CPUs without native half GEMMs, where the products run in fp32. Its output keeps the
 activations' dtype. The cast of a stored tensor is part of the graph while it trains (gradients
 land in the fp32 tensor) and cached otherwise, keyed on the tensors' versions, so inference casts
-once per weight update.
+once per weight update. Under torch.compile it is part of the compiled graph, never cached.
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ def cast_at_use(owner: nn.Module, raw: Sequence[torch.Tensor], dtype: torch.dtyp
     kept in `owner.__dict__[slot]`, keyed on the tensors' versions and storage, so a load or a
     device move rebuilds it and inference pays the cast once. `cached` tells `prepare` that its
     result is kept (worth making contiguous copies)."""
-    if any(t.requires_grad for t in raw):
+    if any(t.requires_grad for t in raw) or torch.compiler.is_compiling():
+        # compiled (torch.compile): the cast is part of the graph, which reads the tensors
+        # themselves, so an in-place update (`peftlab.hotswap`) reaches it without a recompile;
+        # a data-pointer key would break the graph
         return prepare(raw, dtype, False)
     key = (dtype, tuple((t._version, t.data_ptr()) for t in raw))
     held = owner.__dict__.get(slot)

@@ -118,19 +118,29 @@ class Router:
         routed, index = self.slots(adapters, adapter_ids, device)
         state = self.state
         outer = state.routed, state.index, state.stamp
+        # compiled (torch.compile): layers read the routed ids, never the version, and cache
+        # nothing (AdaptedLayer._forward_compiled), so the version stays: a bump would be a guard
+        # that fails on every call
+        compiling = torch.compiler.is_compiling()
         state.routed, state.index, state.stamp = routed, index, self.stamp(adapters, routed)
-        state.changed()
+        if not compiling:
+            state.changed()
         try:
             yield
         finally:
             state.routed, state.index, state.stamp = outer
-            state.changed()
+            if not compiling:
+                state.changed()
 
     def stamp(self, adapters: Mapping[str, Adapter], routed: tuple[str | None, ...]) -> object:
         """The previous routed batch's stamp when it routed the same adapters and every tensor the
         layers stack from (the deltas' parameters and buffers, the base weights: the same objects,
         at the same versions, none trainable) is unchanged; else a new one. One pass
-        over those tensors per routed call; the layers then skip their checks and restacking."""
+        over those tensors per routed call; the layers then skip their checks and restacking.
+        None under torch.compile: a compiled graph stacks from the tensors themselves, so an
+        in-place update (`peftlab.hotswap`) reaches it, and tensors' versions are not traceable."""
+        if torch.compiler.is_compiling():
+            return None
         tensors: list[torch.Tensor | None] = []
         for n in routed:
             for layer in adapters[n].layers.values() if n is not None else ():

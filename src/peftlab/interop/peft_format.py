@@ -25,6 +25,7 @@ from ..core.files import commit_files, write_json
 from ..core.io import (
     Encoding,
     Interchange,
+    ReadAdapter,
     base_name,
     check_fields,
     read_json,
@@ -129,6 +130,22 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
     does not fit the model or a config field of the wrong type; either way the model is left as
     it was. Tensors holding NaN/inf load with a CheckpointWarning (strict=True: refused)."""
     directory = Path(directory)
+    read = read_peft(am, directory, strict=strict)
+    try:
+        adapter = am.install(name, read.config, sites=read.sites, tensors=read.tensors,
+                             copies=read.copies, trainable=trainable)
+    except (AdapterError, CapabilityError):
+        raise        # the name or the model, not the checkpoint
+    except PeftlabError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    warn_of(read.problems, stacklevel=2)
+    return adapter
+
+
+def read_peft(am: AdaptedModel, directory: str | Path, *, strict: bool = False) -> ReadAdapter:
+    """What `import_peft` installs from a peft directory, checked as it checks it (core/io.py's
+    `read_adapter` for peft directories); nothing changes."""
+    directory = Path(directory)
     cfg = read_json(directory / CONFIG_FILE)
     check_fields(cfg, PEFT_FIELDS, directory / CONFIG_FILE)
     peft_type = cfg.get("peft_type")
@@ -148,14 +165,11 @@ def import_peft(am: AdaptedModel, directory: str | Path, name: str, *,
         copies: dict[str, dict[str, torch.Tensor]] = {p: {} for p in config.modules_to_save or []}
         for path, tname in [k for k in site_tensors if k[0] in copies]:
             copies[path][tname] = site_tensors.pop((path, tname))
-        adapter = am.install(name, config, sites=site_paths(sites), tensors=site_tensors,
-                             copies=copies, trainable=trainable)
     except (AdapterError, CapabilityError):
         raise        # the name or the model, not the checkpoint
     except PeftlabError as e:
         raise CheckpointError(f"{directory}: {e}") from None
-    warn_of(problems, stacklevel=2)
-    return adapter
+    return ReadAdapter(method, config, site_paths(sites), {}, site_tensors, copies, problems)
 
 
 # ---- the peft layout inside every adapter directory (core/io.py's Interchange) -------------------
@@ -211,4 +225,5 @@ def _base(directory: Path) -> dict[str, Any]:
 
 
 register_interchange(Interchange(name="peft", config_file=CONFIG_FILE, tensors_file=TENSORS_FILE,
-                                 encode=_encode, decode=_decode, load=import_peft, base=_base))
+                                 encode=_encode, decode=_decode, load=import_peft, base=_base,
+                                 read=read_peft))
