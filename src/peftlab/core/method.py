@@ -164,6 +164,8 @@ def matches_path(pattern: str, path: str) -> bool:
 def pattern_value(patterns: Mapping[str, Any], site: Site) -> Any | None:
     """The first pattern value whose key names this site: its role, or (as peft matches) a regex
     matching the module path at a dotted boundary. None when no key matches."""
+    if not patterns:      # the usual case, asked several times per site when adapters are added
+        return None
     return next((value for key, value in patterns.items()
                  if key == site.role or matches_path(key, site.path)), None)
 

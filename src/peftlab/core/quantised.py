@@ -33,6 +33,7 @@ converts layers already converted back (bitsandbytes' own inverse, as its state_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -144,7 +145,12 @@ def model_quantization(model: nn.Module) -> Quantization | None:
 
 def _bnb_class(module: nn.Module) -> str | None:
     """"Linear4bit" or "Linear8bitLt" when `module` is (a subclass of) that bitsandbytes class."""
-    for cls in type(module).__mro__:
+    return _bnb_class_of(type(module))
+
+
+@functools.cache     # a property of the class: asked several times per site when adapters are added
+def _bnb_class_of(module_type: type) -> str | None:
+    for cls in module_type.__mro__:
         if cls.__name__ in (_4BIT, _8BIT) and cls.__module__.startswith("bitsandbytes"):
             return cls.__name__
     return None

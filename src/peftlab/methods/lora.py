@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CapabilityError, CheckpointError, ConfigError
+from ..core.geometry import dims
 from ..core.layer import AdaptedLayer, Delta
 from ..core.method import (
     Capability,
@@ -89,13 +90,13 @@ class LoraConfig(MethodConfig):
     def rank_for(self, site: Site) -> int:
         return slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") or self.r
 
-    def rank_at(self, layer: AdaptedLayer, site: Site) -> int:
+    def rank_at(self, layer: AdaptedLayer, site: Site, sizes: tuple[int, int] | None = None) -> int:
         """The site's rank, checked against the layer before anything is allocated. ΔW's rank is
         at most min(d_in, d_out); a larger r adds parameters, not expressiveness. peft allows it,
         so does peftlab up to max(d_in, d_out): beyond, each factor outgrows the weight, which is
         never useful (r=10**12 would try to allocate terabytes). PiSSA: r ≤ min(d_in, d_out)."""
         r = self.rank_for(site)
-        d_in, d_out = layer.in_features, layer.out_features
+        d_in, d_out = sizes or (layer.in_features, layer.out_features)   # (d_in, d_out) if known
         field_name = "rank_pattern" if slice_pattern_value(self.rank_pattern, site, "LoraConfig.rank_pattern") else "r"
         if r > max(d_in, d_out):
             raise ConfigError(
@@ -160,7 +161,9 @@ class LowRankDelta(Delta):
                 else:
                     B.zero_()
             if self.magnitude is not None:
-                w = layer.weight_out_in().float() + self.delta_weight()
+                w = layer.weight_out_in().float()
+                if init == "random" or self.pissa:   # B ≠ 0; otherwise ΔW = 0: no d_out×d_in product
+                    w = w + self.delta_weight()
                 self.magnitude.copy_(torch.linalg.norm(w, dim=1))
 
     def _init_pissa(self, weight: torch.Tensor) -> None:
@@ -333,8 +336,9 @@ def _build(site: Site, layer: AdaptedLayer, config: LoraConfig, initialise: bool
         raise ConfigError(f"DoRA is not supported on the Embedding site {site.path!r}; "
                           "exclude it (exclude=[...]) or set dora=False")
     weight = layer.base_layer.weight
+    d_in, d_out = dims(layer.base_layer)      # once: each read walks the layer's geometry
     delta = LowRankDelta(
-        layer.in_features, layer.out_features, config.rank_at(layer, site), config.scaling_for(site),
+        d_in, d_out, config.rank_at(layer, site, (d_in, d_out)), config.scaling_for(site),
         dropout=0.0 if embedding else config.dropout, embedding=embedding,
         padding_idx=layer.base_layer.padding_idx if embedding else None,
         dora=config.dora, pissa=config.init == "pissa", dtype=adapter_dtype(config, weight.dtype),
