@@ -101,3 +101,32 @@ def test_chat_rows_train_only_on_the_response(tok):
     prompt_len = len(tok.encode("hello there\n", add_special_tokens=False))
     assert (batch["labels"][0, :prompt_len] == IGNORE).all()
     assert (batch["labels"][0, prompt_len:] != IGNORE).sum() >= 1
+
+
+def test_instruction_scores_batched_by_length_equal_each_prompt_alone(tok):
+    """The held-out evaluation batches rows by prompt length: each row's label scores must be
+    those of its prompt alone, and the predictions and accuracy those of in-order batches."""
+    task = InstructionClassificationTask(tok, labels=["negative", "positive"])
+    words = "a fine moving dull long pointless film plot cast score".split()
+    rows = [{"text": " ".join(words[(i * 3) % 10:] + words[:i % 7]), "label": i % 2} for i in range(11)]
+    model = tiny_lm(tok.vocab_size)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([task.prompt_ids(r["text"])])).logits[0, -1, task._label_ids]
+                             for r in rows])
+        in_order = torch.cat([task.answer_logits(model, task._prompts(rows[i:i + 4]))[:, task._label_ids]
+                              for i in range(0, len(rows), 4)])
+    assert len({len(task.prompt_ids(r["text"])) for r in rows}) > 3      # batches really regroup rows
+    got = task.label_scores(model, rows, batch_size=4)
+    torch.testing.assert_close(got, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, in_order, atol=1e-6, rtol=0)
+    assert got.argmax(-1).tolist() == alone.argmax(-1).tolist()
+    gold = torch.tensor([r["label"] for r in rows])
+    assert task.evaluate(model, rows, batch_size=4)["accuracy"] == int((alone.argmax(-1) == gold).sum()) / len(rows)
+
+
+def test_instruction_prompts_are_tokenised_once_per_text(tok):
+    task = InstructionClassificationTask(tok, labels=["negative", "positive"])
+    first = task.prompt_ids("a fine and moving film")
+    first.append(-1)                                   # a caller's copy: the cache is not touched
+    assert task.prompt_ids("a fine and moving film") == task._encode_prompt("a fine and moving film")
+    assert list(task._prompt_cache) == ["a fine and moving film"]

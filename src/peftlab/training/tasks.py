@@ -117,6 +117,9 @@ class InstructionClassificationTask:
     metric: str = "accuracy"
     higher_is_better: bool = True
     _label_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    # text -> prompt ids: the held-out rows are scored before and after training, and tokenising
+    # a prompt (encode, decode, chat template) costs more than reading it back
+    _prompt_cache: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._label_ids = []
@@ -131,6 +134,12 @@ class InstructionClassificationTask:
 
     def prompt_ids(self, text: str) -> list[int]:
         """Token ids of the prompt for one text, up to the answer position."""
+        cached = self._prompt_cache.get(text)
+        if cached is None:
+            cached = self._prompt_cache[text] = self._encode_prompt(text)
+        return list(cached)
+
+    def _encode_prompt(self, text: str) -> list[int]:
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)[: self.max_text_tokens]
         message = f"{self.instruction}\n\nReview: {tok.decode(ids)}"
@@ -164,13 +173,25 @@ class InstructionClassificationTask:
         return F.cross_entropy(self.answer_logits(model, batch).float(), batch["labels"])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
-        correct = 0
+    def label_scores(self, model: nn.Module, rows: list[dict], batch_size: int) -> torch.Tensor:
+        """(len(rows), n_labels) label-word logits at each row's answer position, in row order.
+
+        Rows are batched by prompt length (longest first), so a batch pads its prompts to
+        similar lengths: each row's scores are those of its prompt alone (padding is masked and
+        positions count real tokens only), up to float noise, with much less padded work."""
         choices = torch.tensor(self._label_ids)
-        for chunk in _batches(rows, batch_size):
-            scores = self.answer_logits(model, self._prompts(chunk))[:, choices]   # (B, n_labels)
-            gold = torch.tensor([int(r["label"]) for r in chunk])
-            correct += int((scores.argmax(-1) == gold).sum())
+        order = sorted(range(len(rows)), key=lambda i: -len(self.prompt_ids(rows[i]["text"])))
+        scores = torch.empty((len(rows), len(choices)))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = self._prompts([rows[i] for i in index])
+            scores[torch.tensor(index)] = self.answer_logits(model, batch)[:, choices].float()
+        return scores
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int) -> dict[str, float]:
+        gold = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+        correct = int((self.label_scores(model, rows, batch_size).argmax(-1) == gold).sum())
         return {"accuracy": correct / max(len(rows), 1)}
 
 
