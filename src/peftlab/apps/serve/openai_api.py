@@ -335,8 +335,15 @@ def add_openai_routes(app: FastAPI, engine: Engine, scheduler: Any) -> None:
                 if isinstance(item, Finished):
                     reason = item.reason
                     break
-                used += len(item)
-                piece = text.add(list(item))
+                # token by token: an item holds every token made since the last one was read, and
+                # the answer (and its usage) ends at the token that completes a stop string
+                pieces = []
+                for token in item:
+                    used += 1
+                    pieces.append(text.add([token]))
+                    if text.stopped:
+                        break
+                piece = "".join(pieces)
                 if piece and emit is not None:
                     await emit(piece)
                 if text.stopped:
