@@ -18,6 +18,10 @@ Variants (one seeded base, deep-copied, so all hold identical weights):
 * peftlab: `am = peftlab.adapt(copy)`, `add_adapter("a", LoraConfig(r=8, alpha=16, targets=...))`,
   `set_active(["a"])`, `set_trainable("a")` (peftlab's default adapter dtype: fp32 LoRA weights on
   a bf16 base too, as peft).
+* peftlab, inputs kept (all-linear only): the same adapter with `peftlab.set_input_recompute(False)`,
+  which keeps every adapted layer's input for A's gradient as peft does; without it peftlab
+  rebuilds those inputs in backward from the tensors the frozen model keeps (core/recompute.py).
+  Its rows show the effect of the recompute in the same run.
 Two configs: r8 on q,v (peft ["q_proj", "v_proj"], peftlab ["attn.q", "attn.v"]: 60 sites) and
 r8 on every linear layer but the head (both "all-linear": 210 sites). LoRA B is filled with
 N(0, 0.02) noise and the same A/B values are copied into peft and peftlab, so both do identical
@@ -89,6 +93,7 @@ CONFIGS = {  # name: (peftlab targets, peft target_modules, time goal x floor)
     "all-linear": ("all-linear", "all-linear", 1.10),
 }
 MEM_GOAL = 1.15   # step peak memory growth x floor
+KEPT = "peftlab all-linear, inputs kept"   # the same model with input recompute off
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 _T0 = now()
@@ -155,14 +160,22 @@ class Floor:
 
 
 class LoraStep:
-    """forward + backward + AdamW over the adapter parameters + zero_grad."""
+    """forward + backward + AdamW over the adapter parameters + zero_grad. `keep_inputs`: peftlab
+    with input recompute switched off (`peftlab.set_input_recompute(False)`), its reference path."""
 
-    def __init__(self, model, params):
-        self.model, self.params = model, list(params)
+    def __init__(self, model, params, keep_inputs: bool = False):
+        self.model, self.params, self.keep_inputs = model, list(params), keep_inputs
         assert self.params and all(p.requires_grad for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=LR)
 
     def step(self, ids, check: dict | None = None) -> tuple[float, float, float]:
+        previous = peftlab.set_input_recompute(not self.keep_inputs)
+        try:
+            return self._step(ids, check)
+        finally:
+            peftlab.set_input_recompute(previous)
+
+    def _step(self, ids, check: dict | None = None) -> tuple[float, float, float]:
         t0 = now()
         loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         t1 = now()
@@ -176,6 +189,16 @@ class LoraStep:
         return t1 - t0, t2 - t1, now() - t2
 
 
+def peftlab_model(base, targets, pairs: dict):
+    am = peftlab.adapt(copy.deepcopy(base))
+    am.add_adapter("a", peftlab.LoraConfig(r=RANK, alpha=ALPHA, targets=targets))
+    am.set_active(["a"])
+    am.set_trainable("a")
+    am.train()
+    copy_pairs(pairs, peftlab_pairs(am, "a"))
+    return am
+
+
 def build_variants(base, dtype) -> dict:
     variants = {"floor": Floor(base)}
     g = torch.Generator().manual_seed(SEED + 1)
@@ -187,16 +210,14 @@ def build_variants(base, dtype) -> dict:
         with torch.no_grad():
             for _, b in ref.values():
                 b.copy_(torch.randn(b.shape, generator=g) * 0.02)
-        am = peftlab.adapt(copy.deepcopy(base))
-        am.add_adapter("a", peftlab.LoraConfig(r=RANK, alpha=ALPHA, targets=pl_targets))
-        am.set_active(["a"])
-        am.set_trainable("a")
-        am.train()
-        copy_pairs(ref, peftlab_pairs(am, "a"))
+        am = peftlab_model(base, pl_targets, ref)
         pf_params = [p for p in pm.parameters() if p.requires_grad]
         assert len(pf_params) == 2 * len(ref) and am.trainable_parameters() == sum(p.numel() for p in pf_params)
         variants[f"peft {cname}"] = LoraStep(pm, pf_params)
         variants[f"peftlab {cname}"] = LoraStep(am, am.adapter_parameters("a"))
+        if cname == "all-linear":   # before input recompute, in the same run
+            kept = peftlab_model(base, pl_targets, ref)
+            variants[KEPT] = LoraStep(kept, kept.adapter_parameters("a"), keep_inputs=True)
         log(f"  {cname}: {len(ref)} LoRA sites, {sum(p.numel() for p in pf_params):,} trainable params; "
             f"adapter dtype peft {pf_params[0].dtype}, peftlab {next(am.adapter_parameters('a')).dtype}")
     return variants
@@ -407,6 +428,12 @@ def main() -> None:
                          tot[pl] / tot["floor"], "x", None, None))
         else:
             rows.append((f"r8 {c}: step peak growth / floor", None, None, None, "x", MEM_GOAL, None))
+    # the peftlab column of these rows: the same adapter with inputs kept (recompute off)
+    rows.append(("  inputs kept (before): step time / floor", 1.0, median(round_ratios("peft all-linear")),
+                 median(round_ratios(KEPT)), "x", None, None))
+    if mem["floor"]:
+        rows.append(("  inputs kept (before): peak growth / floor", 1.0, mem["peft all-linear"] / mem["floor"],
+                     mem[KEPT] / mem["floor"], "x", None, None))
     print()
     print_table(rows)
     print()

@@ -48,6 +48,7 @@ from .core.hotswap import hotswap
 from .core.layer import AdaptedLayer, Delta, InputHook, MixedDeltas, ModuleCopies
 from .core.model import AdaptedModel, Adapter, LayerStatus, adapt
 from .core.pretrained import from_pretrained
+from .core.recompute import set_input_recompute
 from .core.report import card
 from .core.sites import ROLES, Site, describe_sites, resolve_sites
 from .core.taps import ActivationTaps
@@ -196,6 +197,7 @@ __all__ = [
     "from_pretrained",
     "get_method",
     "hotswap",
+    "set_input_recompute",
     "import_peft",
     "load_dataset",
     "load_model",

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CapabilityError, ConfigError
@@ -69,9 +68,7 @@ class SlicedLowRank:
         if self.dropout is not None:
             x = self.dropout(x)
         dtype, (A, Bt) = self._factors(out.dtype, out.device)              # (k·r, d_in), (r, n_rows)
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        h = F.linear(x, A).reshape(-1, A.shape[0])                         # (N, k·r)
+        h = self._down(x, A, dtype).reshape(-1, A.shape[0])                # (N, k·r)
         r = self.r
         update = torch.cat([h[:, i * r:(i + 1) * r] @ block
                             for i, block in enumerate(Bt.split(self.block_sizes, dim=1))], dim=1)

@@ -43,6 +43,7 @@ from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
 from . import _lora_params as lora_params
 from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
 from ._lora_mixed import MixedLowRank
+from ._lora_recompute import rebuilt_down
 from ._row_slices import SlicedLowRank, refuse_on_slices, slice_pattern_value
 
 INITS = ("zero", "gaussian", "random", "pissa")
@@ -241,11 +242,13 @@ class LowRankDelta(Delta):
         return [t.to(dtype) if i % 2 == 0 else t.to(dtype).t().contiguous() if cached else t.to(dtype).t()
                 for i, t in enumerate(raw)]
 
-    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """x (..., d_in) or token ids (...) -> (..., r)."""
+    def _down(self, x: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x (..., d_in) or token ids (...) -> (..., r), in `dtype`. While A trains, x is not kept
+        for its gradient but rebuilt in backward where it can be (methods/_lora_recompute.py)."""
         if self.embedding:
             return F.embedding(x, A.t(), self.padding_idx)
-        return F.linear(x, A)
+        h = rebuilt_down(x, A) if x.grad_fn is not None else None
+        return h if h is not None else F.linear(x if x.dtype == dtype else x.to(dtype), A)
 
     def contribute(self, layer, x, base_out, out):
         if self.dora:
@@ -253,14 +256,12 @@ class LowRankDelta(Delta):
         if self.dropout is not None:
             x = self.dropout(x)
         dtype, f = self._factors(out.dtype, out.device)
-        if not self.embedding and x.dtype != dtype:
-            x = x.to(dtype)
         # out + s·(B A x − B0 A0 x) as addmm on the flattened output: no temporary for s·B h.
         flat = out.reshape(-1, out.shape[-1])            # a view: base outputs are contiguous
         acc = flat if flat.dtype == dtype else flat.to(dtype)
-        acc = torch.addmm(acc, self._down(x, f[0]).reshape(-1, self.r), f[1], alpha=self.scaling)
+        acc = torch.addmm(acc, self._down(x, f[0], dtype).reshape(-1, self.r), f[1], alpha=self.scaling)
         if self.pissa:
-            acc = torch.addmm(acc, self._down(x, f[2]).reshape(-1, self.r), f[3], alpha=-self.scaling)
+            acc = torch.addmm(acc, self._down(x, f[2], dtype).reshape(-1, self.r), f[3], alpha=-self.scaling)
         return acc.view(out.shape) if acc.dtype == out.dtype else acc.to(out.dtype).view(out.shape)
 
     def _contribute_dora(self, layer, x, base_out, out):
@@ -276,9 +277,9 @@ class LowRankDelta(Delta):
         else:
             bias = layer.base_layer.bias
             base_no_bias = (base_out - bias if bias is not None else base_out).to(dtype)
-        lora_out = self._down(x, f[0]) @ f[1]
+        lora_out = self._down(x, f[0], dtype) @ f[1]
         if self.pissa:
-            lora_out = lora_out - self._down(x, f[2]) @ f[3]
+            lora_out = lora_out - self._down(x, f[2], dtype) @ f[3]
         y = out.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
         return y if y.dtype == out.dtype else y.to(out.dtype)
 
