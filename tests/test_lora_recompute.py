@@ -128,6 +128,21 @@ def test_mixed_batch_training_is_unchanged(family):
         assert torch.equal(grads0[name], grads1[name]), name
 
 
+def test_under_autocast_the_casts_are_autocasts():
+    """bf16 autocast (Trainer's bf16=True): the rebuilt path casts x and A as F.linear would, and
+    the gradients reach the fp32 factors in fp32."""
+    am = _model("llama", "lora")
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss0, grads0, _, _ = _step(am, "llama", False, ids)
+        loss1, grads1, _, n1 = _step(am, "llama", True, ids)
+    assert n1 == sum(isinstance(m, AdaptedLayer) for m in am.model.modules())
+    assert torch.equal(loss0, loss1)
+    for name in grads0:
+        assert grads1[name].dtype == torch.float32
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
 def test_bf16_llama_rebuilds_through_the_norm_casts():
     am = _model("llama", "lora", torch.bfloat16)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -213,7 +213,8 @@ def recovery(x: torch.Tensor) -> Recovery | None:
 
 
 def _reproduces(rebuild: Callable[[], torch.Tensor], x: torch.Tensor, signature: tuple) -> bool:
-    with torch.no_grad():
+    # as in backward: no autocast (a bmm would otherwise be recast)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         try:
             y = rebuild()
         except RuntimeError:        # a guessed shape or dtype that does not fit

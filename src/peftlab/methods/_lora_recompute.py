@@ -37,4 +37,14 @@ def rebuilt_down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
     if not (A.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return None
     found = recovery(x)
-    return None if found is None else _RebuiltDown.apply(x.to(A.dtype), A, found)
+    if found is None:
+        return None
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _RebuiltDown.apply(x.to(A.dtype), A, found)
+    # under autocast: the casts F.linear would make, recorded outside the node so that the
+    # gradients go back through them to fp32 as they would from F.linear
+    dtype = torch.get_autocast_dtype(device)
+    x, A = x.to(dtype), A.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _RebuiltDown.apply(x, A, found)
