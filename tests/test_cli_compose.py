@@ -14,11 +14,9 @@ import torch
 from test_cli_train import pytestmark, tiny_dir  # noqa: F401
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from peftlab.apps.cli import (
-    _adapter_name,
-    _load_for_adapter,
-    main,
-)
+from peftlab.apps.cli import _load_for_adapter, main
+from peftlab.apps.compose_command import COMPOSE_MERGES
+from peftlab.apps.compose_command import adapter_name as _adapter_name
 from peftlab.apps.recipes import base_for_run as _base_for_run
 from peftlab.apps.recipes import run_record as _run_record
 
@@ -119,7 +117,7 @@ def test_ties_at_rank_4_is_saved_and_scored_by_eval(trained, tmp_path, capsys):
     assert "ties of a (×0.5) + b (×0.5)" in text and "density 0.3" in text
     assert json.loads((out / "peftlab.json").read_text())["config"]["r"] == 4
     composed = json.loads((out / "run.json").read_text())["composed"]
-    assert composed["merge"] == "ties" and composed["density"] == 0.3 and composed["rank"] == 4
+    assert composed["merge"] == "ties_svd" and composed["density"] == 0.3 and composed["rank"] == 4
     assert main(["eval", "--adapter", str(out)]) == 0
     assert re.search(rf"{re.escape(str(out))}: accuracy [\d.]+ on \d+ held-out test rows", capsys.readouterr().out)
 
@@ -191,3 +189,27 @@ def test_adapter_names_from_directory_names_are_valid_and_unique():
     names = [_adapter_name(Path(p), taken) for p in
              ("runs/pos/last", "runs/pos/last", "x/half", "x/training", "x/a b.c", "x/.", "runs/neg")]
     assert names == ["pos", "pos_2", "adapter_half", "adapter_training", "a_b_c", "x", "neg"]
+
+
+def test_the_command_offers_compose_s_merges():
+    from peftlab.compose import LOWRANK_MERGES, MERGES
+    assert set(COMPOSE_MERGES) == set(MERGES + LOWRANK_MERGES)
+
+
+def test_factor_wise_ties_and_exact_dense_merge_with_lam(trained, tmp_path, capsys):
+    out = tmp_path / "tf"
+    assert main(["compose", "--op", "ties_factors", str(trained["a"]), str(trained["b"]), "--density", "0.4",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["composed"]["merge"] == "ties_factors"
+    capsys.readouterr()
+    exact = tmp_path / "exact"
+    assert main(["compose", "--op", "ties_svd", str(trained["a"]), str(trained["b"]), "--rank", "full",
+                 "--lam", "1.5", "--out", str(exact)]) == 0
+    text = capsys.readouterr().out
+    assert "ties_svd at full rank: exact, no truncation" in text
+    composed = json.loads((exact / "run.json").read_text())["composed"]
+    assert composed["lam"] == 1.5 and composed["rank"] == "full"
+    assert main(["compose", "--op", "add", str(trained["a"]), str(trained["b"]), "--lam", "2",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--lam scales a merged task vector" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -610,3 +610,87 @@ def test_merge_of_an_adapter_active_at_a_weight_is_refused_and_scale_merges(ids)
     am.merge("half_a")
     assert am.adapters["half_a"].merged
     torch.testing.assert_close(logits(am, ids), weighted, atol=ATOL, rtol=0)
+
+
+# ---- 7. named LoRA merges: _svd (dense, re-factored or exact), _factors (peft's), lam ------------------
+def test_ties_with_lam_at_full_rank_equals_the_dense_reference():
+    """rank="full" stores the merged ΔW exactly (one factor is the identity); lam scales it."""
+    am = peftlab.adapt(tiny_llama(0))
+    names = ["a", "b", "c"]
+    for s, n in enumerate(names):
+        add_lora(am, n, 90 + s, targets=["attn.q", "ffn.down"])
+    dw = {n: {p: delta_of(am, n, p).delta_weight() for p in am.adapters[n].layers} for n in names}
+    weights = (0.5, 1.0, 0.8)
+    out = peftlab.merge_adapters(am, names, how="ties_svd", density=0.3, weights=weights, rank="full",
+                                 lam=1.7, name="t")
+    p = out.provenance
+    assert p["form"] == "dense" and p["merge"] == "ties_svd" and p["lam"] == 1.7
+    assert "svd_relative_error" not in p
+    for path, got in delta_weights(am, "t").items():
+        expected = 1.7 * ref_disjoint_mean([ref_trim(dw[n][path].double(), 0.3) for n in names], weights)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=path)
+        assert delta_of(am, "t", path).r == min(expected.shape)
+    # the plain name on LoRA is the same merge, recorded by its full name
+    plain = peftlab.merge_adapters(am, names, how="ties", density=0.3, weights=weights, rank="full",
+                                   lam=1.7, name="plain")
+    assert plain.provenance["merge"] == "ties_svd"
+    assert all(torch.equal(t, am.adapter_tensors("plain")[(k[0], k[1])])
+               for k, t in am.adapter_tensors("t").items())
+
+
+@pytest.mark.parametrize("how", ["dare_svd", "magnitude_svd"])
+def test_lam_scales_every_merge(how):
+    am = peftlab.adapt(tiny_llama(0))
+    for s, n in enumerate("ab"):
+        add_lora(am, n, 95 + s, targets=["attn.v"])
+    peftlab.merge_adapters(am, ["a", "b"], how=how, rank="full", seed=3, name="one")
+    peftlab.merge_adapters(am, ["a", "b"], how=how, rank="full", seed=3, lam=-0.5, name="neg_half")
+    one, half = delta_weights(am, "one"), delta_weights(am, "neg_half")
+    for path in one:
+        assert one[path].abs().max() > 0
+        torch.testing.assert_close(half[path], -0.5 * one[path], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("how,peft_how", [("ties_factors", "ties"), ("magnitude_factors", "magnitude_prune")])
+def test_factor_wise_merges_equal_peft_add_weighted_adapter(tmp_path, how, peft_how):
+    """peft's own add_weighted_adapter on the same adapters gives the same factors."""
+    from peft import PeftModel
+    am = peftlab.adapt(tiny_llama(0))
+    for s, n in enumerate("ab"):
+        add_lora(am, n, 97 + s, targets=["attn.q", "attn.v", "ffn.up"], alpha=6.0)
+    weights = [0.7, 1.3]
+    out = peftlab.merge_adapters(am, ["a", "b"], how=how, density=0.4, weights=weights, name="m")
+    assert out.provenance["form"] == "factor-wise"
+    for n in "ab":
+        am.save_adapter(tmp_path / n, n)
+    pm = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "a", adapter_name="a")
+    pm.load_adapter(tmp_path / "b", adapter_name="b")
+    pm.add_weighted_adapter(["a", "b"], weights, "m", combination_type=peft_how, density=0.4)
+    ours = am.adapter_tensors("m")
+    checked = 0
+    for module_path, module in pm.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "m" in module.lora_A:
+            for tname, theirs in (("lora_A", module.lora_A["m"].weight), ("lora_B", module.lora_B["m"].weight)):
+                torch.testing.assert_close(ours[(module_path, tname)], theirs.detach(), rtol=1e-6, atol=1e-7)
+                checked += 1
+            assert module.scaling["m"] == delta_of(am, "m", module_path).scaling == 1.0
+    assert checked == 2 * len(out.sites) > 0
+
+
+def test_merge_names_and_arguments_are_checked():
+    am = peftlab.adapt(tiny_llama(0))
+    for s, n in enumerate("ab"):
+        add_lora(am, n, 99 + s, targets=["attn.q"], r=2 + s)
+    add_ia3(am, "i", 1)
+    add_ia3(am, "j", 2)
+    with pytest.raises(peftlab.CapabilityError, match="one rank per site"):
+        peftlab.merge_adapters(am, ["a", "b"], how="ties_factors", name="x")
+    with pytest.raises(peftlab.ConfigError, match="drop rank"):
+        peftlab.merge_adapters(am, ["a", "b"], how="ties_factors", rank=4, name="x")
+    with pytest.raises(peftlab.ConfigError, match="elementwise"):
+        peftlab.merge_adapters(am, ["i", "j"], how="ties_svd", name="x")
+    with pytest.raises(peftlab.ConfigError, match="lam"):
+        peftlab.merge_adapters(am, ["a", "b"], how="ties", lam=float("inf"), name="x")
+    with pytest.raises(peftlab.ConfigError, match="'full'"):
+        peftlab.merge_adapters(am, ["a", "b"], how="ties", rank="all", name="x")
+    assert set(am.adapters) == {"a", "b", "i", "j"}

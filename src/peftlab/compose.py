@@ -26,13 +26,24 @@ Merges act on the task vectors τ_i (ΔW, l − 1, t, copy − base), tensor by 
 * dare: Σ w_i·(m_i ⊙ τ_i)/density with m_i ~ Bernoulli(density) from a generator seeded with
   `seed`, drawn in a fixed order (so the same seed gives the same adapter);
 * dare_ties: DARE's drop and rescale, then TIES's sign election and disjoint mean.
-A non-linear merge of LoRA adapters gives a dense ΔW per site, stored by truncated SVD at
-`rank` (default: the sum of the inputs' ranks there).
+`lam` scales the merged task vector (TIES's λ; the weights of TIES's disjoint mean cancel out).
+
+LoRA adapters merge in one of two ways, named by a suffix:
+* "<rule>_svd" (the plain rule name means this one): the rule on the dense ΔW_i of every site,
+  stored by truncated SVD at `rank` (default: the sum of the inputs' ranks there; the relative
+  error is recorded and printed by `peftlab compose`), or exactly with rank="full" (ΔW = B·I or
+  I·A at rank min(d_out, d_in)).
+* "<rule>_factors" (peft's `add_weighted_adapter` for ties, dare_linear, dare_ties,
+  magnitude_prune): the rule on the A factors and, separately, on the B factors, with weights
+  √|w_i·s_i| (A's carrying the sign); needs one rank per site; stored at that rank with scaling 1.
+  As in peft: a top-⌊density·n⌋ trim, the sign elected by the unweighted sum, the disjoint mean
+  by count. Cheap and rank-preserving, but B_merged·A_merged has cross terms B_i·A_j.
 
     peftlab.add(am, ["a", "b"], name="ab")                 # the average, exact
     peftlab.negate(am, "toxic", name="detox")
     peftlab.analogy(am, "cls_a", "lm_b", "lm_a", name="cls_b")
     peftlab.merge_adapters(am, ["a", "b", "c"], how="ties", density=0.2, rank=16, name="abc")
+    peftlab.merge_adapters(am, ["a", "b"], how="ties_svd", lam=1.5, rank="full", name="exact")
 
 The result is an ordinary adapter (inactive, frozen): it saves, loads, merges, exports to the
 peft format, and its card shows how it was made (`Adapter.provenance`).
@@ -58,6 +69,9 @@ if TYPE_CHECKING:
 
 MODES = ("delta", "parameter")
 MERGES = ("linear", "magnitude", "ties", "dare", "dare_ties")
+# LoRA only: the same rules on dense ΔW (re-factored), or on the factors as peft does
+LOWRANK_MERGES = tuple(f"{m}_{way}" for way in ("svd", "factors") for m in MERGES if m != "linear")
+FULL = "full"                             # rank="full": no truncation
 IDENTITY = {"additive": 0.0, "scale": 1.0}
 SIGNED_FACTORS = ("lora_B", "pissa_B0")   # LoRA tensors that carry the sign in parameter space
 SHARED_INIT_COSINE = 0.3                  # below this mean cos(A_i, A_1) the inits look unrelated
@@ -101,30 +115,38 @@ def analogy(am: AdaptedModel, a: str, b: str, c: str, *, name: str, weights: tup
 
 def merge_adapters(am: AdaptedModel, names: Sequence[str], *, name: str, how: str = "ties",
                    weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0,
-                   rank: int | None = None) -> Adapter:
-    """Merge N adapters with `how` in MERGES (see the module docstring) into a new adapter."""
+                   rank: int | str | None = None, lam: float = 1.0) -> Adapter:
+    """Merge N adapters with `how` (MERGES; for LoRA also LOWRANK_MERGES: see the module
+    docstring) into a new adapter; the merged task vector is scaled by `lam`."""
     return compose(am, names, weights, name=name, op=how, how=how, rank=rank,
-                   density=None if how == "linear" else density, seed=seed if how.startswith("dare") else None)
+                   density=None if how == "linear" else density, seed=seed if how.startswith("dare") else None,
+                   lam=lam)
 
 
 # ---- the engine ---------------------------------------------------------------------------------
 def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | None, *, name: str,
-            op: str, how: str = "linear", mode: str = "delta", rank: int | None = None,
-            density: float | None = None, seed: int | None = None) -> Adapter:
+            op: str, how: str = "linear", mode: str = "delta", rank: int | str | None = None,
+            density: float | None = None, seed: int | None = None, lam: float = 1.0) -> Adapter:
     """Combine adapters `names` with `weights` by merge rule `how` in `mode` space into a new
-    adapter `name`; `op` is the operator's name recorded in the provenance."""
+    adapter `name`, the merged task vector scaled by `lam`; `op` is the operator's name recorded
+    in the provenance."""
     inputs = [am.adapter(n) for n in names]
-    weights = _check_request(inputs, weights, how, mode, rank, density)
+    weights = _check_request(inputs, weights, how, mode, rank, density, lam)
     first = inputs[0]
     form = first.method.composition
-    merge = _merge_rule(how, density, seed)
+    if form == "lowrank" and how in MERGES and how != "linear":
+        how += "_svd"       # the plain name on LoRA: named for what it does
+    rule = how.rsplit("_", 1)[0] if how in LOWRANK_MERGES else how
+    merge = _merge_rule(rule, density, seed, lam)
 
     # sites on slices of a fused projection keep them, unless the result is re-factored as
     # dense factors over the whole layer (`LowRankDelta.factors` scatters a slice's B: exact)
     slices = {s.path: s.slices for s in first.sites if s.slices}
-    if form == "lowrank":
+    if form == "lowrank" and how.endswith("_factors"):
+        tensors, config, info = _factor_wise(inputs, weights, rule, density, seed, lam)
+    elif form == "lowrank":
         tensors, config, info = _compose_lowrank(inputs, weights, mode, how, merge, rank)
-        if info["form"] in ("concatenated", "svd"):
+        if info["form"] in ("concatenated", "svd", "dense"):
             slices = {}
     else:
         tensors = _compose_elementwise(inputs, weights, IDENTITY[form], merge)
@@ -133,7 +155,7 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
         "op": op, "mode": mode, "merge": how,
         "inputs": [{"name": a.name, "weight": w, **({"provenance": a.provenance} if a.provenance else {})}
                    for a, w in zip(inputs, weights, strict=True)],
-        "density": density, "seed": seed, **info,
+        "density": density, "seed": seed, **({"lam": lam} if lam != 1.0 else {}), **info,
     }
     return am.install(name, config, sites=[s.path for s in first.sites], tensors=tensors,
                       copies=_compose_copies(inputs, weights, merge), provenance=provenance,
@@ -141,19 +163,25 @@ def compose(am: AdaptedModel, names: Sequence[str], weights: Sequence[float] | N
 
 
 def _check_request(inputs: list[Adapter], weights: Sequence[float] | None, how: str, mode: str,
-                   rank: int | None, density: float | None) -> list[float]:
+                   rank: int | str | None, density: float | None, lam: float) -> list[float]:
     """The weights as floats, or a clear error for anything that cannot be composed."""
     if not inputs:
         raise AdapterError("composition needs at least one adapter")
     if mode not in MODES:
         raise ConfigError(f"composition mode {mode!r} is unknown; choose 'delta' (exact) or 'parameter' "
                           "(the paper's: factors combined separately)")
-    if how not in MERGES:
-        raise ConfigError(f"merge {how!r} is unknown; choose one of {MERGES}")
+    if how not in MERGES + LOWRANK_MERGES:
+        raise ConfigError(f"merge {how!r} is unknown; choose one of {MERGES} (LoRA adapters also "
+                          f"{LOWRANK_MERGES})")
     if mode == "parameter" and how != "linear":
         raise ConfigError(f"{how} merges task vectors in delta space; use mode='delta'")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
-        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if rank is not None and rank != FULL and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise ConfigError(f"rank must be a positive integer or 'full' (no truncation), got {rank!r}")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam)):
+        raise ConfigError(f"lam (the scale of the merged task vector) must be a finite number, got {lam!r}")
+    if how.endswith("_factors") and rank is not None:
+        raise ConfigError(f"{how} merges the factors at the inputs' rank; drop rank (or use "
+                          f"{how.replace('_factors', '_svd')} to re-factor)")
     if density is not None and not 0.0 < density <= 1.0:
         raise ConfigError(f"density (the fraction of entries kept) must be in (0, 1], got {density!r}")
     n = len(inputs)
@@ -175,6 +203,9 @@ def _check_request(inputs: list[Adapter], weights: Sequence[float] | None, how: 
     if method.composition != "lowrank" and rank is not None:
         raise ConfigError(f"rank applies to low-rank (LoRA) adapters; {method.title} adapters are "
                           "elementwise and compose exactly without it: drop rank")
+    if method.composition != "lowrank" and how in LOWRANK_MERGES:
+        raise ConfigError(f"{how} is a way to merge LoRA factors; {method.title} adapters are "
+                          f"elementwise: use {how.rsplit('_', 1)[0]!r}")
     if method.composition == "lowrank" and mode == "parameter" and rank is not None:
         raise ConfigError("rank re-factoring is a delta-space operation; drop --rank or use mode='delta'")
     for a in inputs:
@@ -236,9 +267,12 @@ def _compose_lowrank(inputs: list[Adapter], weights: list[float], mode: str, how
     for path, ds in deltas.items():
         dtype = ds[0].lora_A.dtype
         pairs = [_factors(d) for d in ds]
-        if how == "linear" and rank is None:     # exact: concatenated rank
+        if how == "linear" and rank in (None, FULL):     # exact: concatenated rank
             B = torch.cat([w * b for w, (b, _) in zip(weights, pairs, strict=True)], dim=1)
             A = torch.cat([a for _, a in pairs])
+        elif rank == FULL:
+            dense = merge([b @ a for b, a in pairs], weights, f"{path}.delta_weight")
+            B, A = _exact_factors(dense)
         else:
             dense = merge([b @ a for b, a in pairs], weights, f"{path}.delta_weight")
             k = rank or sum(a.shape[0] for _, a in pairs)
@@ -257,7 +291,7 @@ def _compose_lowrank(inputs: list[Adapter], weights: list[float], mode: str, how
         info = {"form": "svd", "rank": r, "svd_relative_error": {
             "max": max(values), "mean": sum(values) / len(values), "per_site": errors}}
     else:
-        info = {"form": "concatenated", "rank": r}
+        info = {"form": "dense" if rank == FULL and how != "linear" else "concatenated", "rank": r}
     return tensors, config, info
 
 
@@ -295,6 +329,71 @@ def _parameter_space(first: Adapter, weights: list[float], deltas: dict):
                       "the exact combination", CompositionWarning, stacklevel=5)
     return tensors, copy.deepcopy(first.config), {"form": "factors combined", "rank": None,
                                                   "shared_init_cosine": mean_cos}
+
+
+def _exact_factors(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B, A with B A = `dense` exactly, at rank min(d_out, d_in): one factor is the identity."""
+    d_out, d_in = dense.shape
+    if d_in <= d_out:
+        return dense.clone(), torch.eye(d_in, dtype=dense.dtype, device=dense.device)
+    return torch.eye(d_out, dtype=dense.dtype, device=dense.device), dense.clone()
+
+
+def _factor_wise(inputs: list[Adapter], weights: list[float], rule: str, density: float,
+                 seed: int | None, lam: float):
+    """peft's factor-wise merge: `rule` on the A factors and on the B factors separately, with
+    weights √|w_i·s_i| (A's signed), at the inputs' common rank, scaling 1 (α = r)."""
+    first = inputs[0]
+    generator = torch.Generator().manual_seed(seed or 0)
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for site in first.sites:
+        ds = [a.layers[site.path].deltas[a.name] for a in inputs]
+        factors = [d.factors() for d in ds]                                    # (B, A) each
+        if len({A.shape for _, A in factors}) > 1:
+            raise CapabilityError(f"{rule}_factors merges factors entry by entry, so the inputs need one "
+                                  f"rank per site; at {site.path!r} they have "
+                                  f"{[A.shape[0] for _, A in factors]}. Use {rule}_svd")
+        scaled = [w * d.scaling for w, d in zip(weights, ds, strict=True)]
+        w_A = [math.copysign(math.sqrt(abs(v)), v) for v in scaled]
+        w_B = [math.sqrt(abs(v)) for v in scaled]
+        A = _peft_rule(rule, [a.detach().float() for _, a in factors], w_A, density, generator)
+        B = _peft_rule(rule, [b.detach().float() for b, _ in factors], w_B, density, generator) * lam
+        dtype = ds[0].lora_A.dtype
+        ranks[site.path] = A.shape[0]
+        tensors[(site.path, "lora_A")] = A.reshape(A.shape[0], *ds[0].lora_A.shape[1:]).to(dtype)
+        tensors[(site.path, "lora_B")] = B.reshape(B.shape[0], A.shape[0], *ds[0].lora_B.shape[2:]).to(dtype)
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {re.escape(p): k for p, k in ranks.items() if k != r}
+    config = dataclasses.replace(first.config, r=r, alpha=float(r), rslora=False, dora=False, init="zero",
+                                 rank_pattern=odd, alpha_pattern={p: float(k) for p, k in odd.items()})
+    return tensors, config, {"form": "factor-wise", "rank": r}
+
+
+def _peft_rule(rule: str, tensors: list[torch.Tensor], weights: list[float], density: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """peft's merge utilities' definitions: magnitude keeps the top ⌊density·n⌋ entries, DARE
+    drops with Bernoulli(density) and rescales, TIES elects the sign of the unweighted sum
+    (ties to +) and averages the weighted entries of that sign by count."""
+    def keep_top(t: torch.Tensor) -> torch.Tensor:
+        if density >= 1:
+            return t
+        k = int(density * t.numel())
+        mask = torch.zeros(t.numel(), dtype=t.dtype)
+        mask[t.abs().reshape(-1).topk(k).indices] = 1
+        return t * mask.view_as(t)
+
+    if rule in ("magnitude", "ties"):
+        stacked = torch.stack([keep_top(t) for t in tensors])
+    else:   # dare, dare_ties
+        stacked = torch.stack([t * (torch.rand(t.shape, generator=generator) < density) / density
+                               for t in tensors])
+    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *[1] * tensors[0].dim())
+    if rule in ("magnitude", "dare"):
+        return (stacked * w).sum(0)
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = stacked.sign() == elected
+    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def _truncated_svd(dense: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -336,12 +435,16 @@ def _compose_copies(inputs: list[Adapter], weights: list[float], merge: Callable
 
 
 # ---- merge rules on task vectors ----------------------------------------------------------------
-def _merge_rule(how: str, density: float | None, seed: int | None) -> Callable:
-    """f(task vectors, weights, key) -> merged task vector. DARE draws its masks from one
-    generator in call order, and callers walk sites, tensors and inputs in a fixed order."""
+def _merge_rule(how: str, density: float | None, seed: int | None, lam: float = 1.0) -> Callable:
+    """f(task vectors, weights, key) -> merged task vector, times `lam`. DARE draws its masks from
+    one generator in call order, and callers walk sites, tensors and inputs in a fixed order."""
     generator = torch.Generator().manual_seed(seed or 0)
 
     def rule(taus: list[torch.Tensor], weights: list[float], key: str) -> torch.Tensor:
+        merged = unscaled(taus, weights)
+        return merged if lam == 1.0 else merged * lam
+
+    def unscaled(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         if how == "linear":
             return weighted_sum(taus, weights)
         if how == "magnitude":
