@@ -10,7 +10,8 @@ AdamW steps inside the GaLore optimizers). Input: batch x seq random token ids, 
 
 Variants (one seeded base, deep-copied; peftlab.training.optim.build_optimizer, lr 1e-4):
 adamw (torch.optim.AdamW), galore r8 / r64, natural-galore r8 / r64 with s = 20 (update_gap 200,
-scale 0.25, λ 1e-3: the defaults).
+scale 0.25, two-sided projection, relative λ 1: the defaults), and natural-galore one-sided (the
+papers' projection) r8 / r64.
 
 Memory: optimizer_state_bytes after the first step (every state tensor exists then).
 Time: time.perf_counter around forward + backward and around optimizer.step (CUDA synchronised).
@@ -24,8 +25,9 @@ refresh cost amortised over update_gap steps: (refresh + (T−1)·steady) / T.
 
 A forced refresh costs ~2-3 s on one CPU thread (36 SVDs), so a full run (5 rounds) takes
 ~2 min on a shared 2-core CPU and --quick (2 rounds, batch 4) ~1 min.
-Natural GaLore's history is s·r·n per matrix: at r = 64, s = 20 on 384-wide matrices it is
-larger than AdamW's 2·m·n, so that variant holds more state than AdamW.
+Natural GaLore's history is s·r·n per matrix one-sided: at r = 64, s = 20 on 384-wide matrices
+it is larger than AdamW's 2·m·n, so that variant holds more state than AdamW; two-sided it is
+s·r² (r×r projected gradients).
 
 Usage: python bench/optimizer_state.py [--quick] [--rounds N] [--batch 8] [--seq 64]
                                        [--device cpu|cuda] [--threads 1]
@@ -122,8 +124,10 @@ def main() -> int:
         "adamw": {},
         "galore r8": {"rank": 8},
         "galore r64": {"rank": 64},
-        "natural r8 s20": {"rank": 8, "history": 20},
+        "natural r8 s20": {"rank": 8, "history": 20},                    # two-sided: the default
         "natural r64 s20": {"rank": 64, "history": 20},
+        "natural one-sided r8 s20": {"rank": 8, "history": 20, "projection": "one-sided"},
+        "natural one-sided r64 s20": {"rank": 64, "history": 20, "projection": "one-sided"},
     }
     models, optimizers = {}, {}
     for name, options in variants.items():

@@ -71,30 +71,33 @@ def test_ineligible_params_in_a_subspace_group_take_adamw_steps():
 # ---- dense references -----------------------------------------------------------------------------
 def dense_reference(W0: torch.Tensor, grads: list[torch.Tensor], *, rank: int, gap: int, side: str,
                     lr: float, scale: float, wd: float, eps: float, betas=(0.9, 0.999),
-                    history: int | None = None, damping: float = 1e-3, reset: bool = True
-                    ) -> torch.Tensor:
+                    history: int | None = None, damping: float = 1e-3, reset: bool = True,
+                    relative: bool = False) -> torch.Tensor:
     """GaLore (history None) or Natural GaLore written out densely in float64: SVD projector every
-    `gap` steps, explicit Fisher (λI + Σ g gᵀ) solved with torch.linalg.solve, Adam by hand.
-    Returns the final weight."""
+    `gap` steps (side "both": Pᵀ G Q), explicit Fisher (λI + Σ g gᵀ; `relative`: λ times the
+    mean ‖g‖² of the history) solved with torch.linalg.solve, Adam by hand. Returns the final weight."""
     W = W0.double().clone()
     m = v = None
     past: list[torch.Tensor] = []
     for t, G in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
             U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)   # float32 SVD, as the optimizer
-            P = (U[:, :rank] if side == "left" else Vh[:rank].T).double()
+            P = (U[:, :rank] if side in ("left", "both") else Vh[:rank].T).double()
+            Q = Vh[:rank].T.double()
             if t > 1 and reset:
                 past = []
-        R = P.T @ G.double() if side == "left" else G.double() @ P            # (r, n) or (m, r)
+        R = {"left": lambda: P.T @ G.double(), "right": lambda: G.double() @ P,
+             "both": lambda: P.T @ G.double() @ Q}[side]()                    # (r, n), (m, r), (r, r)
         if history is not None:
             past = (past + [R.flatten()])[-history:]
             Gm = torch.stack(past, dim=1)                                     # (k, c)
-            fisher = damping * torch.eye(Gm.shape[0], dtype=torch.float64) + Gm @ Gm.T
+            lam = damping * (Gm.square().sum(0).mean() if relative else 1.0)
+            fisher = lam * torch.eye(Gm.shape[0], dtype=torch.float64) + Gm @ Gm.T
             R = torch.linalg.solve(fisher, R.flatten()).view_as(R)
         m = (1 - betas[0]) * R if m is None else betas[0] * m + (1 - betas[0]) * R
         v = (1 - betas[1]) * R * R if v is None else betas[1] * v + (1 - betas[1]) * R * R
         N = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
-        W = W - lr * scale * (P @ N if side == "left" else N @ P.T)
+        W = W - lr * scale * {"left": lambda: P @ N, "right": lambda: N @ P.T, "both": lambda: P @ N @ Q.T}[side]()
         W = W * (1 - lr * wd)
     return W
 
@@ -151,7 +154,9 @@ def test_projector_refreshes_exactly_every_update_gap_steps():
 @pytest.mark.parametrize("history, steps", [(10, 5), (3, 7)])   # longer than the run; wrapping around
 @pytest.mark.parametrize("shape, side", [((12, 20), "left"), ((20, 12), "right")])
 def test_natural_galore_matches_explicit_fisher(history, steps, shape, side, device):
-    options = {"rank": 4, "update_gap": 4, "preconditioner": "natural", "history": history, "damping": 1e-3}
+    """The paper's form: one-sided projection, absolute damping."""
+    options = {"rank": 4, "update_gap": 4, "preconditioner": "natural", "history": history, "damping": 1e-3,
+               "projection": "one-sided", "damping_mode": "absolute"}
     W0, W, grads, info = subspace_run(shape, steps, device=device, **options)
     expected = dense_reference(W0, grads, rank=4, gap=4, side=side, lr=1e-2, scale=0.25, wd=0.1,
                                   eps=1e-6, history=history, damping=1e-3)
@@ -162,6 +167,27 @@ def test_natural_galore_matches_explicit_fisher(history, steps, shape, side, dev
     state = info["opt"].state[info["opt"].param_groups[0]["params"][0]]
     assert state["history"].shape == (history, 80)
     assert {t.device.type for t in state.values() if isinstance(t, torch.Tensor)} == {device}
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+@pytest.mark.parametrize("relative", [True, False])
+def test_two_sided_natural_galore_matches_explicit_fisher(shape, relative):
+    """The official code's form (Natural GaLore's default): an r×r core Pᵀ G Q, history s × r²;
+    damping relative to the history's mean squared norm by default."""
+    options = {"rank": 4, "update_gap": 3, "preconditioner": "natural", "history": 3, "damping": 0.05,
+               **({} if relative else {"damping_mode": "absolute"})}
+    W0, W, grads, info = subspace_run(shape, 7, **options)
+    group = info["group"]
+    assert group["projection"] == "two-sided" and group["damping_mode"] == ("relative" if relative else "absolute")
+    expected = dense_reference(W0, grads, rank=4, gap=3, side="both", lr=1e-2, scale=0.25, wd=0.1,
+                               eps=1e-6, history=3, damping=0.05, relative=relative)
+    torch.testing.assert_close(W.double(), expected, rtol=0, atol=1e-5)
+    other = dense_reference(W0, grads, rank=4, gap=3, side="both", lr=1e-2, scale=0.25, wd=0.1,
+                            eps=1e-6, history=3, damping=0.05, relative=not relative)
+    assert (other - expected).abs().max() > 1e-4          # the damping mode matters here
+    state = info["opt"].state[info["opt"].param_groups[0]["params"][0]]
+    assert state["history"].shape == (3, 16) and state["exp_avg"].shape == (4, 4)
+    assert state["projector"].shape == (shape[0], 4) and state["projector_right"].shape == (shape[1], 4)
 
 
 def test_half_precision_params_keep_their_dtype_and_follow_the_float32_run():
@@ -200,7 +226,8 @@ def test_state_dict_round_trip_resumes_exactly():
 
 
 def test_natural_galore_history_survives_a_switch_when_reset_is_off():
-    options = {"rank": 4, "update_gap": 2, "preconditioner": "natural", "history": 4, "damping": 1e-3}
+    options = {"rank": 4, "update_gap": 2, "preconditioner": "natural", "history": 4, "damping": 1e-3,
+               "projection": "one-sided", "damping_mode": "absolute"}
     W0, W, grads, _ = subspace_run((12, 20), 6, reset_history_on_switch=False, **options)
     kept = dense_reference(W0, grads, rank=4, gap=2, side="left", lr=1e-2, scale=0.25, wd=0.1,
                               eps=1e-6, history=4, reset=False)
@@ -218,7 +245,7 @@ def square_model(d: int = 64, layers: int = 3) -> nn.Sequential:
 
 def one_step_state_bytes(model: nn.Module, name: str, **options) -> int:
     opt = build_optimizer(list(model.named_parameters()), name, lr=1e-3, **options)
-    model(torch.randn(4, 64)).square().mean().backward()
+    model(torch.randn(4, model[0].in_features)).square().mean().backward()
     opt.step()
     return optimizer_state_bytes(opt)
 
@@ -228,7 +255,9 @@ def test_state_memory_matches_the_shapes():
     base = square_model(d, layers)
     adamw = one_step_state_bytes(copy.deepcopy(base), "adamw")
     galore = one_step_state_bytes(copy.deepcopy(base), "galore", rank=r)
-    natural = one_step_state_bytes(copy.deepcopy(base), "natural-galore", rank=r, history=s)
+    natural = one_step_state_bytes(copy.deepcopy(base), "natural-galore", rank=r, history=s,
+                                   projection="one-sided")
+    two_sided = one_step_state_bytes(copy.deepcopy(base), "natural-galore", rank=r, history=s)
     weights, biases = layers * d * d, layers * d
     # torch's AdamW: two moments per element and a float32 step counter per parameter.
     assert adamw == f32 * (2 * (weights + biases) + 2 * layers)
@@ -236,6 +265,14 @@ def test_state_memory_matches_the_shapes():
     per_matrix = 2 * r * d + d * r                               # two r×n moments + the m×r projector
     assert galore == f32 * layers * per_matrix + plain_share
     assert natural == galore + f32 * layers * s * r * d          # + the s × r·n gradient history
+    # two-sided: P (m, r), Q (n, r), two r×r moments, an s × r² history
+    assert two_sided == f32 * layers * (2 * d * r + 2 * r * r + s * r * r) + plain_share
+    # on MiniLM-wide matrices (384) at rank 8 that is less than GaLore's state (1.2× would be the
+    # bound); at r/d = 1/8 here, s·r² outweighs what Q saves
+    wide = square_model(384, 2)
+    galore_wide = one_step_state_bytes(copy.deepcopy(wide), "galore", rank=r)
+    assert one_step_state_bytes(copy.deepcopy(wide), "natural-galore", rank=r, history=s) <= 1.2 * galore_wide
+    assert galore < two_sided < natural
     expected_fraction = (f32 * layers * per_matrix + plain_share) / (f32 * 2 * (weights + biases))
     assert galore / adamw <= expected_fraction < 0.21            # 3rd / 2d² = 0.1875 for the matrices
 
@@ -263,21 +300,27 @@ def test_galore_and_natural_galore_train_about_as_well_as_adamw():
     # Rank 8 of hidden 32, the paper's fine-tuning scale 4, a projector refresh every 50 steps.
     options = {"rank": 8, "update_gap": 50, "scale": 4.0}
     galore = lm_losses("galore", **options)
-    natural = lm_losses("natural-galore", damping=1.0, **options)
-    natural_paper_damping = lm_losses("natural-galore", **options)
+    one_sided = {"projection": "one-sided", **options}
+    natural = lm_losses("natural-galore", **one_sided)                     # relative λ = 1
+    natural_paper_damping = lm_losses("natural-galore", damping_mode="absolute", **one_sided)
+    two_sided = lm_losses("natural-galore", **options)                     # the defaults
     print(f"initial {adamw[0]:.3f}; final adamw {adamw[-1]:.3f}, galore {galore[-1]:.3f}, natural "
-          f"{natural[-1]:.3f} (λ=1), {natural_paper_damping[-1]:.3f} (λ=1e-3)")
-    # Measured (100 steps): initial 4.57; final adamw 0.113, galore 0.056, natural (λ = 1) 0.050.
+          f"one-sided {natural[-1]:.3f} (relative λ=1), {natural_paper_damping[-1]:.3f} (absolute "
+          f"λ=1e-3), two-sided {two_sided[-1]:.3f}")
+    # Measured (100 steps): initial 4.57; final adamw 0.113, galore 0.056, natural one-sided 0.058.
     # Tolerance: final <= 1.5 × AdamW's final and <= 0.5 × the initial loss.
     for losses in (galore, natural):
         assert losses[0] == pytest.approx(adamw[0])
         assert losses[-1] <= 0.5 * losses[0]
         assert losses[-1] <= 1.5 * adamw[-1]
-    # With the paper's λ = 1e-3, which is small against this tiny model's projected gradients
+    # With the paper's absolute λ = 1e-3, small against this tiny model's projected gradients
     # (|g|² up to ~0.4), g̃ ≈ (GGᵀ)⁺ g whitens the history: it amplifies the directions in which
     # successive gradients differ over their common descent direction, and the loss falls much
-    # more slowly (measured 1.76 after 100 steps; similar on shuffled mini-batches). Still training.
+    # more slowly (measured 1.76; relative λ 1e-3: 1.93, 0.1: 0.51, 1: 0.058, 10: 0.006).
     assert natural_paper_damping[-1] <= 0.5 * natural_paper_damping[0]
+    # Two-sided (the code's r×r core, the default for its memory) learns in an 8×8 core of these
+    # 32-wide matrices, far less than one-sided's 8×32: measured 2.05 (GaLore two-sided 1.17).
+    assert two_sided[-1] <= 0.5 * two_sided[0]
 
 
 # ---- building by name, LoRA+ ----------------------------------------------------------------------

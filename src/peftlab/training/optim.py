@@ -17,7 +17,20 @@ included): g̃ = (λI + G Gᵀ)⁻¹ g. The paper computes it with the Woodbury 
 g̃ = λ⁻¹ g − λ⁻² G z with (I_s + λ⁻¹ GᵀG) z = Gᵀ g solved by Cholesky; because g is a column of
 G this equals G (λ I_s + GᵀG)⁻¹ e (e picks the current gradient), which is computed instead: the
 same s×s Cholesky solve without the cancellation that costs the Woodbury form ~σ²/λ in precision.
-Then Adam on g̃ as above. It adds the s × (r·n) history to GaLore's state.
+Then Adam on g̃ as above.
+
+Projection (`projection`): "one-sided" (Pᵀ G or G Q, both papers' form; GaLore's default) or
+"two-sided" (Pᵀ G Q with P, Q the top-r left and right singular vectors: an r×r core, the rank-r
+Tucker decomposition the official Natural GaLore code uses; Natural GaLore's default). The
+gradient history holds s projected gradients: s·r·n values one-sided — more than AdamW's two
+m×n moments at r = 64, s = 20 on 384-wide matrices — but s·r² two-sided, so Natural GaLore's
+state stays near GaLore's (`bench/optimizer_state.py`).
+
+Damping (`damping_mode`): "relative" (the default) uses λ·mean‖g_i‖² over the history, so λ is a
+multiple of the gradients' own energy and means the same whether the projected gradients are
+1e-6 or 1e2 in squared norm (default λ = 1); "absolute" uses λ as given (the paper's and its
+code's, default 1e-3: on a small model with |g|² ≫ λ, (λI + GGᵀ)⁻¹ g whitens the history and
+training slows, tests/test_optim.py).
 
 **LoRA+** (Hayou et al., 2024) is AdamW with the LoRA "up" factor B at a larger learning rate
 (lr·ratio, ratio 16 by default) than A. The B factors are the parameters named `…lora_B` (LoRA,
@@ -27,12 +40,14 @@ factors of a weight delta and keep the base lr.
 
 Paper-versus-code choices (spec §13.2):
 
-* Projection is one-sided (Pᵀ G or G Q), as in both papers; the official Natural GaLore code
-  projects matrices two-sided with a rank-r Tucker decomposition (r×r state), which is not done.
+* Projection: both papers project one-sided; the official Natural GaLore code two-sided (rank-r
+  Tucker, r×r state). Both are offered; Natural GaLore defaults to the code's two-sided form,
+  which is what keeps its history small (the paper's "no additional memory").
 * The official code keeps the gradient history across projector refreshes, mixing vectors of the
   old and new subspace. `reset_history_on_switch=True` (the default) clears it at every refresh
   after the first; False reproduces the code.
-* λ (`damping`) is configurable; the code hard-codes 1e-3, the default here.
+* λ (`damping`) is configurable; the code hard-codes 1e-3 (absolute): damping_mode="absolute"
+  with no λ reproduces it; the default is relative damping with λ = 1.
 * Adam's ε is added to the bias-corrected √v̂ (m̂ / (√v̂ + ε), the papers' and torch's AdamW form);
   the GaLore code adds it before bias correction. Subspace groups default to ε = 1e-6 (paper
   code), plain groups to AdamW's 1e-8. The SVD runs in float32 whatever the parameter dtype, the
@@ -58,11 +73,18 @@ from ..core.method import check_number, check_positive_int
 OPTIMIZERS = ("adamw", "galore", "natural-galore", "loraplus")
 PROJ_SIDES = ("auto", "left", "right")
 PRECONDITIONERS = ("none", "natural")
+PROJECTIONS = ("one-sided", "two-sided")
+DAMPING_MODES = ("relative", "absolute")
 
 _SUBSPACE_DEFAULTS: dict[str, Any] = {
     "update_gap": 200, "scale": 0.25, "proj_side": "auto", "preconditioner": "none",
-    "history": 20, "damping": 1e-3, "reset_history_on_switch": True,
+    "history": 20, "damping": None, "reset_history_on_switch": True,
+    "projection": None,             # None: two-sided for Natural GaLore, one-sided for GaLore
+    "damping_mode": "relative",
 }
+# λ when none is given: the paper's 1e-3 as an absolute damping; 1 as a relative one (measured on
+# tiny_llama memorisation, tests/test_optim.py: relative λ 1e-3 whitens as the absolute 1e-3 does)
+DEFAULT_DAMPING = {"absolute": 1e-3, "relative": 1.0}
 _SUBSPACE_EPS = 1e-6      # GaLore / Natural GaLore paper code
 _ADAMW_EPS = 1e-8         # torch.optim.AdamW
 
@@ -83,11 +105,17 @@ def _check_adam_options(group: Mapping[str, Any]) -> None:
 
 
 def _check_subspace_options(group: Mapping[str, Any]) -> None:
+    if group["projection"] not in PROJECTIONS:
+        raise ConfigError(f"projection {group['projection']!r} is unknown; choose one of {PROJECTIONS} "
+                          "('two-sided': an r×r core, Natural GaLore's default)")
+    if group["damping_mode"] not in DAMPING_MODES:
+        raise ConfigError(f"damping_mode {group['damping_mode']!r} is unknown; choose one of {DAMPING_MODES} "
+                          "('relative': λ times the history's mean squared norm)")
     check_positive_int("GaLore rank", group["rank"])
     check_positive_int("GaLore update_gap (steps between projector refreshes)", group["update_gap"])
     check_positive_int("Natural GaLore history (number of past gradients)", group["history"])
     _positive("GaLore scale", group["scale"], " (the paper uses 0.25 for pre-training, 4 for fine-tuning)")
-    _positive("Natural GaLore damping λ", group["damping"], " (the paper code uses 1e-3)")
+    _positive("Natural GaLore damping λ", group["damping"], " (the paper code uses 1e-3, absolute)")
     if group["proj_side"] not in PROJ_SIDES:
         raise ConfigError(f"GaLore proj_side {group['proj_side']!r} is unknown; choose one of {PROJ_SIDES} "
                           "('auto' projects on the smaller side)")
@@ -133,6 +161,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if subspace:
             for key, value in _SUBSPACE_DEFAULTS.items():
                 param_group.setdefault(key, value)
+            if param_group["damping"] is None and param_group["damping_mode"] in DEFAULT_DAMPING:
+                param_group["damping"] = DEFAULT_DAMPING[param_group["damping_mode"]]
+            if param_group["projection"] is None:
+                param_group["projection"] = ("two-sided" if param_group["preconditioner"] == "natural"
+                                             else "one-sided")
         if param_group.get("eps", self.defaults["eps"]) is None:
             param_group["eps"] = _SUBSPACE_EPS if subspace else _ADAMW_EPS
         merged = {**self.defaults, **param_group}   # validated before the group is added
@@ -196,34 +229,42 @@ class SubspaceAdamW(torch.optim.Optimizer):
         grad = p.grad                                   # (m, n)
         rank = group["rank"]
         natural = group["preconditioner"] == "natural"
+        if group["projection"] == "two-sided":
+            side = "both"
         if not state:
             self._init_subspace_state(state, p, rank, side, natural, group["history"])
         state["step"] += 1
         if (state["step"] - 1) % group["update_gap"] == 0:
             refreshed = "projector" in state
-            state["projector"] = _top_singular_vectors(grad, rank, side)   # (m, r) or (n, r)
+            # (m, r) or (n, r); two-sided: P (m, r) and Q (n, r)
+            state["projector"], right = _top_singular_vectors(grad, rank, side)
+            if right is not None:
+                state["projector_right"] = right
             if natural and refreshed and group["reset_history_on_switch"]:
                 state["history_len"] = 0
                 state["history_pos"] = 0
-        P = state["projector"]
+        P, Q = state["projector"], state.get("projector_right")
         if natural:
             current = state["history_pos"]
-            row = state["history"][current]                                 # (k,), k = r·n or m·r
-            _project(grad, P, side, out=row.view(state["exp_avg"].shape))
+            row = state["history"][current]                         # (k,), k = r·n, m·r or r·r
+            _project(grad, P, side, Q, out=row.view(state["exp_avg"].shape))
             state["history_pos"] = (current + 1) % group["history"]
             state["history_len"] = min(state["history_len"] + 1, group["history"])
             projected = _natural_gradient(state["history"][: state["history_len"]], current,
-                                          group["damping"]).view(state["exp_avg"].shape)
+                                          group["damping"], group["damping_mode"] == "relative"
+                                          ).view(state["exp_avg"].shape)
         else:
-            projected = _project(grad, P, side)                             # (r, n) or (m, r)
-        direction = self._adam_direction(state, projected, group)           # N, projected shape
+            projected = _project(grad, P, side, Q)                  # (r, n), (m, r) or (r, r)
+        direction = self._adam_direction(state, projected, group)   # N, projected shape
         lr = group["lr"]
         step_size = -lr * group["scale"]
         # Back-projection accumulated straight into p (GEMM with beta=1): no m×n temporary.
         if side == "left":
-            p.addmm_(P, direction, alpha=step_size)                         # P N: (m, r)(r, n)
+            p.addmm_(P, direction, alpha=step_size)                 # P N: (m, r)(r, n)
+        elif side == "right":
+            p.addmm_(direction, P.T, alpha=step_size)               # N Qᵀ: (m, r)(r, n)
         else:
-            p.addmm_(direction, P.T, alpha=step_size)                       # N Qᵀ: (m, r)(r, n)
+            p.addmm_(P @ direction, Q.T, alpha=step_size)           # P N Qᵀ: (m, r)(r, n)
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
 
@@ -231,7 +272,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def _init_subspace_state(state: dict[str, Any], p: torch.Tensor, rank: int, side: str,
                              natural: bool, history: int) -> None:
         m, n = p.shape
-        shape = (rank, n) if side == "left" else (m, rank)
+        shape = {"left": (rank, n), "right": (m, rank), "both": (rank, rank)}[side]
         state["step"] = 0
         state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -241,22 +282,30 @@ class SubspaceAdamW(torch.optim.Optimizer):
             state["history_pos"] = 0     # the row the next gradient overwrites (a ring buffer)
 
 
-def _top_singular_vectors(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
-    """The projector: the top-`rank` left (m, r) or right (n, r) singular vectors of `grad`,
-    computed in float32 and returned in the gradient's dtype."""
+def _top_singular_vectors(grad: torch.Tensor, rank: int, side: str
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projector: the top-`rank` left (m, r) or right (n, r) singular vectors of `grad`, or
+    for side "both" the left ones and the right ones (n, r); computed in float32 and returned in
+    the gradient's dtype."""
     U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    basis = U[:, :rank] if side == "left" else Vh[:rank].T
-    return basis.to(grad.dtype).contiguous()
+    left, right = U[:, :rank].to(grad.dtype).contiguous(), Vh[:rank].T.to(grad.dtype).contiguous()
+    if side == "both":
+        return left, right
+    return (left if side == "left" else right), None
 
 
-def _project(grad: torch.Tensor, P: torch.Tensor, side: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pᵀ G (r, n) for the left side, G Q (m, r) for the right."""
+def _project(grad: torch.Tensor, P: torch.Tensor, side: str, Q: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pᵀ G (r, n) for the left side, G Q (m, r) for the right, Pᵀ G Q (r, r) for both."""
     if side == "left":
         return torch.matmul(P.T, grad, out=out)
-    return torch.matmul(grad, P, out=out)
+    if side == "right":
+        return torch.matmul(grad, P, out=out)
+    return torch.matmul(P.T @ grad, Q, out=out)
 
 
-def _natural_gradient(history: torch.Tensor, current: int, damping: float) -> torch.Tensor:
+def _natural_gradient(history: torch.Tensor, current: int, damping: float, relative: bool = False
+                      ) -> torch.Tensor:
     """g̃ = (λ I + Hᵀ H)⁻¹ g for the c gradients in the rows of `history` H (c, k), g = H[current].
 
     The spec's Woodbury form, λ⁻¹ g − λ⁻² Hᵀ z with (I_c + λ⁻¹ H Hᵀ) z = H g, subtracts two
@@ -264,13 +313,17 @@ def _natural_gradient(history: torch.Tensor, current: int, damping: float) -> to
     1e-2 relative in float32 with λ = 1e-3). Since g is itself a row of H (H g = the Gram column,
     g = Hᵀ e_current), the same quantity is Hᵀ (λ I_c + H Hᵀ)⁻¹ e_current (push-through identity):
     one c×c Cholesky solve, no cancellation. Runs in float32 (float64 for float64 parameters) and
-    retries in float64 if the Gram matrix is too ill-conditioned for float32 Cholesky.
+    retries in float64 if the Gram matrix is too ill-conditioned for float32 Cholesky. `relative`:
+    λ is scaled by the mean of the Gram diagonal (the history's mean squared norm; λ itself if the
+    history is all zeros).
     """
     for work in dict.fromkeys((torch.promote_types(history.dtype, torch.float32), torch.float64)):
         H = history if history.dtype == work else history.to(work)          # (c, k)
-        system = torch.addmm(torch.eye(H.shape[0], dtype=work, device=H.device), H, H.T,
-                             beta=damping)                                  # λ I + H Hᵀ: (c, c)
-        factor, info = torch.linalg.cholesky_ex(system)
+        gram = H @ H.T                                                      # (c, c)
+        scale = float(gram.diagonal().mean()) if relative else 1.0
+        lam = damping * (scale if scale > 0 else 1.0)
+        gram.diagonal().add_(lam)                                           # λ I + H Hᵀ
+        factor, info = torch.linalg.cholesky_ex(gram)
         if int(info) == 0:
             unit = torch.zeros(H.shape[0], 1, dtype=work, device=H.device)
             unit[current] = 1.0
@@ -317,8 +370,9 @@ def _optimizer_name(name: str) -> str:
 def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], name: str = "adamw", lr: float = 2e-4,
                     weight_decay: float = 0.0, *, lr_scale: Mapping[str, float] | None = None,
                     rank: int = 8, update_gap: int = 200, scale: float = 0.25, proj_side: str = "auto",
-                    history: int = 20, damping: float = 1e-3, loraplus_ratio: float = 16.0,
-                    reset_history_on_switch: bool = True) -> torch.optim.Optimizer:
+                    history: int = 20, damping: float | None = None, loraplus_ratio: float = 16.0,
+                    reset_history_on_switch: bool = True, projection: str | None = None,
+                    damping_mode: str = "relative") -> torch.optim.Optimizer:
     """The optimiser `name` (one of OPTIMIZERS) over the trainable parameters of `named_params`.
 
     * "adamw": torch.optim.AdamW.
@@ -342,8 +396,11 @@ def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], name: str 
     _check_lr_scale(lr_scale, [n for n, _ in named])
     subspace_options = {"rank": rank, "update_gap": update_gap, "scale": scale, "proj_side": proj_side,
                         "preconditioner": "natural" if kind == "natural-galore" else "none",
-                        "history": history, "damping": damping,
-                        "reset_history_on_switch": reset_history_on_switch}
+                        "history": history,
+                        "damping": DEFAULT_DAMPING.get(damping_mode, 1.0) if damping is None else damping,
+                        "reset_history_on_switch": reset_history_on_switch,
+                        "projection": projection or ("two-sided" if kind == "natural-galore" else "one-sided"),
+                        "damping_mode": damping_mode}
     if kind in ("galore", "natural-galore"):
         _check_subspace_options(subspace_options)
     if kind == "loraplus":
