@@ -194,6 +194,8 @@ METHOD = Method(
         form="lowrank",
         integration="serial",
         intra_connectivity="dense (low-rank D·U, optional nonlinearity between)",
+        inter_connectivity="fixed (a residual added to every embedded token); dynamic with token "
+                           "groups (a token's group picks its module)",
         adaptation="addition",
         parameter_sharing="none (one module per token group)",
         input_type="token embeddings",

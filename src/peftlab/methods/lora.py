@@ -536,6 +536,7 @@ METHOD = Method(
         form="lowrank",
         integration="weight-delta",
         intra_connectivity="dense (low-rank B·A)",
+        inter_connectivity="fixed (scaled addition s·B A x to the projection's output)",
         adaptation="reparameterisation",
         parameter_sharing="none",
         input_type="input of the adapted projection",
