@@ -5,7 +5,8 @@
     classification head trained alongside), STEPS steps, batch 16, lr 2e-3.
 (b) Light-PEFT: the same adapter trained for ESTIMATE steps with head and neuron masks (L1 1e-4,
     mask lr × coef) and the rank-importance recorder, then the base model and the adapter are
-    pruned (heads 1/3 per layer, neurons 1/3 globally, rank units 1/2 globally) and training goes
+    pruned (the paper's ratios: heads 1/3 per layer, neurons 1/3 globally, LoRA modules 3/4
+    globally, rank units 1/2 globally among the kept modules) and training goes
     on from the estimation weights for the remaining STEPS - ESTIMATE steps (fresh optimiser).
 
 Both score accuracy on the first EVAL held-out test reviews; parameter counts come from the
@@ -14,7 +15,7 @@ the median of several runs alternating between the two models in this process, o
 Acceptance: fewer parameters, lower latency, accuracy within 3 points of (a).
 
 Usage: python bench/light_peft.py [--steps 300] [--estimate-steps 100] [--eval-size 1000]
-                                  [--prune heads=0.33,neurons=0.33,ranks=0.5,modules=0]
+                                  [--prune heads=1/3,neurons=1/3,ranks=0.5,modules=0.75]
                                   [--mask-lr-scale 1] [--out docs/results/light_peft_minilm.md]
 (about 10 minutes on one CPU thread)
 """
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--estimate-steps", type=int, default=100)
     ap.add_argument("--eval-size", type=int, default=1000)
-    ap.add_argument("--prune", default="heads=1/3,neurons=1/3,ranks=0.5,modules=0")
+    ap.add_argument("--prune", default="heads=1/3,neurons=1/3,ranks=0.5,modules=0.75")
     ap.add_argument("--l1", type=float, default=1e-4)
     ap.add_argument("--mask-lr-scale", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7)

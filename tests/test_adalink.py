@@ -26,13 +26,99 @@ def test_fresh_adapter_is_bit_identical_to_base(arch, groups, ids):
     assert_fresh_adapter_is_base(BUILDERS[arch], AdaLinkConfig(r=3, groups=groups, activation="gelu"), ids)
 
 
+BLOCK0 = {"llama": "model.layers.0", "gpt2": "transformer.h.0", "bert": "bert.encoder.layer.0"}
+
+
+def block0_input(model, arch, ids):
+    """What the first transformer block receives (its hidden_states argument)."""
+    seen = []
+    block = (model.model if isinstance(model, peftlab.AdaptedModel) else model).get_submodule(BLOCK0[arch])
+    handle = block.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("groups", [{}, GROUPS])
+def test_acts_on_the_input_of_block_0(arch, groups, ids):
+    """The paper's AdaLink: block 0 receives h + φ(h D_g) U_g, h what it receives without the
+    adapter (BERT: after position/type embeddings and the embedding LayerNorm; GPT-2: wte + wpe)."""
+    model = BUILDERS[arch]()
+    h = block0_input(model, arch, ids)
+    e = F.embedding(ids, model.get_input_embeddings().weight.detach())
+    assert (h - e).abs().max() > 1e-3 if arch != "llama" else torch.equal(h, e)
+    am = peftlab.adapt(model)
+    am.add_adapter("a", AdaLinkConfig(r=3, activation="tanh", init="random", groups=groups))
+    am.set_active("a")
+    d = delta_of(am, arch, "a")
+    names = am.adapters["a"].config.group_names()
+    g = torch.zeros_like(ids)
+    for k, name in enumerate(names[1:], start=1):
+        g[torch.isin(ids, torch.tensor(GROUPS[name]))] = k
+    expected = h + torch.einsum("btr,btrd->btd", torch.tanh(torch.einsum("btd,btdr->btr", h, d.D[g])), d.U[g])
+    got = block0_input(am, arch, ids)
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert (got - h).abs().max() > 1e-3
+    if arch != "llama":      # the token embedding's own output is left as it was
+        with torch.no_grad():
+            assert torch.equal(am.get_input_embeddings()(ids), e)
+    with am.disabled():
+        assert torch.equal(block0_input(am, arch, ids), h)
+    am.set_active([])
+    assert torch.equal(block0_input(am, arch, ids), h)
+
+
+def test_bert_placement_embed_is_the_token_embedding_and_differs(ids):
+    """placement='embed' (the placement before embed.out) acts before the position embeddings
+    and the LayerNorm: a different block-0 input from the default's."""
+    model = tiny_bert()
+    am = peftlab.adapt(model)
+    am.add_adapter("new", AdaLinkConfig(r=3, init="random"))
+    am.add_adapter("old", AdaLinkConfig(r=3, init="random", placement="embed"))
+    d_new, d_old = delta_of(am, "bert", "new"), delta_of(am, "bert", "old")
+    with torch.no_grad():
+        d_old.D.copy_(d_new.D)
+        d_old.U.copy_(d_new.U)
+    am.set_active("new")
+    at_block = block0_input(am, "bert", ids)
+    am.set_active("old")
+    at_embedding = block0_input(am, "bert", ids)
+    assert (at_block - at_embedding).abs().max() > 1e-3
+    assert AdaLinkConfig.from_dict({"r": 3}).placement == "embed"    # adapters saved before embed.out
+    assert AdaLinkConfig().placement == "embed.out"
+
+
+def test_block_input_placement_refuses_merge_and_unknown_families():
+    am = peftlab.adapt(tiny_bert())
+    am.add_adapter("a", AdaLinkConfig(init="random"))
+    am.set_active("a")
+    E = am.model.bert.embeddings.word_embeddings.base_layer.weight.detach().clone()
+    with pytest.raises(peftlab.CapabilityError, match="placement='embed'"):
+        am.merge("a")
+    assert torch.equal(am.model.bert.embeddings.word_embeddings.base_layer.weight, E)
+    # Granite multiplies the embeddings inside its forward: no module outputs block 0's input
+    from transformers import GraniteConfig, GraniteForCausalLM
+    granite = peftlab.adapt(GraniteForCausalLM(GraniteConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, embedding_multiplier=3.0)))
+    with pytest.raises(peftlab.ConfigError, match="placement='embed'"):
+        granite.add_adapter("a", AdaLinkConfig())
+    assert not granite.adapters and not any(isinstance(m, peftlab.AdaptedLayer) for m in granite.model.modules())
+    granite.add_adapter("a", AdaLinkConfig(placement="embed"))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_matches_hand_computation_and_disable_gives_base(arch, ids):
     model = BUILDERS[arch]()
     base = logits(model, ids)
     E = model.get_input_embeddings().weight.detach().clone()
     am = peftlab.adapt(model)
-    am.add_adapter("a", AdaLinkConfig(r=3, activation="tanh", init="random"))
+    am.add_adapter("a", AdaLinkConfig(r=3, activation="tanh", init="random", placement="embed"))
     am.set_active("a")
     d = delta_of(am, arch, "a")
     assert tuple(d.D.shape) == (1, 32, 3) and tuple(d.U.shape) == (1, 3, 32)
@@ -89,7 +175,8 @@ def test_merge_equals_unmerged(build, ids):
     model = build()
     E = model.get_input_embeddings().weight.detach().clone()
     am = peftlab.adapt(model)
-    am.add_adapter("a", AdaLinkConfig(r=4, init="random"))
+    # BERT's block-0 input is past the LayerNorm: only its token-embedding placement merges
+    am.add_adapter("a", AdaLinkConfig(r=4, init="random", placement="embed" if build is tiny_bert else "embed.out"))
     am.set_active("a")
     unmerged = logits(am, ids)
     am.merge("a")

@@ -313,7 +313,8 @@ def test_mergeable_is_derived_from_the_merge_capability(name):
 
 def test_mergeable_cannot_be_declared():
     fields = {f.name: "x" for f in dataclasses.fields(Typology) if f.init}
-    fields.update(site_roles=("attn.q",), form="lowrank", integration="weight-delta")
+    fields.update(site_roles=("attn.q",), form="lowrank", integration="weight-delta",
+                  inter_connectivity="fixed (x)")
     assert not Typology(**fields).mergeable
     with pytest.raises(TypeError):
         Typology(**fields, mergeable=True)

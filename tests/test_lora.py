@@ -161,3 +161,46 @@ def test_bf16_base_gets_fp32_factors_unless_dtype_says_otherwise():
     am.add_adapter("b", peftlab.LoraConfig(targets="attn.q", dtype="bfloat16"))
     assert delta_of(am, "model.layers.0.self_attn.q_proj", "b").lora_A.dtype == torch.bfloat16
     assert isinstance(am.model.model.layers[0].self_attn.q_proj, AdaptedLayer)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_pissa_with_dropout_drops_only_the_adapter_input(dora):
+    """PiSSA's model in training is W_res x + s·B A·drop(x), W_res = W − s·B0 A0 (the frozen start
+    is part of the base weight, so it sees x undropped); with DoRA the base is W_res too."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    am = peftlab.adapt(nn.Sequential(lin))
+    am.add_adapter("p", peftlab.LoraConfig(r=2, alpha=4, targets="0", init="pissa", dropout=0.5, dora=dora))
+    am.set_active("p")
+    am.set_trainable("p")
+    d = delta_of(am, "0", "p")
+    with torch.no_grad():                      # move away from the start: B A ≠ B0 A0
+        d.lora_A.add_(0.3 * torch.randn_like(d.lora_A))
+        d.lora_B.add_(0.3 * torch.randn_like(d.lora_B))
+    s, A, B = d.scaling, d.lora_A.detach(), d.lora_B.detach()
+    w_res = lin.weight.detach() - s * d.pissa_B0 @ d.pissa_A0
+    leaf = torch.randn(5, 8, requires_grad=True)
+    x = leaf * 1.0                              # a non-leaf input, as inside a model
+    am.train()
+    torch.manual_seed(1)
+    y = am(x)
+    torch.manual_seed(1)
+    dropped = F.dropout(x.detach(), 0.5, training=True)    # the same mask, by hand
+    assert not torch.equal(dropped, x.detach())
+    b = lin.bias.detach()
+    if dora:     # peft's DoRA training form on the base W_res: W_res x + (m − 1)·W_res drop(x) + m·s B A drop(x)
+        m = d.magnitude.detach() / (w_res + s * B @ A).norm(dim=1)
+        expected = F.linear(x.detach(), w_res, b) + (m - 1) * F.linear(dropped, w_res) + m * s * (dropped @ A.t() @ B.t())
+    else:
+        expected = F.linear(x.detach(), w_res, b) + s * dropped @ A.t() @ B.t()
+    torch.testing.assert_close(y.detach(), expected, atol=1e-5, rtol=1e-5)
+    # the old form W x + s·(B A − B0 A0)·drop(x) differs by s·B0 A0·(x − drop(x)): not a tolerance issue
+    old = F.linear(x.detach(), lin.weight.detach(), b) + s * dropped @ (B @ A - d.pissa_B0 @ d.pissa_A0).t()
+    if not dora:
+        assert (y.detach() - old).abs().max() > 1e-2
+    y.sum().backward()                          # the rebuilt-input path runs backward too
+    assert d.lora_A.grad is not None and leaf.grad is not None
+    am.eval()                                   # eval: no dropout, the model is W_res x + s·B A x = W x + s(BA − B0A0) x
+    if not dora:
+        torch.testing.assert_close(am(x).detach(), F.linear(x.detach(), w_res, b) + s * x.detach() @ A.t() @ B.t(),
+                                   atol=1e-5, rtol=1e-5)

@@ -318,3 +318,21 @@ def test_batch_size_mismatch_inside_a_block_is_an_error():
     assert am.state.routed is None
     with torch.no_grad():
         torch.testing.assert_close(outputs(am, inputs), singles(am, inputs, ["beta"] * 3), atol=1e-5, rtol=0)
+
+
+def test_routed_training_refuses_pissa_with_dropout_and_eval_runs():
+    """Stacked ranks share one dropout mask, which PiSSA's frozen start must not see: refused in
+    training (LowRankDelta runs it right one adapter at a time), fine in eval."""
+    am = peftlab.adapt(tiny_llama())
+    am.add_adapter("p", peftlab.LoraConfig(r=2, targets="attn.q", init="pissa", dropout=0.3))
+    am.add_adapter("q", peftlab.LoraConfig(r=2, targets="attn.q", init="random"))
+    inputs = batch("llama", n=2)
+    am.train()
+    with pytest.raises(peftlab.CapabilityError, match="PiSSA with dropout"):
+        am(**inputs, adapter_ids=["p", "q"])
+    am.eval()
+    with torch.no_grad():
+        out = outputs(am, inputs, ["p", "q"])
+        am.set_active("p")
+        alone = outputs(am, {k: v[:1] for k, v in inputs.items()})
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=0)

@@ -78,6 +78,7 @@ def exact_ratios(am: peftlab.AdaptedModel, zeroed_neurons: int, **kw) -> PruneRa
     one group of heads per layer and exactly the zeroed neurons."""
     blocks = find_blocks(am.model)
     n_groups, n_neurons = blocks[0].n_kv_heads, sum(b.d_ff for b in blocks)
+    kw.setdefault("modules", 0.0)        # whole-module pruning is tested on its own
     return PruneRatios(heads=0.5 / (n_groups - 1), neurons=(zeroed_neurons - 0.5) / (n_neurons - 1), **kw)
 
 
@@ -389,6 +390,57 @@ def test_importance_must_be_recorded_before_finish():
         ep.finish()
 
 
+def _estimate(grad_accum: int, zero_every_micro: bool = False):
+    """Two optimisation steps of global batch 4 on a tiny Llama (no dropout), split into
+    `grad_accum` micro-batches with the loss divided by it, as the training loop does; SGD."""
+    am = make_am("llama", r=4)
+    ep = EarlyPruning(am, "a", PruneRatios(heads=0.0, neurons=0.0, ranks=0.5, modules=0.5),
+                      estimate_steps=2, grad_accum=grad_accum)
+    ep.start()
+    opt = torch.optim.SGD(am.adapter_parameters("a"), lr=0.5)
+    g = torch.Generator().manual_seed(5)
+    am.train()
+    for _ in range(2):
+        ids = torch.randint(1, VOCAB, (4, 8), generator=g)
+        for chunk in ids.chunk(grad_accum):
+            (am(input_ids=chunk, labels=chunk).loss / grad_accum).backward()
+            if zero_every_micro:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return ep
+
+
+def test_rank_scores_do_not_depend_on_the_micro_batch_split():
+    """grad_accum 1 with batch 4 and grad_accum 2 with batch 2: the same gradients per step, so
+    the same Taylor scores (scored once per step, on the whole step's gradient)."""
+    one, two = _estimate(1), _estimate(2)
+    r1, r2 = one.rank_importance.scores(), two.rank_importance.scores()
+    assert r1.keys() == r2.keys() and len(r1) == 14
+    for path in r1:
+        assert r1[path].abs().max() > 0
+        torch.testing.assert_close(r2[path], r1[path], rtol=1e-4, atol=1e-9)
+    # one record per recorded optimisation step (the second of two), not one per micro-batch
+    assert set(two.rank_importance.counts.values()) == {1}
+    m1, m2 = one.module_importance.scores(), two.module_importance.scores()
+    for path in m1:
+        assert m2[path] == pytest.approx(m1[path], rel=1e-4)
+
+
+def test_rank_scores_refuse_a_wrong_grad_accum():
+    ep = _estimate(2, zero_every_micro=True)     # the loop stepped after every micro-batch
+    with pytest.raises(PeftlabError, match="grad_accum=2"):
+        ep.finish()
+
+
+def test_defaults_are_the_papers():
+    """Light-PEFT's ratios (specs/seed-methods.md §5): heads and neurons 1/3, ranks 0.5, modules 0.75."""
+    r = PruneRatios()
+    assert (r.heads, r.neurons, r.ranks, r.modules) == (pytest.approx(1 / 3), pytest.approx(1 / 3), 0.5, 0.75)
+    assert EarlyPruning(make_am("bert"), "a", estimate_steps=2).ratios == r
+
+
 # ---- configuration errors ------------------------------------------------------------------------
 def test_parse_prune_spec():
     r = parse_prune_spec("heads=0.33, neurons=1/3,ranks=0.5,modules=0")
@@ -432,7 +484,7 @@ def test_unsupported_adapters_and_settings_are_refused():
 def test_estimation_training_lowers_the_loss_moves_the_masks_and_prunes():
     am = make_am("llama", init="zero")
     steps = 16
-    ep = EarlyPruning(am, "a", PruneRatios(heads=0.4, neurons=1 / 3, ranks=0.5), mask_lr_scale=2.0,
+    ep = EarlyPruning(am, "a", PruneRatios(heads=0.4, neurons=1 / 3, ranks=0.5, modules=0.0), mask_lr_scale=2.0,
                       estimate_steps=steps)
     ep.start()
     result = train(am, "a", LMTask(), TRAIN, None, cfg(steps=steps, lr_scale=ep.lr_scale))

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the FFN activation density (|z| > TAU) before and after training "
                         f"(default {DEFAULT_DENSITY_THRESHOLD} with --density-loss)")
     g.add_argument("--prune", default=None, metavar="SPEC",
-                   help="Light-PEFT early pruning, e.g. heads=0.33,neurons=0.33,ranks=0.5")
+                   help="Light-PEFT early pruning; the paper's ratios: heads=1/3,neurons=1/3,ranks=0.5,modules=0.75 "
+                        "(a kind left out is not pruned)")
     g.add_argument("--estimate-steps", type=POSITIVE, default=None,
                    help="Light-PEFT estimation steps before pruning (default: a third of --steps)")
     p.set_defaults(run=cmd_train)

@@ -192,7 +192,7 @@ def early_prune(am, args: argparse.Namespace, task, rows, optimizer: dict):
     from ..training.pruning import EarlyPruning, parse_prune_spec
     ratios = parse_prune_spec(args.prune)
     steps = args.estimate_steps or max(1, args.steps // 3)
-    pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps)
+    pruning = EarlyPruning(am, args.method, ratios, estimate_steps=steps, grad_accum=args.grad_accum)
     pruning.start()
     before = sum(p.numel() for p in am.model.parameters())
     result = train(am, args.method, task, rows, None, TrainConfig(

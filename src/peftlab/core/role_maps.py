@@ -15,9 +15,13 @@ from torch import nn
 
 # PEFT-Ref components (shared/DESIGN.md, "Vocabulary"). Module-backed roles name a layer whose
 # weight or output a method touches; position roles (attn.out, ffn.out, ffn.act, attn.kv) name the
-# module whose output is that position in the sublayer.
+# module whose output is that position in the sublayer. embed.out is the sequence entering the
+# first transformer block: BERT's `embeddings` (token + position + type embeddings, LayerNorm,
+# dropout), GPT-2's `drop` (after wte + wpe), the token embedding itself where it feeds block 0
+# directly (Llama). A family whose model computes it inline (Granite's embedding multiplier, BART's
+# positions) does not list it.
 ROLES: tuple[str, ...] = (
-    "embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
+    "embed", "embed.out", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.kv", "attn.out",
     "ffn.up", "ffn.gate", "ffn.gate_up", "ffn.down", "ffn.act", "ffn.out", "norm", "head",
     "ffn.experts", "ssm.A", "ssm.D",
     # state-space (Mamba) mixers: input, x (dt/B/C), time-step and output projections, the conv
@@ -31,6 +35,9 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # attn.kv names the same attention modules as attn.out, which claims them first.
 fused_fallback = {"attn.kv": "attn.out"}
+# Position roles whose module may play another role first: Llama's embed_tokens is the token
+# embedding ("embed") and the block-0 input ("embed.out"); they match the family's patterns directly.
+SHARED_POSITIONS = ("embed.out",)
 # A fused projection answers its sub-roles on a slice of its output rows (`fused_layout`).
 FUSED_PARTS: dict[str, str] = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn.v": "attn.qkv",
                                "ffn.gate": "ffn.gate_up", "ffn.up": "ffn.gate_up"}
@@ -39,6 +46,7 @@ FUSED_PARTS: dict[str, str] = {"attn.q": "attn.qkv", "attn.k": "attn.qkv", "attn
 # and at the end, so the same map serves the bare model and its task heads (model., bert., ...).
 _LLAMA = {
     "embed": ["embed_tokens"],
+    "embed.out": ["embed_tokens"],
     "attn.q": ["layers.{L}.self_attn.q_proj"],
     "attn.k": ["layers.{L}.self_attn.k_proj"],
     "attn.v": ["layers.{L}.self_attn.v_proj"],
@@ -55,6 +63,7 @@ _LLAMA = {
 }
 _GPT2 = {
     "embed": ["wte"],
+    "embed.out": ["drop"],
     "attn.qkv": ["h.{L}.attn.c_attn"],
     "attn.o": ["h.{L}.attn.c_proj"],
     "attn.out": ["h.{L}.attn"],
@@ -68,6 +77,7 @@ _GPT2 = {
 }
 _BERT = {
     "embed": ["embeddings.word_embeddings"],
+    "embed.out": ["embeddings", "embeddings_project"],     # ELECTRA projects after its embeddings
     "attn.q": ["layer.{L}.attention.self.query"],
     "attn.k": ["layer.{L}.attention.self.key"],
     "attn.v": ["layer.{L}.attention.self.value"],
@@ -99,6 +109,7 @@ _T5 = {
 # slices of the fused output (`fused_layout`).
 _PHI3 = {
     "embed": ["embed_tokens"],
+    "embed.out": ["embed_tokens"],
     "attn.qkv": ["layers.{L}.self_attn.qkv_proj"],
     "attn.o": ["layers.{L}.self_attn.o_proj"],
     "attn.out": ["layers.{L}.self_attn"],
@@ -113,6 +124,7 @@ _PHI3 = {
 # DeBERTa-v2 (and v3): BERT's layout with *_proj attention projections.
 _DEBERTA_V2 = {
     "embed": ["embeddings.word_embeddings"],
+    "embed.out": ["embeddings"],
     "attn.q": ["layer.{L}.attention.self.query_proj"],
     "attn.k": ["layer.{L}.attention.self.key_proj"],
     "attn.v": ["layer.{L}.attention.self.value_proj"],
@@ -139,6 +151,7 @@ _BART = {
 # Mamba / Mamba2 / FalconMamba mixers (Mamba2 has no x_proj or dt_proj: its dt is a slice of in_proj).
 _MAMBA = {
     "embed": ["embeddings"],
+    "embed.out": ["embeddings"],
     "ssm.in": ["layers.{L}.mixer.in_proj"],
     "ssm.x": ["layers.{L}.mixer.x_proj"],
     "ssm.dt": ["layers.{L}.mixer.dt_proj"],
@@ -162,9 +175,12 @@ _GENERIC = {
     "norm": ["(\\w*norm\\w*|ln_\\w+|ln_f)"],
     "head": ["(lm_head|classifier|score|embed_out|qa_outputs)"],
 }
+# Granite multiplies the token embeddings inside the model's forward: no module outputs block 0's input.
+_GRANITE = {role: pats for role, pats in _LLAMA.items() if role != "embed.out"}
 _FAMILIES: dict[str, dict[str, list[str]]] = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
-                     "granite", "smollm3"], _LLAMA),
+                     "smollm3"], _LLAMA),
+    "granite": _GRANITE,
     "gpt2": _GPT2,
     "phi3": _PHI3,
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
@@ -219,7 +235,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 _COMPILED = {id(m): {role: [_compile(p) for p in pats] for role, pats in m.items()}
-             for m in (_LLAMA, _GPT2, _PHI3, _BERT, _T5, _DEBERTA_V2, _BART, _MAMBA, _GENERIC)}
+             for m in (_LLAMA, _GRANITE, _GPT2, _PHI3, _BERT, _T5, _DEBERTA_V2, _BART, _MAMBA, _GENERIC)}
 
 
 _COMPILED_PARAMETERS = {role: [_compile(p) for p in pats] for role, pats in PARAMETER_ROLES.items()}

@@ -26,6 +26,7 @@ from .role_maps import (
     FUSED_PARTS,
     ROLE_GROUPS,
     ROLES,
+    SHARED_POSITIONS,
     compiled_role_map,
     fused_fallback,
     fused_layout,
@@ -117,6 +118,15 @@ def site_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def shared_position_paths(model: nn.Module, role: str, modules: Mapping[str, nn.Module] | None = None
+                          ) -> list[str]:
+    """The module paths the family map lists for `role`, whichever role claimed them first
+    (Llama's embed_tokens is "embed" and also "embed.out"), in model order."""
+    patterns = compiled_role_map(model).get(role, [])
+    modules = modules if modules is not None else dict(iter_modules(model))
+    return [p for p in modules if any(pat.search(p) for pat in patterns)]
+
+
 def _matches(target: str, path: str) -> bool:
     if target.startswith("re:"):
         return re.fullmatch(target[3:], path) is not None
@@ -170,6 +180,8 @@ def match_targets(model: nn.Module, targets: str | Sequence[str],
             paths = _expand_roles(target, by_role)
             if paths is None:
                 paths = [p for p in modules if _matches(target, p)]
+            elif not paths and target in SHARED_POSITIONS:
+                paths = shared_position_paths(model, target, modules)
         found[target] = set(paths)
     return found
 

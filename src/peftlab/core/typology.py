@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 FORMS = ("lowrank", "bottleneck", "vector", "bias", "prompt", "singular", "sparse", "selection")
 INTEGRATIONS = ("weight-delta", "parallel", "serial", "scale", "input", "prefix", "prompt")
+INTER_CONNECTIVITY = ("fixed", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,10 @@ class Typology:
     form: str                       # what is trained: one of FORMS
     integration: str                # how it feeds back: one of INTEGRATIONS
     intra_connectivity: str         # none | dense | dynamic
+    # How the module's output meets the model (specs/seed-methods.md §1.3): "fixed" when it is
+    # combined by a fixed rule (added, scaled) whatever the input, "dynamic" when the input decides
+    # (the model's attention weighs prompt/prefix positions; a token's group picks its module)
+    inter_connectivity: str         # fixed | dynamic, with the reason
     adaptation: str                 # addition | reparameterisation | rescaling | selection
     parameter_sharing: str          # none, or what is shared
     input_type: str                 # what the module reads
@@ -44,6 +50,9 @@ class Typology:
             raise ValueError(f"form {self.form!r} is not one of {FORMS}")
         if self.integration not in INTEGRATIONS:
             raise ValueError(f"integration {self.integration!r} is not one of {INTEGRATIONS}")
+        if not re.match(r"(fixed|dynamic)\b", self.inter_connectivity):
+            raise ValueError(f"inter_connectivity {self.inter_connectivity!r} must start with one of "
+                             f"{INTER_CONNECTIVITY} (then the reason)")
 
     def with_merge(self, mergeable: bool, condition: str | None,
                    capabilities: Iterable[str] = ()) -> Typology:
@@ -113,7 +122,8 @@ def describe_provenance(p: Mapping[str, Any]) -> str:
 # Columns of `peftlab methods`: (heading, Typology field).
 TABLE_COLUMNS = (
     ("site roles", "site_roles"), ("form", "form"), ("integration", "integration"),
-    ("intra-connectivity", "intra_connectivity"), ("adaptation", "adaptation"),
+    ("intra-connectivity", "intra_connectivity"), ("inter-connectivity", "inter_connectivity"),
+    ("adaptation", "adaptation"),
     ("sharing", "parameter_sharing"), ("insertion", "insertion"),
     ("insertions per layer", "insertions_per_layer"), ("workspace", "workspace"),
     ("mergeable", "mergeable"), ("merge condition", "merge_condition"),

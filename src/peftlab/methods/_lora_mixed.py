@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from ..core.errors import CapabilityError
 from ..core.layer import AdaptedLayer, MixedDeltas, per_example
 from ..core.precision import HALF, compute_dtype
 
@@ -38,6 +39,9 @@ class MixedLowRank(MixedDeltas):
         self.dora = torch.tensor(self.dora_slots, dtype=torch.long, device=device)
         drop = [d.dropout.p if d is not None and d.dropout is not None else 0.0 for d in slots]
         self.keep = torch.tensor([1.0 - p for p in drop], device=device) if any(drop) else None
+        # the stacked ranks share one dropout mask, but PiSSA's frozen start (A0, −s·B0) must see
+        # the undropped input (LowRankDelta.contribute): refused in training, below
+        self.pissa_dropped = any(d is not None and d.pissa and d.dropout is not None for d in slots)
 
     def stack(self, layer: AdaptedLayer, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -88,6 +92,11 @@ class MixedLowRank(MixedDeltas):
             h = h.reshape(n, -1, A.shape[1])
         else:
             if self.keep is not None and layer.training:    # dropout at each row's adapter's rate
+                if self.pissa_dropped:
+                    raise CapabilityError(
+                        "a routed (mixed-adapter) batch in training mode cannot run PiSSA with dropout: "
+                        "its frozen start must see the undropped input. Train one adapter at a time "
+                        "(set_active), or use dropout=0 or eval mode for the routed batch")
                 keep = per_example(self.keep[index][:, None], x)
                 x = x * torch.bernoulli(keep.expand_as(x)) / keep
             x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)                         # (B, T, d_in)

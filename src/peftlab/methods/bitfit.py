@@ -112,6 +112,7 @@ METHOD = Method(
         form="bias",
         integration="weight-delta",
         intra_connectivity="none (bias vectors)",
+        inter_connectivity="fixed (the biases are added as the model adds them, whatever the input)",
         adaptation="selection",
         parameter_sharing="none",
         input_type="none (a constant added to the layer output)",

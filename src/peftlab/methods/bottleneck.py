@@ -241,6 +241,7 @@ METHOD = Method(
         form="bottleneck",
         integration="serial",
         intra_connectivity="dense (bottleneck MLP with nonlinearity)",
+        inter_connectivity="fixed (its output is added to the sublayer's or the residual stream)",
         adaptation="addition",
         parameter_sharing="none",
         input_type="sublayer output hidden state (serial); sublayer input hidden state (parallel)",

@@ -620,6 +620,7 @@ METHOD = Method(
         form="lowrank",
         integration="weight-delta",
         intra_connectivity="dynamic (each token routed to its context groups' adaptors)",
+        inter_connectivity="dynamic (each token's context group decides which adaptors act on it)",
         adaptation="reparameterisation per token group (form lora); rescaling (form ia3); "
                    "bias addition (form bias)",
         parameter_sharing="the base model is shared by every context; none between groups",

@@ -262,6 +262,7 @@ METHOD = Method(
         form="vector",
         integration="scale",
         intra_connectivity="none (free scaling vectors)",
+        inter_connectivity="fixed (an elementwise rescaling of the activations, the same for every input)",
         adaptation="rescaling",
         parameter_sharing="none",
         input_type="outputs of the K and V projections; the FFN activation (input of ffn.down)",

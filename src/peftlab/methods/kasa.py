@@ -338,6 +338,7 @@ METHOD = Method(
         form="singular",
         integration="weight-delta",
         intra_connectivity="dense (B·diag(δ)·A)",
+        inter_connectivity="fixed (scaled addition of B·diag(δ)·A x to the projection's output)",
         adaptation="reparameterisation (base truncated to rank k−r by SVD)",
         parameter_sharing="none",
         input_type="input of the adapted projection",

@@ -184,6 +184,7 @@ METHOD = Method(
         form="selection",
         integration="weight-delta",
         intra_connectivity="none (the norms' gain and bias vectors)",
+        inter_connectivity="fixed (the norms' gain and bias apply as the model applies them)",
         adaptation="selection",
         parameter_sharing="none",
         input_type="the hidden state the norm normalises",

@@ -253,6 +253,7 @@ class LowRankDelta(Delta):
     def contribute(self, layer, x, base_out, out):
         if self.dora:
             return self._contribute_dora(layer, x, base_out, out)
+        undropped = x
         if self.dropout is not None:
             x = self.dropout(x)
         dtype, f = self._factors(out.dtype, out.device)
@@ -261,7 +262,10 @@ class LowRankDelta(Delta):
         acc = flat if flat.dtype == dtype else flat.to(dtype)
         acc = torch.addmm(acc, self._down(x, f[0], dtype).reshape(-1, self.r), f[1], alpha=self.scaling)
         if self.pissa:
-            acc = torch.addmm(acc, self._down(x, f[2], dtype).reshape(-1, self.r), f[3], alpha=-self.scaling)
+            # PiSSA's model is W_res x + s·B A·drop(x), W_res = W − s·B0 A0: the frozen start belongs
+            # to the residual weight, which sees the undropped input (in eval the two are one tensor)
+            acc = torch.addmm(acc, self._down(undropped, f[2], dtype).reshape(-1, self.r), f[3],
+                              alpha=-self.scaling)
         return acc.view(out.shape) if acc.dtype == out.dtype else acc.to(out.dtype).view(out.shape)
 
     def _contribute_dora(self, layer, x, base_out, out):
@@ -271,6 +275,7 @@ class LowRankDelta(Delta):
         if x.dtype != dtype:
             x = x.to(dtype)
         mag_scale = self._row_scale(layer, dtype)                    # (d_out,)
+        undropped = x
         if self.dropout is not None and self.training:
             x = self.dropout(x)
             base_no_bias = F.linear(x, layer.weight_out_in().to(dtype))
@@ -281,6 +286,10 @@ class LowRankDelta(Delta):
         if self.pissa:
             lora_out = lora_out - self._down(x, f[2], dtype) @ f[3]
         y = out.to(dtype) + (mag_scale - 1) * base_no_bias + mag_scale * lora_out * self.scaling
+        if self.pissa and x is not undropped:
+            # PiSSA's base is W_res = W − s·B0 A0 on the undropped input: y above holds
+            # −s·B0 A0·drop(x) where W_res x needs −s·B0 A0·x (the (scale − 1)·W_res·drop(x) part is right)
+            y = y + self.scaling * (self._down(x, f[2], dtype) - self._down(undropped, f[2], dtype)) @ f[3]
         return y if y.dtype == out.dtype else y.to(out.dtype)
 
     def _row_scale(self, layer: AdaptedLayer, dtype: torch.dtype) -> torch.Tensor:
@@ -527,6 +536,7 @@ METHOD = Method(
         form="lowrank",
         integration="weight-delta",
         intra_connectivity="dense (low-rank B·A)",
+        inter_connectivity="fixed (scaled addition s·B A x to the projection's output)",
         adaptation="reparameterisation",
         parameter_sharing="none",
         input_type="input of the adapted projection",

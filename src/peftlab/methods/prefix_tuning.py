@@ -440,6 +440,7 @@ METHOD = Method(
         form="prompt",
         integration="prefix",
         intra_connectivity="none (dense with the projection MLP while training)",
+        inter_connectivity="dynamic (the model's attention weighs the prefix keys/values per query)",
         adaptation="addition",
         parameter_sharing="none (the projection MLP is shared by all layers while training)",
         input_type="none (free key/value vectors)",

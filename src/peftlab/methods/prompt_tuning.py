@@ -303,6 +303,7 @@ METHOD = Method(
         form="prompt",
         integration="prompt",
         intra_connectivity="none",
+        inter_connectivity="dynamic (the model's attention weighs the virtual tokens per query)",
         adaptation="addition",
         parameter_sharing="none",
         input_type="none (free embeddings)",

@@ -509,6 +509,7 @@ METHOD = Method(
         form="sparse",
         integration="weight-delta",
         intra_connectivity="none (selected rows/columns of W)",
+        inter_connectivity="fixed (the selected weights are updated in place; the forward is the model's)",
         adaptation="selection",
         parameter_sharing="none",
         input_type="input of the adapted projection",

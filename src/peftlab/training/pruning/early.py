@@ -97,7 +97,7 @@ class EarlyPruning:
                                                      neurons=self.ratios.neurons > 0)
             if self.l1 > 0:
                 am.add_loss_term(mask_l1_term(self.masks, self.l1))
-        self.window = StepWindow(am, self.estimate_steps * self.grad_accum)
+        self.window = StepWindow(am, self.estimate_steps, self.grad_accum)
         if self.ratios.modules > 0:
             self.module_importance = ModuleImportance(am, self.adapter, self.window)
         if self.ratios.ranks > 0:
@@ -134,6 +134,8 @@ class EarlyPruning:
                     f"no {what} importance was recorded: estimation records the second half of "
                     f"{self.estimate_steps} steps × {self.grad_accum} micro-batches, but only "
                     f"{self.window.step + 1} training forwards ran; train for estimate_steps first")
+        if self.rank_importance is not None:
+            self.rank_importance.check()
         plan = self.plan()
         drop = select_modules(self.module_importance.scores(), self.ratios.modules) \
             if self.module_importance is not None else set()

@@ -1,7 +1,7 @@
 """Light-PEFT's plug-in importance estimators, recorded during the estimation run without any
 change to the training loop: the output ratio ‖ΔW x‖ / ‖W x + b‖ of every LoRA module (forward
-hooks) and the first-order Taylor score of every rank unit (post-accumulate-grad hooks), both
-averaged over the second half of the estimation steps (`StepWindow`)."""
+hooks) and the first-order Taylor score of every rank unit (post-accumulate-grad hooks, once per
+optimisation step), both averaged over the second half of the estimation steps (`StepWindow`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.errors import PeftlabError
 from ...core.layer import AdaptedLayer
 from ...core.model import AdaptedModel
 from ...methods.lora import LowRankDelta
@@ -19,12 +20,14 @@ from ...methods.lora import LowRankDelta
 
 class StepWindow:
     """Counts the training forwards of an AdaptedModel (a forward pre-hook: no change to the
-    training loop) and keeps each one's attention mask. `recording` is true from micro-step
-    `total // 2` on: the importance estimators average over the second half of estimation."""
+    training loop) and keeps each one's attention mask. An optimisation step is `grad_accum`
+    micro-batches (forwards); `recording` is true from optimisation step `total // 2` on: the
+    importance estimators average over the second half of estimation, in whole steps."""
 
-    def __init__(self, am: AdaptedModel, total_steps: int) -> None:
-        self.total = total_steps
-        self.step = -1                           # index of the current training forward
+    def __init__(self, am: AdaptedModel, total_steps: int, grad_accum: int = 1) -> None:
+        self.total = total_steps                 # optimisation steps
+        self.grad_accum = grad_accum
+        self.step = -1                           # index of the current training forward (micro-batch)
         self.token_mask: torch.Tensor | None = None   # (B, T) bool of the current forward
         self._handle = am.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
@@ -37,7 +40,13 @@ class StepWindow:
     @property
     def recording(self) -> bool:
         """Whether the current forward is in the second half of estimation."""
-        return self.step >= self.total // 2
+        return self.step // self.grad_accum >= self.total // 2
+
+    @property
+    def last_micro_batch(self) -> bool:
+        """Whether the current forward is the last micro-batch of its optimisation step: after its
+        backward the gradients hold the whole step's."""
+        return self.step % self.grad_accum == self.grad_accum - 1
 
     def remove(self) -> None:
         """Remove the forward pre-hook."""
@@ -120,11 +129,22 @@ class ModuleImportance(_Recorder):
 
 class RankImportance(_Recorder):
     """First-order Taylor importance of each rank unit, from post-accumulate-grad hooks on every
-    lora_A / lora_B of the adapter: I[i] = |mean_j A_ij ∂L/∂A_ij| + |mean_k B_ki ∂L/∂B_ki|."""
+    lora_A / lora_B of the adapter: I[i] = |mean_j A_ij ∂L/∂A_ij| + |mean_k B_ki ∂L/∂B_ki|.
+
+    Scored once per optimisation step, after the backward of its last micro-batch, when the
+    gradient is the whole step's: scoring the accumulated gradient after every micro-batch would
+    count the early micro-batches of a step several times, and scoring each micro-batch's own
+    gradient would change the score with the split (|g₁ + g₂| ≠ |g₁| + |g₂|). So grad_accum 1
+    with batch 2B and grad_accum 2 with batch B give the same scores. The step's micro-batch
+    count is the `grad_accum` EarlyPruning was given; a new gradient tensor in the middle of a
+    step (the loop zeroed the gradients with set_to_none sooner) shows it was wrong, and
+    `check()` says so."""
 
     def __init__(self, am: AdaptedModel, adapter: str, window: StepWindow) -> None:
         super().__init__(window)
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self._seen: dict[tuple[str, str], torch.Tensor | None] = {}
+        self.mismatch: int | None = None         # the forward where a step's gradients were reset
         self.paths = list(am.adapter(adapter).layers)
         for path, layer in am.adapter(adapter).layers.items():
             delta = layer.deltas[adapter]
@@ -137,11 +157,29 @@ class RankImportance(_Recorder):
 
     def _recorder(self, key: tuple[str, str], rank_dim: int) -> Callable:
         def hook(param: torch.Tensor) -> None:
-            if not self.window.recording or param.grad is None:
+            w = self.window
+            if param.grad is None:
+                return
+            # the gradient tensor seen at the previous micro-batch of this step: a fresh one
+            # mid-step means the loop zeroed (set_to_none) sooner than grad_accum says
+            first = w.step % w.grad_accum == 0
+            if not first and self._seen.get(key) is not None and self._seen[key] is not param.grad:
+                self.mismatch = w.step
+            self._seen[key] = None if w.last_micro_batch else param.grad
+            if not (w.recording and w.last_micro_batch):
                 return
             self.sums[key] += taylor_rank_scores(param, param.grad, rank_dim).cpu()
             self.counts[key] += 1
         return hook
+
+    def check(self) -> None:
+        """PeftlabError when the gradients were zeroed inside a step of `grad_accum` micro-batches:
+        the scores would be those of partial steps."""
+        if self.mismatch is not None:
+            raise PeftlabError(
+                f"rank importance: the gradients were reset at training forward {self.mismatch}, inside "
+                f"an optimisation step of grad_accum={self.window.grad_accum} micro-batches; pass "
+                "EarlyPruning the grad_accum the training loop uses (TrainConfig.grad_accum)")
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Site path -> (r,) average A-part plus average B-part over the recorded backwards."""

@@ -12,13 +12,14 @@ RATIO_KEYS = ("heads", "neurons", "ranks", "modules")
 @dataclass(frozen=True)
 class PruneRatios:
     """Fractions to prune: attention heads (per layer), FFN neurons (global), LoRA rank units
-    (global) and whole LoRA modules (global). Each in [0, 1); the defaults are the paper's,
-    with module pruning off."""
+    (global) and whole LoRA modules (global). Each in [0, 1); the defaults are the paper's
+    (specs/seed-methods.md §5: heads and neurons 1/3, ranks 0.5, modules 0.75): pruned LoRA keeps
+    the most important 25 % of its modules and, among them, half the rank units."""
 
     heads: float = 1 / 3
     neurons: float = 1 / 3
     ranks: float = 0.5
-    modules: float = 0.0
+    modules: float = 0.75
 
     def __post_init__(self) -> None:
         for key in RATIO_KEYS:
