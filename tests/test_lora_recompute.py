@@ -14,6 +14,7 @@ from peftlab.core.recompute import recovery, set_input_recompute
 
 VARIANTS = {
     "lora": {},
+    "dropout": {"dropout": 0.1},      # x·mask: the mask is kept (by the dropout), x rebuilt
     "rslora": {"rslora": True},
     "dora": {"dora": True},
     "pissa": {"init": "pissa"},

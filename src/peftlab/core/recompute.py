@@ -124,6 +124,10 @@ def _plan(node, output_nr: int, shape: tuple[int, ...] | None, dtype: torch.dtyp
             return None
         op = _BINARY[name]
         return (lambda: op(a[0](), b[0]())), (name, a[1], b[1])
+    if name == "NativeDropoutBackward0" and output_nr == 0:   # CUDA's dropout (CPU's is a mul)
+        mask, scale = _saved(node, "_saved_result1"), node._saved_scale
+        sub = _child(node, 0, shape, dtype, depth) if mask is not None else None
+        return None if sub is None else ((lambda: sub[0]() * node._saved_result1 * scale), (name, sub[1]))
     if name in _RESULT_SAVED:
         t = _saved(node, "_saved_result")
         return None if t is None else (_read(node, "_saved_result"), (name, t.dtype))
