@@ -49,16 +49,18 @@ Threads: 1 by default. On this shared 2-core machine, with other jobs running, 2
 made a MiniLM step ~6× slower (0.7 s → 4 s) and a 576×1536 SVD ~20× slower (0.14 s → 2.5-12 s):
 OpenMP threads wait for a core that another process holds.
 
-Time (1 thread): before starting, a few calibration steps per task give an
-estimate of the run about to start and of the full default run, printed on stderr. SmolLM2 at
-2 × 64 tokens takes ~4 s a step here, so the full default grid (2 tasks × 4 optimisers × (3 lrs +
-2 seeds) × 200 steps) takes hours, mostly SmolLM2; --quick (4 steps, 1 seed, 1 lr, tiny eval)
-a couple of minutes.
+Time (1 thread): before starting, a few calibration steps per task give an estimate of the run
+about to start and of the full default run, printed on stderr (and stdout). Measured here with
+other jobs on the cores: MiniLM ~0.8 s a step (~3-4 min a run), SmolLM2 ~1.7-3.3 s a step plus
+~16 s per projector refresh (~7-12 min a run: more than the 2-3 min the issue hoped for, with all
+210 matrices trained); the full default grid (2 tasks × 4 optimisers × (3 lrs + 2 more seeds) ×
+200 steps = 40 runs) ~4 h, ~2/3 of it SmolLM2. --quick (4 steps, 1 seed, 1 lr, update_gap 2,
+64 reviews / 4 blocks held out) ~4 min, written to /tmp unless --out is given.
 
 Usage: python bench/natural_galore_tasks.py [--quick] [--tasks minilm,smollm2] [--steps 200]
            [--seeds 0,1,2] [--lrs-minilm 3e-5,1e-4,3e-4] [--lrs-smollm2 1e-5,3e-5,1e-4]
            [--optimizers adamw,galore,natural-galore,natural-ours] [--rank 8] [--update-gap 50]
-           [--scale 4] [--eval-every 50] [--lm-batch 2] [--lm-seq 64] [--eval-blocks 32]
+           [--scale 4] [--eval-every 50] [--lm-batch 2] [--lm-seq 64] [--eval-blocks 64]
            [--threads 1] [--estimate-only] [--resume] [--out docs/results/natural_galore]
 """
 
@@ -106,7 +108,7 @@ DESCRIPTION = {
     "natural-ours": "Natural GaLore, our variant (two-sided r×r core, relative λ 1, s 20)",
 }
 FULL = {"steps": 200, "seeds": [0, 1, 2], "lrs": {"minilm": [3e-5, 1e-4, 3e-4], "smollm2": [1e-5, 3e-5, 1e-4]},
-        "eval_every": 50}
+        "eval_every": 50, "eval_blocks": 64}
 MINILM_BATCH, MINILM_SEQ, EVAL_BATCH = 16, 64, 64
 # "close to AdamW": within this much of AdamW's mean (or AdamW's seed std if larger)
 CLOSE = {"minilm": ("accuracy points", 1.0), "smollm2": ("relative perplexity", 0.02)}
@@ -455,6 +457,11 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{pm(row['final']['validation'], digits)} | {pm(row['final']['test'], digits)} | "
                          f"{pm(row['final_train_loss'], 3)} | {row['diverged']}/{len(row['seeds'])} |")
         sweep = result["sweep"].get(t, {})
+        edge = [label for label, row in summary.items()
+                if len(s["lrs"][t]) > 1 and row["lr"] in (min(s["lrs"][t]), max(s["lrs"][t]))]
+        if edge:
+            lines += ["", (f"The chosen lr is at the edge of the sweep for {', '.join(edge)}: a wider sweep "
+                           "might find a better one.")]
         lines += ["", "Sweep (validation " + ("accuracy" if t == "minilm" else "perplexity")
                   + f", seed {s['seeds'][0]}): " + "; ".join(
                       f"{label}: " + ", ".join(f"{lr} → {v}" for lr, v in sorted(vals.items(), key=lambda x: float(x[0])))
@@ -472,7 +479,7 @@ def write_markdown(result: dict, path: Path) -> None:
             unit = "accuracy points" if t == "minilm" else "perplexity"
             lines.append(f"* {t}, {label}: (a) {'yes' if x['ge_galore'] else 'no'} ({unit} {x['diff_vs_galore']:+.3g} "
                          f"vs GaLore{', inside the seed std' if x['within_seed_std_of_galore'] else ''}); (b) "
-                         f"{'yes' if x['close_to_adamw'] else 'no'} (behind AdamW by {x['gap_to_adamw']:.3g} {unit}, "
+                         f"{'yes' if x['close_to_adamw'] else 'no'} ({'behind' if x['gap_to_adamw'] > 0 else 'ahead of'} AdamW by {abs(x['gap_to_adamw']):.3g} {unit}, "
                          f"allowed {x['allowed_gap']:.3g}); (c) {'yes' if x['equal_memory'] else 'no'} "
                          f"(state {x['state_x_galore']:.2f} × GaLore's).")
     lines += ["", closing_sentence(result), ""]
@@ -553,7 +560,8 @@ def main() -> int:
     ap.add_argument("--eval-rows", type=int, default=0, help="MiniLM: first N validation/test rows (0: all 1000)")
     ap.add_argument("--lm-batch", type=int, default=2)
     ap.add_argument("--lm-seq", type=int, default=64)
-    ap.add_argument("--eval-blocks", type=int, default=32, help="SmolLM2: held-out blocks of --lm-seq tokens")
+    ap.add_argument("--eval-blocks", type=int, default=FULL["eval_blocks"],
+                    help="SmolLM2: held-out blocks of --lm-seq tokens")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on the shared 2-core machine 2 threads ran 4-6x slower, SVDs up to 20x)")
     ap.add_argument("--estimate-only", action="store_true", help="calibrate, print the estimates, exit")
@@ -600,7 +608,7 @@ def main() -> int:
         now = estimate(cal, args.steps, len(lrs[t]), len(seeds), args.eval_every, args.update_gap, labels)
         # The full default run: its eval sets are larger than --quick's (eval time scales with them).
         scale = (1000 / args.eval_rows if t == "minilm" and args.eval_rows else
-                 32 / args.eval_blocks if t == "smollm2" else 1.0)
+                 FULL["eval_blocks"] / args.eval_blocks if t == "smollm2" else 1.0)
         full = estimate(cal, FULL["steps"], 3, 3, FULL["eval_every"], 50, list(OPTIMIZERS), eval_scale=scale)
         total += now
         full_total += full
