@@ -40,6 +40,7 @@ from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, iter_modules, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
+from . import _lora_decode as _decode
 from . import _lora_params as lora_params
 from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
 from ._lora_mixed import MixedLowRank
@@ -248,6 +249,15 @@ class LowRankDelta(Delta):
         return F.linear(x, A)
 
     def contribute(self, layer, x, base_out, out):
+        # inference: the fused fast path (methods/_lora_decode.py), where it applies
+        if _decode.ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            fast = _decode.contribute(self, x, out)
+            if fast is not None:
+                return fast
+        return self._reference(layer, x, base_out, out)
+
+    def _reference(self, layer, x, base_out, out):
+        """The definition (and the path of training and torch.compile)."""
         if self.dora:
             return self._contribute_dora(layer, x, base_out, out)
         if self.dropout is not None:
