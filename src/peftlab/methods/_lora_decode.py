@@ -1,9 +1,9 @@
 """LoRA's inference fast path (methods/lora.py's LowRankDelta.contribute calls `contribute`).
 
 At decode (one token) a LoRA site's cost is op dispatch, not arithmetic: the reference path
-(`LowRankDelta._reference`) runs a cast of x, F.linear on a 3-D input, a cast of the base
-output, addmm and a cast back, and builds a cache key, per site. Here, without gradients and
-outside torch.compile:
+(`LowRankDelta._reference`) runs F.linear on a 3-D input and an addmm per site (with half
+activations on a CPU either two bf16 oneDNN GEMMs of tens of µs each at one row, or casts of x
+and of the output there and back). Here, without gradients and outside torch.compile:
 
 * inputs of at most FAST_ROWS rows (decode) only; the factors are kept per weight version and
   dtype as the reference keeps them (A, Bᵀ contiguous, the scaling as addmm's alpha: in fp32 the
@@ -50,8 +50,10 @@ ENABLED = os.environ.get("PEFTLAB_LORA_DECODE", "1") != "0"
 FAST_ROWS = 8
 
 # At most this many rows of half-precision activations on a CPU run the rank-r products in fp32:
-# there fp32 costs a few µs per GEMM where oneDNN's bf16 GEMM costs tens (measured on an AMX CPU,
-# bench/lora_overhead.py's model: q/k/v group at M=8 about equal, bf16 ahead from M≈16 on).
+# there fp32 costs a few µs per GEMM where oneDNN's bf16 GEMM costs tens. Measured on this
+# project's AMX CPU (a loop over one q/k/v group of bench/lora_overhead.py's model, a loaded
+# machine: noisy): about equal at 8 rows, bf16 ahead from 16; on the model, bf16 products through
+# this path gave no gain over the reference, fp32 ones most of it.
 SMALL_ROWS = 8
 
 

@@ -123,6 +123,8 @@ class LowRankDelta(Delta):
     The factors are stored in the adapter's dtype (fp32 on a half-precision base) and the rank-r
     products run in `compute_dtype` (the activations' precision; fp32 on a CPU without native
     half GEMMs); casts of A and B are cached between weight updates, so inference pays them once.
+    Inference on a few rows (decode) takes the fast path of methods/_lora_decode.py, which gives
+    the same outputs (fp32: within rounding) with fewer ops; `_reference` is the definition.
     """
 
     mixed = MixedLowRank
@@ -216,8 +218,8 @@ class LowRankDelta(Delta):
         if self.pissa:
             buffers["pissa_A0"] = take(take(buffers["pissa_A0"], 0, rank), 1, in_index)
             buffers["pissa_B0"] = take(take(buffers["pissa_B0"], 1, rank), 0, out_index)
-        # plain __dict__ writes, as __init__; the cast cache is keyed on the old tensors
-        self.__dict__.update(r=params["lora_A"].shape[0], _cast=(), _cast_dora=())
+        # plain __dict__ writes, as __init__; the cast caches are keyed on the old tensors
+        self.__dict__.update(r=params["lora_A"].shape[0], _cast=(), _cast_dora=(), _decode=None)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""
