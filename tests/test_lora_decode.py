@@ -26,6 +26,12 @@ def reference_path():
         decode.ENABLED = True
 
 
+@pytest.fixture(autouse=True)
+def serve_every_dtype(monkeypatch):
+    """The fast path serves only half activations by default; here fp32 too, to check its sums."""
+    monkeypatch.setattr(decode, "SERVE_ALL", True)
+
+
 def run(model, ids, mode=torch.inference_mode, **kwargs):
     with mode():
         out = model(input_ids=ids, **kwargs)
@@ -175,3 +181,10 @@ def test_half_activations_few_rows_run_in_fp32():
         with reference_path():
             ref = run(am, ids).float()
         torch.testing.assert_close(fast, ref, atol=0.1, rtol=0.05)    # bf16 rounding apart
+
+
+def test_fp32_activations_take_the_reference_path_by_default(monkeypatch):
+    monkeypatch.setattr(decode, "SERVE_ALL", False)
+    am = adapted("llama", "lora")
+    run(am, ids_of((1, 1)))
+    assert "_decode" not in am.model.get_submodule("model.layers.0.self_attn.q_proj").deltas["a"].__dict__

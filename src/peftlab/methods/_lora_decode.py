@@ -23,8 +23,9 @@ and of the output there and back). Here, without gradients and outside torch.com
   does that; a forward hook could) would go unseen: `PEFTLAB_LORA_DECODE=0` for such a model.
 
 The reference path stays the definition: DoRA, embeddings, active dropout, trainable factors,
-gradients and compiled graphs use it, and `PEFTLAB_LORA_DECODE=0` (or `ENABLED = False`) turns
-this path off, which the tests use to compare both (tests/test_lora_decode.py).
+gradients, compiled graphs, more than FAST_ROWS rows and (unless SERVE_ALL) fp32 activations use
+it; `PEFTLAB_LORA_DECODE=0` (or `ENABLED = False`) turns this path off, which the tests use to
+compare both (tests/test_lora_decode.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ if TYPE_CHECKING:
     from .lora import LowRankDelta
 
 ENABLED = os.environ.get("PEFTLAB_LORA_DECODE", "1") != "0"
+
+# Which inputs the path serves. By default only half-precision activations on a CPU (products in
+# fp32 instead of oneDNN's small-M bf16 GEMMs: bench/lora_overhead.py 1x1 1.48x -> 1.35x). With
+# fp32 activations the reference is already a lean F.linear + addmm and this path measured 3-5 %
+# slower on the whole model (its slices and Python checks cost more than the GEMMs it shares
+# save), so there it stays off; tests switch it on for every dtype (PEFTLAB_LORA_DECODE=all) to
+# check its arithmetic in fp32 against the reference.
+SERVE_ALL = os.environ.get("PEFTLAB_LORA_DECODE") == "all"
 
 # The fast path serves inputs of at most this many rows (tokens): decode and short batches, where
 # op dispatch is a visible share of a forward; longer inputs take the reference path, whose GEMMs
@@ -195,7 +204,7 @@ def contribute(delta: LowRankDelta, x: torch.Tensor, out: torch.Tensor) -> torch
                 pending[4] = i + 1
             return _finish(out, pending[5], f[1][i])
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > FAST_ROWS:
+    if x2.shape[0] > FAST_ROWS or not (SERVE_ALL or (out.dtype in HALF and out.device.type == "cpu")):
         return None
     dtype = decode_dtype(delta, out.dtype, out.device, x2.shape[0])
     group = delta.__dict__.get("_lead")
