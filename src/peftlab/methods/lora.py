@@ -123,8 +123,9 @@ class LowRankDelta(Delta):
     The factors are stored in the adapter's dtype (fp32 on a half-precision base) and the rank-r
     products run in `compute_dtype` (the activations' precision; fp32 on a CPU without native
     half GEMMs); casts of A and B are cached between weight updates, so inference pays them once.
-    Inference on a few rows (decode) takes the fast path of methods/_lora_decode.py, which gives
-    the same outputs (fp32: within rounding) with fewer ops; `_reference` is the definition.
+    Inference on a few rows of half activations on a CPU (decode) takes the fast path of
+    methods/_lora_decode.py: the same sums with fewer, cheaper ops (its products in fp32 there,
+    so closer to the exact result than bf16 ones); `_reference` is the definition.
     """
 
     mixed = MixedLowRank
