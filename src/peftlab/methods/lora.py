@@ -40,6 +40,7 @@ from ..core.precision import adapter_dtype, cast_at_use, compute_dtype
 from ..core.sites import Site, iter_modules, match_targets, sites_at
 from ..core.typology import Typology
 from ..interop.peft_names import CONFIG_FILE, PREFIX, TENSORS_FILE
+from . import _lora_decode as _decode
 from . import _lora_params as lora_params
 from ._conv import build_conv_lora, check_peft_conv, conv_lora_shapes
 from ._lora_mixed import MixedLowRank
@@ -123,6 +124,9 @@ class LowRankDelta(Delta):
     The factors are stored in the adapter's dtype (fp32 on a half-precision base) and the rank-r
     products run in `compute_dtype` (the activations' precision; fp32 on a CPU without native
     half GEMMs); casts of A and B are cached between weight updates, so inference pays them once.
+    Inference on a few rows of half activations on a CPU (decode) takes the fast path of
+    methods/_lora_decode.py: the same sums with fewer, cheaper ops (its products in fp32 there,
+    so closer to the exact result than bf16 ones); `_reference` is the definition.
     """
 
     mixed = MixedLowRank
@@ -216,8 +220,8 @@ class LowRankDelta(Delta):
         if self.pissa:
             buffers["pissa_A0"] = take(take(buffers["pissa_A0"], 0, rank), 1, in_index)
             buffers["pissa_B0"] = take(take(buffers["pissa_B0"], 1, rank), 0, out_index)
-        # plain __dict__ writes, as __init__; the cast cache is keyed on the old tensors
-        self.__dict__.update(r=params["lora_A"].shape[0], _cast=(), _cast_dora=())
+        # plain __dict__ writes, as __init__; the cast caches are keyed on the old tensors
+        self.__dict__.update(r=params["lora_A"].shape[0], _cast=(), _cast_dora=(), _decode=None)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as an fp32 (d_out, d_in) matrix."""
@@ -251,6 +255,15 @@ class LowRankDelta(Delta):
         return h if h is not None else F.linear(x if x.dtype == dtype else x.to(dtype), A)
 
     def contribute(self, layer, x, base_out, out):
+        # inference: the fused fast path (methods/_lora_decode.py), where it applies
+        if _decode.ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            fast = _decode.contribute(self, x, out)
+            if fast is not None:
+                return fast
+        return self._reference(layer, x, base_out, out)
+
+    def _reference(self, layer, x, base_out, out):
+        """The definition (and the path of training and torch.compile)."""
         if self.dora:
             return self._contribute_dora(layer, x, base_out, out)
         undropped = x
