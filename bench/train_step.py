@@ -35,7 +35,9 @@ is the median over rounds of (variant time / floor time in the same round), whic
 drift of a shared machine. "NO (noise?)" marks a median miss where some round met the goal. Phase
 medians (forward / backward / optimizer+zero_grad) are printed below the table.
 
-Memory: after all timing, per variant: the kernel's own peak-RSS counter. glibc is first switched
+Memory: after all timing, per variant, in a fresh process of its own (this script with
+--memory-of: the same seeded variants built, that one warmed up by two steps), so that every
+variant starts from the same allocator state: the kernel's own peak-RSS counter. glibc is first switched
 to a fixed 64 KiB mmap threshold (mallopt; every tensor buffer is then mmapped and given back to
 the kernel on free, so RSS follows live memory instead of allocator caches) and trimmed
 (malloc_trim); then RSS is read (VmRSS), the high-water mark is reset (writing 5 to
@@ -62,9 +64,11 @@ import argparse
 import copy
 import ctypes
 import gc
+import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -272,6 +276,27 @@ def state_bytes(v) -> int:
     return n
 
 
+def memory_in_child(name: str, reps: int, dtype: str) -> list[int]:
+    """Peak RSS growth of `reps` steps of variant `name`, measured in a fresh process that builds
+    the same variants and warms that one up (two steps: AdamW's state exists): every variant then
+    starts from the same allocator state, which the timing rounds and the profiler of this process
+    would otherwise leave behind differently for each."""
+    out = subprocess.run([sys.executable, __file__, "--memory-of", name, "--memory-reps", str(reps),
+                          "--dtype", dtype], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory_of(name: str, reps: int, dtype: torch.dtype) -> None:
+    """--memory-of: print the growth samples of variant `name` as a JSON list (see memory_in_child)."""
+    growth = memory_probe()     # first: the allocator is switched before anything is allocated
+    variants = build_variants(build_base(dtype), dtype)
+    ids = torch.randint(0, smollm2_config().vocab_size, (BATCH, SEQ),
+                        generator=torch.Generator().manual_seed(SEED + 2))
+    for _ in range(2):
+        variants[name].step(ids)
+    print(json.dumps([growth(lambda: variants[name].step(ids)) for _ in range(reps)]))
+
+
 # ---- table ---------------------------------------------------------------------------------------------
 def fmt(v, unit: str) -> str:
     if v is None:
@@ -337,11 +362,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="always print a profile (otherwise only when a peftlab time goal is missed)")
     ap.add_argument("--no-profile", action="store_true", help="never print the profile")
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)     # child of memory_in_child
+    ap.add_argument("--memory-reps", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 7)
     dtype = DTYPES[args.dtype]
+    if args.memory_of:
+        measure_memory_of(args.memory_of, args.memory_reps, dtype)
+        return
     t_start = now()
 
     print(f"peftlab {peftlab.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
@@ -395,17 +425,13 @@ def main() -> None:
         prof = profile_step(variants, ["floor", f"peft {worst}", f"peftlab {worst}"], ids)
 
     # -- memory --------------------------------------------------------------------------------------
-    growth_fn = memory_probe()
     mem = {n: None for n in names}
-    if growth_fn is None:
+    if memory_probe() is None:
         log("memory: unsupported here (needs Linux /proc/self/clear_refs and glibc mallopt)")
     else:
         reps = 1 if args.quick else 2
-        log(f"memory: {reps} step(s) per variant, peak RSS growth")
-        samples = {n: [] for n in names}
-        for _ in range(reps):
-            for n in names:
-                samples[n].append(growth_fn(lambda n=n: variants[n].step(ids)))
+        log(f"memory: {reps} step(s) per variant, peak RSS growth, each variant in a fresh process")
+        samples = {n: memory_in_child(n, reps, args.dtype) for n in names}
         mem = {n: median(s) for n, s in samples.items()}
         mem_spread = {n: (min(s), max(s)) for n, s in samples.items()}
     static = {n: state_bytes(variants[n]) for n in names}
