@@ -51,10 +51,6 @@ def set_input_recompute(enabled: bool) -> bool:
     return previous
 
 
-def input_recompute_enabled() -> bool:
-    return _enabled
-
-
 Plan = tuple[Callable[[], torch.Tensor], tuple]     # (rebuild, signature)
 
 
@@ -212,7 +208,10 @@ def recovery(x: torch.Tensor) -> Recovery | None:
     if not ok:
         return None
     found = Recovery(rebuild)
-    x._peftlab_recovery = found        # lives as long as x; the adapters' backward keeps `found`
+    try:    # lives as long as x; the adapters' backward keeps `found`
+        x._peftlab_recovery = found
+    except AttributeError:      # a tensor subclass without attributes: each reader rebuilds its own
+        pass
     return found.hold()
 
 
